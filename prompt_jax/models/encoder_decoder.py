@@ -1,0 +1,124 @@
+"""Loss, prediction and scoring around a T5 module (the seam T5X calls `EncoderDecoderModel`).
+
+The trainer only talks to this class; the module only computes logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prompt_jax import losses
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+BATCH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderModel:
+  """A T5 `Transformer` plus its loss (T5X cross-entropy with z-loss) and greedy decoding.
+
+  Attributes:
+    module: a `prompt_jax.models.t5.Transformer`.
+    z_loss: weight of the log(Z)^2 auxiliary loss (T5X default 1e-4).
+    loss_normalizing_factor: None (sum), a number, or a T5X special name such as
+      'NUM_REAL_TARGET_TOKENS'.
+    eos_id: end-of-sequence token id; decoding stops emitting after it.
+  """
+
+  module: nn.Module
+  z_loss: float = 1e-4
+  loss_normalizing_factor: Union[None, float, str] = "NUM_REAL_TARGET_TOKENS"
+  eos_id: int = 1
+
+  def __post_init__(self):
+    losses.normalizing_factor_and_weights(self.loss_normalizing_factor, jnp.zeros((1, 1)), None)
+
+  @property
+  def config(self):
+    return self.module.config
+
+  def dummy_batch(self, batch_size: int, input_length: int, target_length: int) -> dict:
+    ones = lambda n: jnp.ones((batch_size, n), jnp.int32)
+    return {"encoder_input_tokens": ones(input_length), "decoder_input_tokens": ones(target_length),
+            "decoder_target_tokens": ones(target_length),
+            "decoder_loss_weights": ones(target_length)}
+
+  def init_abstract(self, batch: Batch):
+    """Boxed (`nn.LogicallyPartitioned`) parameter shapes, without allocating anything."""
+    def init(rng):
+      return self.module.init(rng, *(batch[k] for k in BATCH_KEYS), enable_dropout=False)
+    return jax.eval_shape(init, jax.random.key(0))["params"]
+
+  def init(self, rng: Array, batch: Batch):
+    """Boxed random parameters for every leaf (frozen and trainable)."""
+    return self.module.init(rng, *(batch[k] for k in BATCH_KEYS), enable_dropout=False)["params"]
+
+  def init_missing(self, rng: Array, params: Mapping, batch: Batch):
+    """Create the parameters absent from `params` (e.g. the prompt), letting their initialisers
+    see the given ones (e.g. the loaded embedding table). Returns the complete boxed tree."""
+    _, variables = self.module.apply({"params": params}, *(batch[k] for k in BATCH_KEYS),
+                                     enable_dropout=False, rngs={"params": rng},
+                                     mutable=["params"])
+    return variables["params"]
+
+  def logits(self, params: Mapping, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
+    """Teacher-forced logits [b, t, vocab]; dropout is on iff `dropout_rng` is given."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return self.module.apply({"params": params}, *(batch[k] for k in BATCH_KEYS),
+                             batch.get("encoder_segment_ids"), batch.get("decoder_segment_ids"),
+                             enable_dropout=dropout_rng is not None, rngs=rngs,
+                             prompt_ids=batch.get("prompt_ids"))
+
+  def loss_fn(self, params: Mapping, batch: Batch, dropout_rng: Optional[Array]):
+    """-> (scalar loss, metrics dict)."""
+    logits = self.logits(params, batch, dropout_rng)
+    return losses.loss_and_metrics(logits, batch["decoder_target_tokens"],
+                                   batch.get("decoder_loss_weights"), self.z_loss,
+                                   self.loss_normalizing_factor)
+
+  def score_batch(self, params: Mapping, batch: Batch) -> Array:
+    """Sum of target-token log-likelihoods per example [b] (for rank classification)."""
+    logits = self.logits(params, batch)
+    targets = batch["decoder_target_tokens"]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_ll = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), -1)[..., 0]
+    weights = batch.get("decoder_loss_weights")
+    weights = (targets > 0) if weights is None else weights
+    return jnp.sum(token_ll * weights, axis=-1)
+
+  def predict_batch(self, params: Mapping, batch: Batch, max_decode_length: int) -> Array:
+    """Greedy decoding with the KV cache: [b, max_decode_length] tokens (0 after EOS).
+
+    `batch` needs `encoder_input_tokens` [b, l] (and `prompt_ids` [b] for a prompt bank)."""
+    tokens = batch["encoder_input_tokens"]
+    encoded = self.module.apply({"params": params}, tokens, enable_dropout=False,
+                                prompt_ids=batch.get("prompt_ids"), method=self.module.encode)
+    batch_size = tokens.shape[0]
+    dummy = jnp.ones((batch_size, max_decode_length), jnp.int32)
+    cache_shapes = jax.eval_shape(
+        lambda: self.module.init(jax.random.key(0), tokens, dummy, dummy, decode=True,
+                                 enable_dropout=False)["cache"])
+    cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+
+    def step(carry, _):
+      cache, token, done = carry
+      logits, variables = self.module.apply(
+          {"params": params, "cache": cache}, encoded, tokens, token, token,
+          enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+          mutable=["cache"], method=self.module.decode)
+      next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      next_token = jnp.where(done, 0, next_token)
+      done = done | (next_token == self.eos_id)
+      return (variables["cache"], next_token[:, None], done), next_token
+
+    start = jnp.zeros((batch_size, 1), jnp.int32)
+    done = jnp.zeros((batch_size,), bool)
+    _, out = jax.lax.scan(step, (cache, start, done), None, length=max_decode_length)
+    return out.T

@@ -1,0 +1,580 @@
+"""The frozen T5 encoder-decoder (v1.0, v1.1 and LM-adapted) in Flax Linen.
+
+Parameter names, shapes and logical axes follow T5X/Flaxformer exactly, so T5X checkpoints load
+without renaming and the module fits T5X's `EncoderDecoderModel`:
+
+  token_embedder/embedding                                   [vocab, embed]
+  encoder/relpos_bias/rel_embedding                          [heads, relpos_buckets]
+  encoder/layers_{i}/pre_attention_layer_norm/scale          [embed]
+  encoder/layers_{i}/attention/{query,key,value}/kernel      [embed, joined_kv]
+  encoder/layers_{i}/attention/out/kernel                    [joined_kv, embed]
+  encoder/layers_{i}/pre_mlp_layer_norm/scale                [embed]
+  encoder/layers_{i}/mlp/{wi_0,wi_1 | wi}/kernel             [embed, mlp]
+  encoder/layers_{i}/mlp/wo/kernel                           [mlp, embed]
+  encoder/encoder_norm/scale                                 [embed]
+  decoder/...  self_attention, encoder_decoder_attention, pre_{self,cross}_attention_layer_norm
+  decoder/decoder_norm/scale, decoder/logits_dense/kernel    [embed, vocab] (untied only)
+
+The model knows nothing about prompt methods. It accepts an *encoder prompt hook*: any Linen
+module with these methods (`prompt_jax.prompts.base.InputPrompt` is the input-level one):
+
+  __call__(input_tokens [b, l], embedded_inputs [b, l, d], embedding_table [vocab, d],
+           prompt_ids [b] or None) -> (embedded [b, l', d], mask [b, l'])
+      (`prompt_ids` selects a prompt per example for prompt banks; None otherwise)
+  input_mask(input_tokens [b, l]) -> mask [b, l']   (the same mask, without computing a prompt)
+  layer_inputs(layer, hidden [b, l', d], input_tokens [b, l]) -> hidden
+      (called before every encoder layer: deep prompts; identity for input-level prompts)
+  export(embedding_table [vocab, d]) -> [p, d] prompt for serving, or None if input-dependent
+
+The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=True),  # T5 1.1's gelu_new (tanh approximation)
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "silu": nn.silu,
+    "linear": lambda x: x,
+}
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Architecture hyperparameters. `dtype` is the activation dtype; parameters stay float32."""
+
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  mlp_activations: tuple[str, ...] = ("gelu", "linear")
+  logits_via_embedding: bool = False
+  dropout_rate: float = 0.1
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dtype: str = "float32"
+  remat_policy: str = "none"
+  layer_norm_epsilon: float = 1e-6
+
+  def __post_init__(self):
+    for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                 "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets",
+                 "relative_attention_max_distance"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+    object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    for act in self.mlp_activations:
+      if act not in _ACTIVATIONS:
+        raise ValueError(f"T5Config.mlp_activations: unknown activation {act!r}; "
+                         f"expected one of {sorted(_ACTIVATIONS)}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"T5Config.dtype: unknown dtype {self.dtype!r}") from e
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat_policy must be one of {REMAT_POLICIES}, "
+                       f"got {self.remat_policy!r}")
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+
+def _t5_1_1(emb, heads, mlp, layers, head_dim=64):
+  return T5Config(vocab_size=32128, emb_dim=emb, num_heads=heads, head_dim=head_dim,
+                  mlp_dim=mlp, num_encoder_layers=layers, num_decoder_layers=layers,
+                  mlp_activations=("gelu", "linear"), logits_via_embedding=False)
+
+
+def _t5_1_0(emb, heads, mlp, layers, head_dim=64):
+  return T5Config(vocab_size=32128, emb_dim=emb, num_heads=heads, head_dim=head_dim,
+                  mlp_dim=mlp, num_encoder_layers=layers, num_decoder_layers=layers,
+                  mlp_activations=("relu",), logits_via_embedding=True)
+
+
+PRESETS: dict[str, T5Config] = {
+    "t5_1_1_small": _t5_1_1(512, 6, 1024, 8),
+    "t5_1_1_base": _t5_1_1(768, 12, 2048, 12),
+    "t5_1_1_large": _t5_1_1(1024, 16, 2816, 24),
+    "t5_1_1_xl": _t5_1_1(2048, 32, 5120, 24),
+    "t5_1_1_xxl": _t5_1_1(4096, 64, 10240, 24),
+    "t5_1_0_small": _t5_1_0(512, 8, 2048, 6),
+    "t5_1_0_base": _t5_1_0(768, 12, 3072, 12),
+    "t5_1_0_large": _t5_1_0(1024, 16, 4096, 24),
+    "t5_1_0_xl": _t5_1_0(1024, 32, 16384, 24, head_dim=128),   # "3B"
+    "t5_1_0_xxl": _t5_1_0(1024, 128, 65536, 24, head_dim=128),  # "11B"
+    # A laptop-sized T5 1.1 for tests and the demo; the byte vocabulary (3 special + 256 bytes),
+    # padded to a multiple of 128 as T5 checkpoints pad theirs.
+    "tiny": T5Config(vocab_size=384, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                     num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128),
+}
+# The LM-adapted checkpoints share the T5 1.1 architecture.
+for _size in ("small", "base", "large", "xl", "xxl"):
+  PRESETS[f"t5_1_1_lm_adapted_{_size}"] = PRESETS[f"t5_1_1_{_size}"]
+
+
+def preset(name: str, **overrides) -> T5Config:
+  """A named architecture (`t5_1_1_base`, `t5_1_0_small`, `tiny`, ...) with optional overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown T5 preset {name!r}; expected one of {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+# ------------------------------------------------------------------------------------- layers
+
+
+def _param_with_axes(module: nn.Module, name: str, init, shape, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class Dense(nn.Module):
+  """A bias-free dense layer whose kernel carries logical axis names."""
+
+  features: int
+  kernel_axes: tuple[str, str]
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = _param_with_axes(self, "kernel", self.kernel_init,
+                              (x.shape[-1], self.features), self.kernel_axes)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table `[vocab, embed]`; `attend` gives tied output logits."""
+
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = _param_with_axes(self, "embedding", nn.initializers.normal(stddev=1.0),
+                                      (self.num_embeddings, self.features), ("vocab", "embed"))
+
+  def __call__(self, tokens: Array) -> Array:
+    """[batch, length] int -> [batch, length, embed]."""
+    return jnp.take(self.embedding, tokens.astype(jnp.int32), axis=0).astype(self.dtype)
+
+  def attend(self, query: Array) -> Array:
+    """[..., embed] -> [..., vocab] by dot product with every embedding row."""
+    return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: `scale * x / sqrt(mean(x^2) + eps)`, no mean, no bias, in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+  """T5's bucketing of `memory_position - query_position` (int array) into `num_buckets` ids."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  safe_n = jnp.maximum(n, 1).astype(jnp.float32)
+  val_if_large = max_exact + (
+      jnp.log(safe_n / max_exact + np.finfo(np.float32).eps)
+      / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Learned per-head attention bias by bucketed relative distance, shared by a whole stack."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions: Array, key_positions: Array, bidirectional: bool):
+    """[q] and [k] int positions -> bias [1, heads, q, k]."""
+    rel_embedding = _param_with_axes(
+        self, "rel_embedding", nn.initializers.normal(stddev=1.0),
+        (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+    relative_position = key_positions[None, :] - query_positions[:, None]
+    buckets = relative_position_bucket(relative_position, bidirectional, self.num_buckets,
+                                       self.max_distance)
+    values = jnp.take(rel_embedding, buckets, axis=1)  # [heads, q, k]
+    return values[None].astype(self.dtype)
+
+
+def combine_masks_to_bias(mask: Optional[Array], dtype) -> Optional[Array]:
+  """Boolean/0-1 mask [b, 1, q, k] -> additive bias with a large negative value where masked."""
+  if mask is None:
+    return None
+  return jnp.where(mask > 0, 0.0, -1e10).astype(dtype)
+
+
+def make_attention_mask(query_mask: Array, key_mask: Array) -> Array:
+  """[b, q], [b, k] -> [b, 1, q, k] float mask (1 = attend)."""
+  return (query_mask[:, None, :, None] & key_mask[:, None, None, :]).astype(jnp.float32)
+
+
+def make_segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  return (query_segments[:, None, :, None] == key_segments[:, None, None, :]).astype(jnp.float32)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """T5 attention: no 1/sqrt(d) scaling at run time (folded into the query init), 2-D kernels."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
+               enable_dropout: bool, decode: bool = False) -> Array:
+    """inputs_q [b, q, embed], inputs_kv [b, k, embed], bias [b|1, heads, q, k] -> [b, q, embed]."""
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    joined = cfg.num_heads * cfg.head_dim
+    query_init = nn.initializers.normal(stddev=(cfg.emb_dim * cfg.head_dim) ** -0.5)
+    kv_init = nn.initializers.normal(stddev=cfg.emb_dim ** -0.5)
+    out_init = nn.initializers.normal(stddev=joined ** -0.5)
+    q = Dense(joined, ("embed", "joined_kv"), query_init, dtype, name="query")(inputs_q)
+    k = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="key")(inputs_kv)
+    v = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="value")(inputs_kv)
+    split = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    q, k, v = split(q), split(k), split(v)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+    if decode:
+      k, v, bias = self._update_cache(k, v, bias)
+
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if enable_dropout and cfg.dropout_rate > 0.0:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.dropout_rate, weights.shape)
+      weights = weights * keep / (1.0 - cfg.dropout_rate)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+    out = out.reshape(out.shape[:2] + (joined,))
+    return Dense(cfg.emb_dim, ("joined_kv", "embed"), out_init, dtype, name="out")(out)
+
+  def _update_cache(self, k: Array, v: Array, bias: Optional[Array]):
+    """Autoregressive self-attention: write this step's k/v at `cache_index`, attend to <= it.
+
+    At init (`decode=True` with full-length inputs) this only creates the `cache` variables
+    `cached_key`/`cached_value` [b, max_length, heads, kv] and `cache_index` [].
+    """
+    is_initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    if not is_initialized:
+      return k, v, bias
+    batch, length, heads, head_dim = k.shape
+    max_length = cached_key.value.shape[1]
+    if length != 1:
+      raise ValueError(f"autoregressive decoding takes one token per step, got length {length}")
+    index = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
+    cache_index.value = index + 1
+    causal = (jnp.arange(max_length) <= index)[None, None, None, :]
+    step_bias = jnp.where(causal, 0.0, -1e10).astype(jnp.float32)
+    if bias is not None:
+      # bias is [1, heads, max_length, max_length]: take the row of the current position.
+      step_bias = step_bias + jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
+    return cached_key.value, cached_value.value, step_bias
+
+
+class MlpBlock(nn.Module):
+  """Gated (v1.1: `wi_0`, `wi_1`) or plain (v1.0: `wi`) feed-forward block."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, *, enable_dropout: bool) -> Array:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    init = nn.initializers.normal(stddev=cfg.emb_dim ** -0.5)
+    hidden = None
+    for i, act in enumerate(cfg.mlp_activations):
+      name = "wi" if len(cfg.mlp_activations) == 1 else f"wi_{i}"
+      h = _ACTIVATIONS[act](Dense(cfg.mlp_dim, ("embed", "mlp"), init, dtype, name=name)(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=not enable_dropout)
+    wo_init = nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5)
+    return Dense(cfg.emb_dim, ("mlp", "embed"), wo_init, dtype, name="wo")(hidden)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
+    y = MultiHeadDotProductAttention(cfg, name="attention")(y, y, bias,
+                                                            enable_dropout=enable_dropout)
+    x = x + drop(y, deterministic=not enable_dropout)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
+    x = x + drop(y, deterministic=not enable_dropout)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Optional[Array],
+               cross_bias: Optional[Array], enable_dropout: bool, decode: bool) -> Array:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
+    y = MultiHeadDotProductAttention(cfg, name="self_attention")(
+        y, y, self_bias, enable_dropout=enable_dropout, decode=decode)
+    x = x + drop(y, deterministic=not enable_dropout)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
+    y = MultiHeadDotProductAttention(cfg, name="encoder_decoder_attention")(
+        y, encoded, cross_bias, enable_dropout=enable_dropout)
+    x = x + drop(y, deterministic=not enable_dropout)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
+    x = x + drop(y, deterministic=not enable_dropout)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _maybe_remat(layer_cls, policy: str, static_argnums: Sequence[int]):
+  if policy == "none":
+    return layer_cls
+  policies = {
+      "full": None,
+      "dots_saveable": jax.checkpoint_policies.dots_saveable,
+      "dots_with_no_batch_dims_saveable":
+          jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  return nn.remat(layer_cls, policy=policies[policy], static_argnums=tuple(static_argnums))
+
+
+class Encoder(nn.Module):
+  """Embeds tokens, lets the prompt hook insert the prompt, runs the layers, final norm."""
+
+  config: T5Config
+  shared_embedding: nn.Module
+  prompt: Optional[nn.Module] = None
+
+  def input_mask(self, encoder_input_tokens: Array) -> Array:
+    """[b, l] tokens -> [b, l'] bool mask of the encoder sequence (prompt positions included)."""
+    if self.prompt is None:
+      return encoder_input_tokens > 0
+    return self.prompt.input_mask(encoder_input_tokens)
+
+  def export_prompt(self) -> Optional[Array]:
+    """The hook's prompt as a plain [p, embed] array (None without a hook)."""
+    if self.prompt is None:
+      return None
+    return self.prompt.export(self.shared_embedding.embedding)
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               *, enable_dropout: bool = True, prompt_ids: Optional[Array] = None) -> Array:
+    """[b, l] tokens -> encoded [b, l', embed] (l' = l + prompt length)."""
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    x = self.shared_embedding(encoder_input_tokens)
+    if self.prompt is not None:
+      if encoder_segment_ids is not None:
+        raise ValueError("packed inputs (encoder_segment_ids) are not supported with a prompt")
+      x, mask = self.prompt(encoder_input_tokens, x, self.shared_embedding.embedding, prompt_ids)
+    else:
+      if prompt_ids is not None:
+        raise ValueError("prompt_ids were given but the model has no prompt")
+      mask = encoder_input_tokens > 0
+    x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
+
+    attention_mask = make_attention_mask(mask, mask)
+    if encoder_segment_ids is not None:
+      attention_mask = attention_mask * make_segment_mask(encoder_segment_ids, encoder_segment_ids)
+    length = x.shape[1]
+    positions = jnp.arange(length)
+    bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                  cfg.relative_attention_max_distance, cfg.num_heads, dtype,
+                                  name="relpos_bias")(positions, positions, bidirectional=True)
+    bias = bias + combine_masks_to_bias(attention_mask, dtype)
+
+    layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
+    for i in range(cfg.num_encoder_layers):
+      if self.prompt is not None:
+        x = self.prompt.layer_inputs(i, x, encoder_input_tokens)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
+    x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
+
+
+class Decoder(nn.Module):
+  """Causal decoder with cross-attention; returns float32 logits [b, l, vocab]."""
+
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded: Array, decoder_input_tokens: Array,
+               decoder_mask: Optional[Array], encoder_decoder_mask: Optional[Array], *,
+               enable_dropout: bool = True, decode: bool = False,
+               max_decode_length: Optional[int] = None) -> Array:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    y = self.shared_embedding(decoder_input_tokens)
+    y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
+
+    bias_length = decoder_input_tokens.shape[1]
+    if decode and not self.is_initializing():
+      # One token per step: the bias covers the whole cache; attention takes the current row.
+      if max_decode_length is None:
+        raise ValueError("decode=True needs max_decode_length (the length of the cache)")
+      bias_length = max_decode_length
+    positions = jnp.arange(bias_length)
+    self_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance, cfg.num_heads, dtype,
+                                       name="relpos_bias")(positions, positions,
+                                                           bidirectional=False)
+    if decoder_mask is not None:
+      self_bias = self_bias + combine_masks_to_bias(decoder_mask, dtype)
+    cross_bias = combine_masks_to_bias(encoder_decoder_mask, dtype)
+
+    layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6))
+    for i in range(cfg.num_decoder_layers):
+      y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias,
+                                             enable_dropout, decode)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(y)
+    y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(y).astype(jnp.float32) / np.sqrt(cfg.emb_dim)
+    else:
+      logits = Dense(cfg.vocab_size, ("embed", "vocab"), nn.initializers.normal(
+          stddev=cfg.emb_dim ** -0.5), jnp.float32, name="logits_dense")(y)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def make_decoder_mask(decoder_target_tokens: Array,
+                      decoder_segment_ids: Optional[Array] = None) -> Array:
+  """Causal mask that also hides padding (target == 0) and other segments: [b, 1, l, l]."""
+  valid = decoder_target_tokens > 0
+  length = decoder_target_tokens.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+  mask = causal & valid[:, None, :, None] & valid[:, None, None, :]
+  if decoder_segment_ids is not None:
+    mask = mask & (decoder_segment_ids[:, None, :, None] == decoder_segment_ids[:, None, None, :])
+  return mask.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder with T5X's `EncoderDecoder` call signature.
+
+  `prompt` is an optional encoder prompt hook (see the module docstring); its parameters are
+  created at `encoder/prompt/...`.
+  """
+
+  config: T5Config
+  prompt: Optional[nn.Module] = None
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
+    # A fresh, unbound copy so that the hook is adopted by the encoder (encoder/prompt/...)
+    # instead of by this module.
+    hook = None if self.prompt is None else self.prompt.clone(parent=None, _deep_clone=True)
+    self.encoder = Encoder(cfg, self.token_embedder, hook)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+             *, enable_dropout: bool = True, prompt_ids: Optional[Array] = None) -> Array:
+    """[b, l] tokens -> [b, l', embed] encoded (prompt positions included)."""
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
+                        prompt_ids=prompt_ids)
+
+  def encoder_mask(self, encoder_input_tokens: Array) -> Array:
+    """[b, l] -> [b, l'] bool: which encoded positions are real (prompt positions are)."""
+    return self.encoder.input_mask(encoder_input_tokens)
+
+  def export_prompt(self) -> Optional[Array]:
+    """The prompt folded into a plain [p, embed] array, for export and zero-overhead serving."""
+    return self.encoder.export_prompt()
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None,
+             decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
+             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+    """Logits [b, t, vocab] for decoder inputs [b, t] given `encoded` [b, l', embed]."""
+    del decoder_positions  # relative attention derives positions itself
+    encoder_mask = self.encoder_mask(encoder_input_tokens)
+    if decode:
+      decoder_mask = None
+      encoder_decoder_mask = make_attention_mask(jnp.ones_like(decoder_target_tokens) > 0,
+                                                 encoder_mask)
+    else:
+      decoder_mask = make_decoder_mask(decoder_target_tokens, decoder_segment_ids)
+      encoder_decoder_mask = make_attention_mask(decoder_target_tokens > 0, encoder_mask)
+      if encoder_segment_ids is not None and decoder_segment_ids is not None:
+        encoder_decoder_mask = encoder_decoder_mask * make_segment_mask(decoder_segment_ids,
+                                                                        encoder_segment_ids)
+    return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
+                        enable_dropout=enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
+               decode: bool = False, prompt_ids: Optional[Array] = None) -> Array:
+    """Teacher-forced logits [b, t, vocab] (float32). `prompt_ids` [b]: per-example prompt."""
+    del encoder_positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                          enable_dropout=enable_dropout, prompt_ids=prompt_ids)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       decoder_positions, enable_dropout=enable_dropout, decode=decode)

@@ -1,0 +1,54 @@
+"""The trainable/frozen split of a parameter tree.
+
+Trainable parameters are the leaves whose '/'-joined path matches `trainable_pattern` (by
+default any path with a `prompt` component, i.e. everything a prompt hook creates). Everything
+else is frozen: it is an ordinary argument of the train step, never differentiated, never in the
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+
+DEFAULT_TRAINABLE_PATTERN = r"(^|/)prompt(/|$)"
+
+
+def _flat(tree) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+
+
+def split_params(params: Mapping, trainable_pattern: str = DEFAULT_TRAINABLE_PATTERN):
+  """params -> (trainable, frozen), two nested dicts that partition the leaves."""
+  pattern = re.compile(trainable_pattern)
+  trainable, frozen = {}, {}
+  for path, leaf in _flat(params).items():
+    (trainable if pattern.search(path) else frozen)[path] = leaf
+  unflat = lambda d: flax.traverse_util.unflatten_dict(d, sep="/") if d else {}
+  return unflat(trainable), unflat(frozen)
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+  """Inverse of `split_params`; the two trees must not share a path."""
+  flat_trainable, flat_frozen = _flat(trainable), _flat(frozen)
+  both = flat_trainable.keys() & flat_frozen.keys()
+  if both:
+    raise ValueError(f"trainable and frozen parameters overlap at {sorted(both)[:3]}")
+  return flax.traverse_util.unflatten_dict({**flat_frozen, **flat_trainable}, sep="/")
+
+
+def unbox(tree):
+  """Strip `nn.LogicallyPartitioned` boxes, leaving plain arrays (or ShapeDtypeStructs)."""
+  return nn.unbox(tree)
+
+
+def count(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def shapes(tree) -> dict[str, tuple]:
+  return {k: tuple(v.shape) for k, v in _flat(tree).items()}

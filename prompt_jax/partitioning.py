@@ -1,0 +1,99 @@
+"""Mesh, logical axis rules and shardings: the one place that decides how arrays are laid out.
+
+Every parameter is created with logical axis names (`vocab`, `embed`, `heads`, `joined_kv`, `mlp`,
+`relpos_buckets`, `prompt`, `prompt_embed`, ...); the rules here map them onto the mesh axes
+(`data`, `model`), as T5X's partitioner does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LogicalAxisRules = Sequence[tuple[str, Optional[str]]]
+
+# T5X's `standard_logical_axis_rules()` for 1-D model parallelism, plus the prompt axes, which
+# are replicated: a prompt is tiny and every device needs all of it.
+STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("joined_kv", "model"),
+    ("relpos_buckets", None),
+    ("abspos_buckets", None),
+    ("length", None),
+    ("layers", None),
+    ("stack", None),
+    ("mlp_activations", None),
+    ("prompt", None),
+    ("prompt_embed", None),
+    ("prompts", None),
+)
+
+
+def standard_logical_axis_rules() -> tuple[tuple[str, Optional[str]], ...]:
+  return STANDARD_LOGICAL_AXIS_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+  """A (data, model) device mesh and the logical axis rules that lay arrays out on it.
+
+  Attributes:
+    num_partitions: size of the `model` axis; the `data` axis takes the remaining devices.
+    logical_axis_rules: (logical name, mesh axis or None) pairs.
+  """
+
+  num_partitions: int = 1
+  logical_axis_rules: LogicalAxisRules = STANDARD_LOGICAL_AXIS_RULES
+  devices: Optional[Sequence[Any]] = None
+
+  def __post_init__(self):
+    devices = list(self.devices) if self.devices is not None else jax.devices()
+    if self.num_partitions < 1 or len(devices) % self.num_partitions:
+      raise ValueError(f"Partitioner.num_partitions={self.num_partitions} must divide the "
+                       f"{len(devices)} available devices")
+    object.__setattr__(self, "devices", tuple(devices))
+    object.__setattr__(self, "logical_axis_rules", tuple(tuple(r) for r in
+                                                         self.logical_axis_rules))
+
+  @property
+  def mesh(self) -> Mesh:
+    data = len(self.devices) // self.num_partitions
+    grid = np.asarray(self.devices).reshape(data, self.num_partitions)
+    return Mesh(grid, ("data", "model"))
+
+  @property
+  def data_parallel_size(self) -> int:
+    return len(self.devices) // self.num_partitions
+
+  def sharding(self, spec: PartitionSpec) -> NamedSharding:
+    return NamedSharding(self.mesh, spec)
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def data_sharding(self, ndim: int) -> NamedSharding:
+    """[batch, ...] arrays split over the data axis."""
+    return NamedSharding(self.mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+
+  def logical_to_mesh(self, logical_specs) -> Any:
+    """A tree of logical PartitionSpecs (e.g. from `nn.get_partition_spec`) -> NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.logical_axis_rules)
+
+  def shardings_for(self, boxed_tree) -> Any:
+    """Shardings for a tree whose leaves may carry `nn.LogicallyPartitioned` metadata."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return self.logical_to_mesh(specs)
+
+  def axis_rules(self):
+    """Context manager that lets `nn.with_logical_constraint` inside the model see the rules."""
+    return nn.logical_axis_rules(self.logical_axis_rules)

@@ -1,0 +1,1 @@
+"""Prompt methods. Each method is one file; all plug into the model through `InputPrompt`."""

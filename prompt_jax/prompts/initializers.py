@@ -1,0 +1,136 @@
+"""Prompt initialisers (Lester et al. 2021, section 3.1): small pure functions.
+
+Each returns `init(rng, shape, embedding_table) -> [length, embed] float32`, where
+`embedding_table` [vocab, embed] is the frozen model's token embedding. Errors name the bad value.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PromptInit = Callable[[Array, tuple, Optional[Array]], Array]
+
+
+def uniform(minval: float = -0.5, maxval: float = 0.5) -> PromptInit:
+  """U[minval, maxval) per entry; the paper's random init is U[-0.5, 0.5)."""
+  if not minval < maxval:
+    raise ValueError(f"uniform prompt init needs minval < maxval, got {minval} and {maxval}")
+
+  def init(rng, shape, embedding_table=None):
+    del embedding_table
+    return jax.random.uniform(rng, shape, jnp.float32, minval, maxval)
+
+  return init
+
+
+def _sample_rows(rng, embedding_table: Array, count: int, population_size: int) -> Array:
+  vocab = embedding_table.shape[0]
+  population = min(population_size, vocab)
+  replace = count > population
+  ids = jax.random.choice(rng, population, (count,), replace=replace)
+  return jnp.take(embedding_table, ids, axis=0).astype(jnp.float32)
+
+
+def _need_table(name: str, embedding_table, shape):
+  if embedding_table is None:
+    raise ValueError(f"{name} prompt init needs the frozen embedding table, got None")
+  if embedding_table.shape[-1] != shape[-1]:
+    raise ValueError(f"{name} prompt init: embedding width {embedding_table.shape[-1]} != "
+                     f"prompt width {shape[-1]}")
+
+
+def sampled_vocabulary(population_size: int = 5000) -> PromptInit:
+  """Rows of the embedding table for ids drawn from the first `population_size` ids.
+
+  T5's SentencePiece ids are roughly sorted by frequency, so these are the most common tokens.
+  """
+  if population_size < 1:
+    raise ValueError(f"sampled_vocabulary.population_size must be >= 1, got {population_size}")
+
+  def init(rng, shape, embedding_table=None):
+    _need_table("sampled_vocabulary", embedding_table, shape)
+    return _sample_rows(rng, embedding_table, shape[0], population_size)
+
+  return init
+
+
+def _embed_token_lists(token_lists: Sequence[Sequence[int]], embedding_table: Array) -> Array:
+  rows = [jnp.mean(jnp.take(embedding_table, jnp.asarray(ids), axis=0), axis=0)
+          for ids in token_lists]
+  return jnp.stack(rows).astype(jnp.float32)
+
+
+def _fill(rng, head: Array, shape, embedding_table, population_size) -> Array:
+  if head.shape[0] > shape[0]:
+    raise ValueError(f"prompt length {shape[0]} is shorter than the {head.shape[0]} rows "
+                     "the initialiser must place")
+  rest = shape[0] - head.shape[0]
+  if rest == 0:
+    return head
+  return jnp.concatenate([head, _sample_rows(rng, embedding_table, rest, population_size)])
+
+
+def class_labels(labels: Sequence[str], vocabulary, population_size: int = 5000) -> PromptInit:
+  """Row i = mean embedding of label i's sub-tokens; remaining rows from sampled vocabulary."""
+  labels = list(labels)
+  if not labels:
+    raise ValueError("class_labels prompt init needs at least one label, got []")
+  token_lists = []
+  for label in labels:
+    ids = [int(i) for i in vocabulary.encode(label)]
+    if not ids:
+      raise ValueError(f"class label {label!r} tokenises to no tokens")
+    token_lists.append(ids)
+
+  def init(rng, shape, embedding_table=None):
+    _need_table("class_labels", embedding_table, shape)
+    head = _embed_token_lists(token_lists, embedding_table)
+    return _fill(rng, head, shape, embedding_table, population_size)
+
+  return init
+
+
+def from_string(text: str, vocabulary, population_size: int = 5000) -> PromptInit:
+  """One row per token of `text` (e.g. a task instruction); remaining rows sampled vocabulary."""
+  ids = [int(i) for i in vocabulary.encode(text)]
+  if not ids:
+    raise ValueError(f"prompt init string {text!r} tokenises to no tokens")
+
+  def init(rng, shape, embedding_table=None):
+    _need_table("from_string", embedding_table, shape)
+    head = _embed_token_lists([[i] for i in ids], embedding_table)
+    return _fill(rng, head, shape, embedding_table, population_size)
+
+  return init
+
+
+def load_prompt_array(path: str) -> np.ndarray:
+  """A `[length, embed]` prompt from a `.npy` file, as float32."""
+  try:
+    array = np.load(path)
+  except FileNotFoundError as e:
+    raise ValueError(f"prompt file not found: {path!r}") from e
+  except ValueError as e:
+    raise ValueError(f"prompt file {path!r} is not a .npy array: {e}") from e
+  if array.ndim != 2:
+    raise ValueError(f"prompt file {path!r} must hold [length, embed], got shape {array.shape}")
+  return array.astype(np.float32)
+
+
+def from_array(path: str) -> PromptInit:
+  """The prompt saved at `path` (.npy), e.g. a released prompt; its shape must match exactly."""
+  array = load_prompt_array(path)
+
+  def init(rng, shape, embedding_table=None):
+    del rng, embedding_table
+    if tuple(array.shape) != tuple(shape):
+      raise ValueError(f"prompt file {path!r} has shape {tuple(array.shape)}, "
+                       f"expected {tuple(shape)} (prompt length, model emb_dim)")
+    return jnp.asarray(array)
+
+  return init

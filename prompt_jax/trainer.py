@@ -1,0 +1,359 @@
+"""Prompt tuning: the train step, the loop, checkpoints and metrics.
+
+The parameter tree is split once into `prompt_params` (trainable: they and their optimizer state
+form the `TrainState`) and `frozen_params` (an ordinary, non-donated argument of every step:
+never differentiated, never in the optimizer state, never copied or saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prompt_jax import checkpoints
+from prompt_jax import params as params_lib
+from prompt_jax.data import pipeline
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.partitioning import Partitioner
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that trains: the step, the prompt parameters and their optimizer state."""
+
+  step: Array
+  prompt_params: Any
+  opt_state: Any
+
+
+def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
+              clipping_threshold: float = 1.0, weight_decay_rate: float = 1e-5,
+              multiply_by_parameter_scale: bool = False) -> optax.GradientTransformation:
+  """Adafactor with Lester et al.'s prompt-tuning settings as defaults."""
+  return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
+                         clipping_threshold=clipping_threshold,
+                         weight_decay_rate=weight_decay_rate,
+                         multiply_by_parameter_scale=multiply_by_parameter_scale)
+
+
+class PromptTrainer:
+  """Builds the sharded, jitted steps for one model, optimizer and mesh.
+
+  Args:
+    model: the `EncoderDecoderModel` (frozen T5 plus prompt hook).
+    optimizer: an optax transformation, applied to the trainable parameters only.
+    partitioner: mesh and logical axis rules.
+    input_length, target_length, batch_size: the compiled (global) batch shape.
+    trainable_pattern: regex over '/'-joined parameter paths selecting the trainable leaves.
+  """
+
+  def __init__(self, model: EncoderDecoderModel, optimizer: optax.GradientTransformation,
+               partitioner: Partitioner, input_length: int, target_length: int,
+               batch_size: int, trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN):
+    self.model = model
+    self.optimizer = optimizer
+    self.partitioner = partitioner
+    self.trainable_pattern = trainable_pattern
+    self.batch_size = batch_size
+    self.target_length = target_length
+    if batch_size % partitioner.data_parallel_size:
+      raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size "
+                       f"{partitioner.data_parallel_size}")
+    self.dummy_batch = model.dummy_batch(batch_size, input_length, target_length)
+    with partitioner.axis_rules():
+      boxed = model.init_abstract(self.dummy_batch)
+    boxed_trainable, boxed_frozen = params_lib.split_params(boxed, trainable_pattern)
+    if not jax.tree_util.tree_leaves(boxed_trainable):
+      raise ValueError(f"no parameter matches the trainable pattern {trainable_pattern!r}; "
+                       "is a prompt configured?")
+    self.abstract_frozen = params_lib.unbox(boxed_frozen)
+    self.abstract_prompt = params_lib.unbox(boxed_trainable)
+    self.frozen_shardings = partitioner.shardings_for(boxed_frozen)
+    self.prompt_shardings = partitioner.shardings_for(boxed_trainable)
+    abstract_opt = jax.eval_shape(optimizer.init, self.abstract_prompt)
+    replicated = partitioner.replicated()
+    self.state_shardings = TrainState(
+        step=replicated, prompt_params=self.prompt_shardings,
+        opt_state=jax.tree_util.tree_map(lambda _: replicated, abstract_opt))
+    self._train_step = jax.jit(
+        self._train_step_impl,
+        in_shardings=(self.state_shardings, self.frozen_shardings, None, replicated),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._eval_step = jax.jit(
+        self._eval_step_impl,
+        in_shardings=(self.prompt_shardings, self.frozen_shardings, None),
+        out_shardings=replicated)
+    self._predict = {}
+
+  # --------------------------------------------------------------------------- initialisation
+
+  def param_counts(self) -> dict[str, int]:
+    return {"frozen": params_lib.count(self.abstract_frozen),
+            "trainable": params_lib.count(self.abstract_prompt)}
+
+  def random_frozen_params(self, rng: Array):
+    """Randomly initialised frozen parameters, created directly in their shardings."""
+    def init(rng):
+      with self.partitioner.axis_rules():
+        boxed = self.model.init(rng, self.dummy_batch)
+      return params_lib.unbox(params_lib.split_params(boxed, self.trainable_pattern)[1])
+    return jax.jit(init, out_shardings=self.frozen_shardings)(rng)
+
+  def load_frozen_params(self, path: str):
+    """Frozen parameters from a checkpoint path, checked against the config and sharded."""
+    loaded = checkpoints.load_frozen_params(path, self.model.config, self.abstract_frozen)
+    flat_loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
+    flat_want = flax.traverse_util.flatten_dict(self.abstract_frozen, sep="/")
+    kept = flax.traverse_util.unflatten_dict({k: flat_loaded[k] for k in flat_want}, sep="/")
+    return checkpoints.device_put_tree(kept, self.frozen_shardings)
+
+  def init_state(self, frozen_params, rng: Array) -> TrainState:
+    """Fresh prompt (its initialiser sees the frozen embedding) and optimizer state."""
+    def init(frozen_params, rng):
+      with self.partitioner.axis_rules():
+        full = self.model.init_missing(rng, frozen_params, self.dummy_batch)
+      prompt = params_lib.unbox(params_lib.split_params(full, self.trainable_pattern)[0])
+      return TrainState(step=jnp.array(0, jnp.int32), prompt_params=prompt,
+                        opt_state=self.optimizer.init(prompt))
+    return jax.jit(init, in_shardings=(self.frozen_shardings, self.partitioner.replicated()),
+                   out_shardings=self.state_shardings)(frozen_params, rng)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the state, for restoring a checkpoint."""
+    shapes = jax.eval_shape(
+        lambda p: TrainState(step=jnp.array(0, jnp.int32), prompt_params=p,
+                             opt_state=self.optimizer.init(p)), self.abstract_prompt)
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+        self.state_shardings)
+
+  # ------------------------------------------------------------------------------------ steps
+
+  def _loss(self, prompt_params, frozen_params, batch, dropout_rng):
+    params = params_lib.merge_params(prompt_params, frozen_params)
+    with self.partitioner.axis_rules():
+      return self.model.loss_fn(params, batch, dropout_rng)
+
+  def _train_step_impl(self, state: TrainState, frozen_params, batch, rng):
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state.prompt_params, frozen_params, batch, dropout_rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.prompt_params)
+    prompt_params = optax.apply_updates(state.prompt_params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return TrainState(step=state.step + 1, prompt_params=prompt_params,
+                      opt_state=opt_state), metrics
+
+  def _eval_step_impl(self, prompt_params, frozen_params, batch):
+    return self._loss(prompt_params, frozen_params, batch, None)[1]
+
+  def shard_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+    """Host-local numpy batch -> global arrays split over the data axis."""
+    return {k: jax.make_array_from_process_local_data(
+        self.partitioner.data_sharding(np.ndim(v)), np.asarray(v)) for k, v in batch.items()}
+
+  def train_step(self, state: TrainState, frozen_params, batch, rng):
+    return self._train_step(state, frozen_params, self.shard_batch(batch), rng)
+
+  def eval_step(self, prompt_params, frozen_params, batch):
+    return self._eval_step(prompt_params, frozen_params, self.shard_batch(batch))
+
+  def predict(self, prompt_params, frozen_params, batch, max_decode_length: int) -> np.ndarray:
+    """Greedy decoding -> [batch, max_decode_length] token ids."""
+    if max_decode_length not in self._predict:
+      def predict(prompt_params, frozen_params, inputs):
+        params = params_lib.merge_params(prompt_params, frozen_params)
+        with self.partitioner.axis_rules():
+          return self.model.predict_batch(params, inputs, max_decode_length)
+      self._predict[max_decode_length] = jax.jit(
+          predict, in_shardings=(self.prompt_shardings, self.frozen_shardings, None),
+          out_shardings=self.partitioner.replicated())
+    inputs = self.shard_batch({k: batch[k] for k in ("encoder_input_tokens", "prompt_ids")
+                               if k in batch})
+    return np.asarray(self._predict[max_decode_length](prompt_params, frozen_params, inputs))
+
+  def export_prompt(self, prompt_params, frozen_params) -> Optional[np.ndarray]:
+    """The prompt as a plain [length, embed] array (methods fold their reparameterisation)."""
+    params = params_lib.merge_params(prompt_params, frozen_params)
+    exported = self.model.module.apply({"params": params},
+                                       method=self.model.module.export_prompt)
+    return None if exported is None else np.asarray(exported)
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+
+class MetricWriter:
+  """TensorBoard event files under MODEL_DIR/<name> (only on the first host)."""
+
+  def __init__(self, model_dir: str, name: str):
+    self.writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(os.path.join(model_dir, name))
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    if self.writer is not None:
+      for key, value in metrics.items():
+        self.writer.add_scalar(key, float(value), step)
+      self.writer.flush()
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _progress(total: int, initial: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+              mininterval=0.5, disable=jax.process_index() != 0)
+
+
+def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: int,
+          train_dataset_cfg: pipeline.DatasetConfig,
+          eval_dataset_cfg: Optional[pipeline.DatasetConfig] = None,
+          initial_checkpoint_path: Optional[str] = None,
+          optimizer: Optional[optax.GradientTransformation] = None,
+          partitioner: Optional[Partitioner] = None,
+          trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
+          checkpoint_every_steps: int = 1000, keep_checkpoints: Optional[int] = 3,
+          eval_every_steps: int = 0, eval_at_start: bool = True, log_every_steps: int = 10,
+          max_decode_length: Optional[int] = None, seed: int = 0,
+          evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
+  """Prompt-tune `model` for `train_steps` steps; resumes from MODEL_DIR's latest checkpoint.
+
+  Returns a summary: the final training metrics and, when `eval_dataset_cfg` is set, the
+  validation metrics of the untrained and of the trained prompt.
+  """
+  if not model_dir:
+    raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+  if train_steps < 1:
+    raise ValueError(f"TRAIN_STEPS must be >= 1, got {train_steps}")
+  optimizer = optimizer or adafactor()
+  partitioner = partitioner or Partitioner()
+  lengths = train_dataset_cfg.task_feature_lengths
+  trainer = PromptTrainer(model, optimizer, partitioner, lengths["inputs"], lengths["targets"],
+                          train_dataset_cfg.batch_size, trainable_pattern)
+  counts = trainer.param_counts()
+  log.info("parameters: %s frozen, %s trainable", f"{counts['frozen']:,}",
+           f"{counts['trainable']:,}")
+  print(f"model: {counts['frozen']:,} frozen parameters, {counts['trainable']:,} trainable; "
+        f"mesh {dict(partitioner.mesh.shape)}", flush=True)
+
+  rng = jax.random.key(seed)
+  init_rng, frozen_rng, step_rng = jax.random.split(rng, 3)
+  if initial_checkpoint_path:
+    frozen_params = trainer.load_frozen_params(initial_checkpoint_path)
+  else:
+    log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
+    frozen_params = trainer.random_frozen_params(frozen_rng)
+
+  manager = checkpoints.PromptCheckpointManager(model_dir, checkpoint_every_steps,
+                                                keep_checkpoints)
+  start_step = 0
+  latest = manager.latest_step()
+  if latest is not None:
+    if train_steps <= latest:
+      raise ValueError(f"TRAIN_STEPS={train_steps} is not above the step {latest} restored from "
+                       f"{manager.directory}; raise TRAIN_STEPS or use a new MODEL_DIR")
+    state, meta = manager.restore(latest, trainer.abstract_state())
+    start_step = int(meta.get("data_position", latest))
+    print(f"resumed from {manager.directory} at step {latest}", flush=True)
+  else:
+    state = trainer.init_state(frozen_params, init_rng)
+
+  if evaluate_fn is None:
+    from prompt_jax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluate_fn = evaluation.evaluate
+  decode_length = max_decode_length or lengths["targets"]
+  summary: dict[str, Any] = {"model_dir": os.path.abspath(model_dir)}
+  eval_writer = MetricWriter(model_dir, "eval") if eval_dataset_cfg else None
+
+  def run_eval(label: str, step: int) -> dict:
+    scores = evaluate_fn(trainer, state.prompt_params, frozen_params, eval_dataset_cfg,
+                         max_decode_length=decode_length)
+    eval_writer.write(step, scores)
+    print(f"eval ({label}, step {step}): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in sorted(scores.items())), flush=True)
+    return scores
+
+  if eval_dataset_cfg and eval_at_start and start_step == 0:
+    summary["eval_untrained"] = run_eval("untrained prompt", 0)
+
+  meta = {"initial_checkpoint_path": initial_checkpoint_path,
+          "trainable_pattern": trainable_pattern,
+          "config": dataclasses.asdict(model.config)}
+
+  def save(step: int):
+    if manager.save(step, state, dict(meta, data_position=step), force=True):
+      exported = trainer.export_prompt(state.prompt_params, frozen_params)
+      if exported is not None and jax.process_index() == 0:
+        checkpoints.export_prompt_npy(exported, model_dir, step)
+
+  train_writer = MetricWriter(model_dir, "train")
+  batches = pipeline.iterate_batches(train_dataset_cfg, start_step=start_step,
+                                     shard_id=jax.process_index(),
+                                     num_shards=jax.process_count())
+  progress = _progress(train_steps, start_step)
+  last_metrics: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  step = start_step
+  try:
+    for step in range(start_step + 1, train_steps + 1):
+      batch = next(batches)
+      state, metrics = trainer.train_step(state, frozen_params, batch, step_rng)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        good = manager.latest_step()
+        raise TrainingDivergedError(
+            f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
+            f"{'none' if good is None else f'step {good} in {manager.directory}'}")
+      window_steps += 1
+      progress.update(1)
+      if step % log_every_steps == 0 or step == train_steps:
+        elapsed = time.perf_counter() - window_start
+        last_metrics = {k: float(v) for k, v in metrics.items()}
+        last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
+        train_writer.write(step, last_metrics)
+        progress.set_postfix(loss=f"{loss:.4f}",
+                             steps_per_s=f"{last_metrics['steps_per_second']:.1f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if step % checkpoint_every_steps == 0:
+        save(step)
+      if eval_dataset_cfg and eval_every_steps and step % eval_every_steps == 0 \
+          and step != train_steps:
+        run_eval("training", step)
+  finally:
+    progress.close()
+    train_writer.close()
+  if manager.latest_step() != step:
+    save(step)
+  manager.close()
+  summary["train"] = last_metrics
+  summary["step"] = step
+  if eval_dataset_cfg:
+    summary["eval_trained"] = run_eval("trained prompt", step)
+    eval_writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary
