@@ -10,7 +10,6 @@ Layout of a run directory (MODEL_DIR):
 from __future__ import annotations
 
 import importlib.resources
-import json
 import logging
 import os
 from typing import Any, Mapping, Optional

@@ -6,7 +6,7 @@ The trainer only talks to this class; the module only computes logits.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import flax.linen as nn
 import jax

@@ -98,7 +98,7 @@ class T5Config:
   def activation_dtype(self):
     return jnp.dtype(self.dtype)
 
-  def replace(self, **changes) -> "T5Config":
+  def replace(self, **changes) -> T5Config:
     return dataclasses.replace(self, **changes)
 
 

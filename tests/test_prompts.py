@@ -1,0 +1,106 @@
+"""Lester et al. prompt initialisers and the released-prompt fixture."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+
+from prompt_jax.models import t5
+from prompt_jax.prompts import initializers
+from prompt_jax.prompts.base import InputPrompt
+from prompt_jax.prompts.plain import Prompt
+from tests.conftest import shared_fixture
+
+TABLE = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+
+
+def test_uniform_range_and_shape():
+  p = np.asarray(initializers.uniform(-0.5, 0.5)(jax.random.key(0), (50, 8), None))
+  assert p.shape == (50, 8)
+  assert p.min() >= -0.5 and p.max() < 0.5
+  assert p.min() < -0.4 and p.max() > 0.4  # covers the range, not a constant
+
+
+def test_sampled_vocabulary_rows_come_from_the_population():
+  p = np.asarray(initializers.sampled_vocabulary(population_size=20)(
+      jax.random.key(1), (10, 8), TABLE))
+  for row in p:
+    matches = np.where(np.all(TABLE == row, axis=1))[0]
+    assert len(matches) == 1 and matches[0] < 20
+  assert len({tuple(r) for r in p}) == 10  # drawn without replacement
+
+
+def test_class_labels_average_subtokens_then_fill():
+  vocab = seqio.ByteVocabulary()
+  init = initializers.class_labels(["ab", "c"], vocab, population_size=50)
+  p = np.asarray(init(jax.random.key(2), (5, 8), TABLE))
+  ids_ab, ids_c = vocab.encode("ab"), vocab.encode("c")
+  np.testing.assert_allclose(p[0], TABLE[ids_ab].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(p[1], TABLE[ids_c[0]], rtol=1e-6)
+  for row in p[2:]:
+    assert np.where(np.all(TABLE == row, axis=1))[0][0] < 50
+
+
+def test_class_label_that_tokenises_to_nothing_is_rejected():
+  with pytest.raises(ValueError, match="class label '' tokenises to no tokens"):
+    initializers.class_labels(["positive", ""], seqio.ByteVocabulary())
+
+
+def test_class_labels_need_room_in_the_prompt():
+  init = initializers.class_labels(["a", "b", "c"], seqio.ByteVocabulary())
+  with pytest.raises(ValueError, match="prompt length 2 is shorter than the 3 rows"):
+    init(jax.random.key(0), (2, 8), TABLE)
+
+
+def test_from_string_uses_each_token():
+  vocab = seqio.ByteVocabulary()
+  p = np.asarray(initializers.from_string("hi!", vocab, 10)(jax.random.key(3), (4, 8), TABLE))
+  np.testing.assert_allclose(p[:3], TABLE[vocab.encode("hi!")], rtol=1e-6)
+
+
+def test_from_array_checks_shape(tmp_path):
+  path = tmp_path / "p.npy"
+  np.save(path, np.ones((3, 8), np.float32))
+  init = initializers.from_array(str(path))
+  np.testing.assert_array_equal(init(jax.random.key(0), (3, 8), None), np.ones((3, 8)))
+  with pytest.raises(ValueError, match=r"has shape \(3, 8\), expected \(4, 8\)"):
+    init(jax.random.key(0), (4, 8), None)
+  np.save(tmp_path / "bad.npy", np.ones((3,), np.float32))
+  with pytest.raises(ValueError, match=r"must hold \[length, embed\], got shape \(3,\)"):
+    initializers.from_array(str(tmp_path / "bad.npy"))
+
+
+def test_prompt_initialiser_sees_the_frozen_embedding():
+  """init_missing creates only the prompt and samples it from the *given* embedding table."""
+  from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+  from prompt_jax.params import split_params, unbox
+  cfg = t5.preset("tiny")
+  model = EncoderDecoderModel(t5.Transformer(
+      cfg, InputPrompt(Prompt(6, initializers.sampled_vocabulary(100)))))
+  batch = model.dummy_batch(2, 8, 4)
+  frozen = split_params(unbox(model.init(jax.random.key(0), batch)))[1]
+  frozen["token_embedder"]["embedding"] = jnp.asarray(
+      np.random.default_rng(5).normal(size=(384, 64)), jnp.float32)
+  full = unbox(model.init_missing(jax.random.key(1), frozen, batch))
+  prompt = np.asarray(full["encoder"]["prompt"]["prompt"]["prompt"])
+  table = np.asarray(frozen["token_embedder"]["embedding"])
+  for row in prompt:
+    assert np.where(np.all(np.isclose(table, row), axis=1))[0][0] < 100
+
+
+def test_released_prompt_loads_into_a_base_sized_config():
+  path = shared_fixture("prompt_t5_1_1_lm100k_base_sst2.npy")
+  released = np.load(path)
+  module = t5.Transformer(t5.preset("t5_1_1_lm_adapted_base"),
+                          InputPrompt(Prompt(100, initializers.from_array(str(path)))))
+  tokens = jnp.ones((1, 4), jnp.int32)
+  init = lambda: module.init(jax.random.key(0), tokens, tokens, tokens, enable_dropout=False)
+  shapes = jax.eval_shape(init)["params"]["encoder"]["prompt"]["prompt"]["prompt"]
+  assert tuple(shapes.value.shape) == released.shape == (100, 768)
+  p = initializers.from_array(str(path))(jax.random.key(0), (100, 768), None)
+  np.testing.assert_array_equal(np.asarray(p), released)
+  with pytest.raises(ValueError, match=r"expected \(100, 512\)"):
+    initializers.from_array(str(path))(jax.random.key(0), (100, 512), None)
