@@ -119,13 +119,26 @@ def _format_of(path: str) -> str:
     if "_CHECKPOINT_METADATA" in names and any(n.startswith("target") or n == "state"
                                                for n in names):
       return "t5x"
+    # T5X's `state` item itself, or a T5X checkpoints directory (`checkpoint_<step>/...`).
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.abspath(path)) == "state" and os.path.exists(
+        os.path.join(parent, "_CHECKPOINT_METADATA")):
+      return "t5x"
+    if any(n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit() for n in names):
+      return "t5x"
     return "orbax"
+  if os.path.basename(path) == "checkpoint" and os.path.isfile(path):
+    return "t5x"  # the msgpack file of a legacy T5X checkpoint
   raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} is neither a .npz file nor a directory")
 
 
-def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = None) -> dict:
+def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = None,
+                       partitioner=None) -> dict:
   """Frozen T5 parameters from `path`: a `.npz`, our Orbax directory, a T5X checkpoint or a
-  Hugging Face directory. Shapes are checked against `abstract_params` when given."""
+  Hugging Face directory. Shapes are checked against `abstract_params` when given.
+
+  Orbax and T5X checkpoints are read shard by shard when `abstract_params` carry shardings
+  (Orbax) or a `partitioner` is given (T5X): each host reads only its own slices."""
   path = resolve_path(path)
   fmt = _format_of(path)
   if fmt == "npz":
@@ -134,7 +147,7 @@ def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = N
     params = load_params_orbax(path, abstract_params)
   elif fmt == "t5x":
     from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
-    params = t5x.load_params(path, config)
+    params = t5x.load_params(path, config, partitioner)
   else:
     from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
     hf_config, params = hf.load_t5(path)

@@ -1,15 +1,26 @@
-"""Validation metrics: greedy decoding of a seqio task, scored by the task's own metric
-functions through `seqio.Evaluator`."""
+"""Validation metrics: a seqio task's eval split, decoded greedily with the KV cache (or scored
+label by label for `_rank` tasks), measured by the task's own metric functions through
+`seqio.Evaluator`; and `run_evaluation`, the gin entry point of `prompt-jax eval`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import weakref
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
+import optax
 import seqio
 
+from prompt_jax import checkpoints
+from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.partitioning import Partitioner
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +45,7 @@ def _stack(examples, batch_size):
 
 def make_predict_fn(trainer, prompt_params, frozen_params, batch_size: int,
                     max_decode_length: int):
-  """seqio `PredictFnCallable`: dataset -> [(index, token ids)]."""
+  """seqio `PredictFnCallable`: dataset -> [(index, token ids)] (greedy, KV cache)."""
   def predict_fn(ds, model_params: Optional[Any] = None):
     del model_params
     outputs = []
@@ -45,22 +56,88 @@ def make_predict_fn(trainer, prompt_params, frozen_params, batch_size: int,
   return predict_fn
 
 
+_SCORE_FNS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _jitted_score(trainer):
+  """trainer's model `score_batch` (sum of target log-likelihoods), jitted once per trainer."""
+  if trainer not in _SCORE_FNS:
+    def score(prompt_params, frozen_params, batch):
+      params = params_lib.merge_params(prompt_params, frozen_params)
+      with trainer.partitioner.axis_rules():
+        return trainer.model.score_batch(params, batch)
+    _SCORE_FNS[trainer] = jax.jit(
+        score, in_shardings=(trainer.prompt_shardings, trainer.frozen_shardings, None),
+        out_shardings=trainer.partitioner.replicated())
+  return _SCORE_FNS[trainer]
+
+
+def make_score_fn(trainer, prompt_params, frozen_params, batch_size: int):
+  """seqio `ScoreFnCallable`: dataset -> [(index, log-likelihood of the targets)]."""
+  score = _jitted_score(trainer)
+
+  def score_fn(ds, model_params: Optional[Any] = None):
+    del model_params
+    outputs = []
+    for indices, batch, real in _batches(ds, batch_size):
+      keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+              "decoder_loss_weights", "prompt_ids")
+      scores = score(prompt_params, frozen_params,
+                     trainer.shard_batch({k: batch[k] for k in keys if k in batch}))
+      outputs.extend(zip(indices, np.asarray(scores)[:real].tolist()))
+    return outputs
+  return score_fn
+
+
+def count_truncated(evaluator: seqio.Evaluator,
+                    feature_lengths: Mapping[str, int]) -> dict[str, dict[str, int]]:
+  """Per task and feature, how many eval examples were cut to the feature length (logged)."""
+  counts = {}
+  for task in evaluator.eval_tasks:
+    over = {k: 0 for k in feature_lengths}
+    total = 0
+    for ex in evaluator.cached_task_datasets[task.name].as_numpy_iterator():
+      total += 1
+      for key, length in feature_lengths.items():
+        text = ex.get(f"{key}_pretokenized")
+        if key in ex and text is not None and len(ex[key]) >= length:
+          vocab = task.output_features[key].vocabulary
+          over[key] += len(vocab.encode(text.decode("utf-8"))) + 1 > length
+    for key, n in over.items():
+      if n:
+        log.warning("%s: %d of %d evaluation examples have %r longer than %d tokens; they are "
+                    "truncated", task.name, n, total, key, feature_lengths[key])
+    counts[task.name] = over
+  return counts
+
+
 def evaluate(trainer, prompt_params, frozen_params, dataset_cfg: pipeline.DatasetConfig,
-             max_decode_length: int) -> dict[str, float]:
+             max_decode_length: int, log_dir: Optional[str] = None,
+             step: Optional[int] = None) -> dict[str, float]:
   """Metrics of every task in `dataset_cfg.mixture_or_task_name` on its eval split.
 
-  Keys are `<metric>` for a single task and `<task>/<metric>` for a mixture.
+  Keys are `<metric>` for a single task and `<task>/<metric>` for a mixture. With `log_dir`,
+  seqio's JSONLogger writes every input, target and prediction there (`<task>-<step>.jsonl`).
   """
-  pipeline.get_task_or_mixture(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
+  provider = pipeline.get_task_or_mixture(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
+  if log_dir:
+    os.makedirs(log_dir, exist_ok=True)
   evaluator = seqio.Evaluator(
       mixture_or_task_name=dataset_cfg.mixture_or_task_name,
       feature_converter=seqio.EncDecFeatureConverter(pack=False),
       eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached,
-      sequence_length=dict(dataset_cfg.task_feature_lengths), log_dir=None,
-      async_compute_metrics=False)
+      sequence_length=dict(dataset_cfg.task_feature_lengths), log_dir=log_dir,
+      logger_cls=(seqio.JSONLogger,) if log_dir else (), async_compute_metrics=False)
+  if not evaluator.eval_tasks:
+    splits = sorted({s for t in getattr(provider, "tasks", [provider]) for s in t.splits})
+    raise ValueError(f"{dataset_cfg.mixture_or_task_name!r} has no task with metrics and a "
+                     f"{dataset_cfg.split!r} split to evaluate (its splits: {splits})")
+  count_truncated(evaluator, dataset_cfg.task_feature_lengths)
   predict_fn = make_predict_fn(trainer, prompt_params, frozen_params, dataset_cfg.batch_size,
                                max_decode_length)
-  all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn)
+  score_fn = make_score_fn(trainer, prompt_params, frozen_params, dataset_cfg.batch_size)
+  all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn,
+                                      score_fn=score_fn, step=step)
   return flatten_metrics(all_metrics.result())
 
 
@@ -73,3 +150,112 @@ def flatten_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float
       if np.ndim(value) == 0:
         flat[name if single else f"{task}/{name}"] = float(value)
   return flat
+
+
+def format_metrics_table(scores: Mapping[str, float], title: str = "metric") -> str:
+  """A plain-text two-column table, one metric per row."""
+  width = max([len(title)] + [len(k) for k in scores])
+  lines = [f"{title:<{width}}  {'value':>8}", f"{'-' * width}  {'-' * 8}"]
+  lines += [f"{name:<{width}}  {value:8.2f}" for name, value in sorted(scores.items())]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- loading a trained prompt
+
+
+def prompt_params_from_array(trainer, prompt: np.ndarray):
+  """A [length, embed] prompt (`.npy` export) as the trainer's prompt parameter tree.
+
+  Only for methods whose trainable parameters are that one array (e.g. Lester et al.'s)."""
+  prompt = np.asarray(prompt, np.float32)
+  shapes = params_lib.shapes(trainer.abstract_prompt)
+  if len(shapes) != 1 or next(iter(shapes.values())) != prompt.shape:
+    raise ValueError(f"prompt array of shape {prompt.shape} does not fit the configured prompt "
+                     f"parameters {shapes}; restore from MODEL_DIR instead")
+  tree = jax.tree_util.tree_map(lambda leaf: prompt.astype(leaf.dtype), trainer.abstract_prompt)
+  return checkpoints.device_put_tree(tree, trainer.prompt_shardings)
+
+
+def load_prompt_params(trainer, frozen_params, *, model_dir: Optional[str] = None,
+                       prompt_path: Optional[str] = None, step: Optional[int] = None,
+                       seed: int = 0):
+  """The prompt to evaluate and its step: from a `.npy` file, else MODEL_DIR's checkpoint
+  (`step`, default the latest), else a freshly initialised (untrained) prompt."""
+  if prompt_path:
+    if not os.path.exists(prompt_path):
+      raise FileNotFoundError(f"PROMPT_PATH {prompt_path!r} does not exist")
+    match = re.search(r"prompt_(\d+)\.npy$", prompt_path)  # MODEL_DIR/prompts/prompt_<step>.npy
+    step = step if step is not None else int(match.group(1)) if match else 0
+    return prompt_params_from_array(trainer, np.load(prompt_path)), step
+  if model_dir:
+    manager = checkpoints.PromptCheckpointManager(model_dir, 1, None)
+    try:
+      steps = manager.all_steps()
+      if not steps:
+        raise ValueError(f"no checkpoint in {manager.directory}; train first or set "
+                         "PROMPT_PATH")
+      step = max(steps) if step is None else step
+      if step not in steps:
+        raise ValueError(f"no checkpoint for step {step} in {manager.directory}; have {steps}")
+      state, _ = manager.restore(step, trainer.abstract_state())
+    finally:
+      manager.close()
+    return state.prompt_params, step
+  log.warning("neither MODEL_DIR nor PROMPT_PATH is set: evaluating an untrained prompt")
+  return trainer.init_state(frozen_params, jax.random.key(seed)).prompt_params, 0
+
+
+def build_trainer(model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetConfig,
+                  initial_checkpoint_path: Optional[str],
+                  optimizer: Optional[optax.GradientTransformation] = None,
+                  partitioner: Optional[Partitioner] = None,
+                  trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN, seed: int = 0):
+  """A `PromptTrainer` shaped like `dataset_cfg`'s batches and the frozen parameters."""
+  from prompt_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  lengths = dataset_cfg.task_feature_lengths
+  trainer = trainer_lib.PromptTrainer(
+      model, optimizer or trainer_lib.adafactor(), partitioner or Partitioner(),
+      lengths["inputs"], lengths["targets"], dataset_cfg.batch_size, trainable_pattern)
+  if initial_checkpoint_path:
+    frozen = trainer.load_frozen_params(initial_checkpoint_path)
+  else:
+    log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
+    frozen = trainer.random_frozen_params(jax.random.key(seed))
+  return trainer, frozen
+
+
+def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetConfig,
+                   initial_checkpoint_path: Optional[str] = None,
+                   model_dir: Optional[str] = None, prompt_path: Optional[str] = None,
+                   step: Optional[int] = None, output_dir: Optional[str] = None,
+                   max_decode_length: Optional[int] = None,
+                   optimizer: Optional[optax.GradientTransformation] = None,
+                   partitioner: Optional[Partitioner] = None,
+                   trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
+                   write_predictions: bool = True, seed: int = 0) -> dict[str, Any]:
+  """`prompt-jax eval`: metrics of a trained prompt on `dataset_cfg`'s task and split.
+
+  The prompt comes from `prompt_path` (a `.npy` export) or MODEL_DIR's checkpoint at `step`
+  (default: the latest; `optimizer` must match training's for the restore). Metrics go to
+  TensorBoard under `<output_dir or model_dir>/eval_<split>`, predictions (with
+  `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.
+  Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
+  """
+  trainer, frozen = build_trainer(model, dataset_cfg, initial_checkpoint_path, optimizer,
+                                  partitioner, trainable_pattern, seed)
+  prompt, step = load_prompt_params(trainer, frozen, model_dir=model_dir,
+                                    prompt_path=prompt_path, step=step, seed=seed)
+  out_dir = output_dir or model_dir
+  log_dir = os.path.join(out_dir, f"eval_{dataset_cfg.split}") if out_dir else None
+  scores = evaluate(trainer, prompt, frozen, dataset_cfg,
+                    max_decode_length or dataset_cfg.task_feature_lengths["targets"],
+                    log_dir=log_dir if write_predictions else None, step=step)
+  if log_dir:
+    from prompt_jax.trainer import MetricWriter  # pylint: disable=g-import-not-at-top
+    writer = MetricWriter(out_dir, f"eval_{dataset_cfg.split}")
+    writer.write(step, scores)
+    writer.close()
+  print(f"\n{dataset_cfg.mixture_or_task_name} ({dataset_cfg.split}), prompt at step {step}")
+  print(format_metrics_table(scores), flush=True)
+  return {"metrics": scores, "step": step, "task": dataset_cfg.mixture_or_task_name,
+          "split": dataset_cfg.split}

@@ -1,0 +1,149 @@
+"""`prompt-jax infer`: greedy predictions of a trained prompt, written as JSONL.
+
+Inputs are either a JSONL file of `{"inputs": "<text>", ...}` lines (other fields are copied to
+the output) or a seqio task split (`{"inputs", "targets", "prediction"}` per example).
+`predict_texts` is the plain function to route other front ends to (e.g. multi-task serving).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import optax
+import seqio
+
+from prompt_jax import evaluation
+from prompt_jax import params as params_lib
+from prompt_jax.data import pipeline
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.partitioning import Partitioner
+
+log = logging.getLogger(__name__)
+
+
+def encode_inputs(texts: Sequence[str], vocabulary: seqio.Vocabulary,
+                  input_length: int) -> np.ndarray:
+  """[len(texts), input_length] token ids with EOS, zero-padded; longer texts are truncated
+  (keeping EOS) and counted in the log."""
+  tokens = np.zeros((len(texts), input_length), np.int32)
+  truncated = 0
+  for row, text in enumerate(texts):
+    ids = list(vocabulary.encode(text))
+    if len(ids) + 1 > input_length:
+      truncated += 1
+      ids = ids[:input_length - 1]
+    ids.append(vocabulary.eos_id)
+    tokens[row, :len(ids)] = ids
+  if truncated:
+    log.warning("%d of %d inputs are longer than %d tokens; they are truncated", truncated,
+                len(texts), input_length)
+  return tokens
+
+
+def predict_tokens(trainer, prompt_params, frozen_params, encoder_input_tokens: np.ndarray,
+                   max_decode_length: int, prompt_ids: Optional[np.ndarray] = None) -> np.ndarray:
+  """Greedy decoding of [n, input_length] tokens in `trainer.batch_size` chunks -> [n, max]."""
+  outputs = []
+  size = trainer.batch_size
+  for start in range(0, len(encoder_input_tokens), size):
+    batch = {"encoder_input_tokens": encoder_input_tokens[start:start + size]}
+    if prompt_ids is not None:
+      batch["prompt_ids"] = np.asarray(prompt_ids[start:start + size], np.int32)
+    batch, real = pipeline.pad_batch(batch, size)
+    outputs.append(trainer.predict(prompt_params, frozen_params, batch,
+                                   max_decode_length)[:real])
+  if not outputs:
+    return np.zeros((0, max_decode_length), np.int32)
+  return np.concatenate(outputs)
+
+
+def predict_texts(trainer, prompt_params, frozen_params, texts: Sequence[str],
+                  vocabulary: seqio.Vocabulary, input_length: int, max_decode_length: int,
+                  prompt_ids: Optional[np.ndarray] = None) -> list[str]:
+  """Texts in, decoded greedy predictions out (up to the first EOS)."""
+  tokens = encode_inputs(texts, vocabulary, input_length)
+  predicted = predict_tokens(trainer, prompt_params, frozen_params, tokens, max_decode_length,
+                             prompt_ids)
+  return [vocabulary.decode([int(t) for t in row]) for row in predicted]
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """JSONL records, each needing a string `inputs`."""
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("inputs"), str):
+        raise ValueError(f"{path}:{number}: expected a JSON object with a string 'inputs', got "
+                         f"{line.strip()[:80]!r}")
+      records.append(record)
+  return records
+
+
+def task_records(dataset_cfg: pipeline.DatasetConfig) -> Iterator[dict[str, str]]:
+  """{'inputs', 'targets'} strings of a task split, in order."""
+  task = pipeline.get_task_or_mixture(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
+  ds = task.get_dataset(dict(dataset_cfg.task_feature_lengths), split=dataset_cfg.split,
+                        shuffle=False, num_epochs=1, use_cached=dataset_cfg.use_cached)
+  for ex in ds.as_numpy_iterator():
+    record = {"inputs": ex["inputs_pretokenized"].decode("utf-8")}
+    if "targets_pretokenized" in ex:
+      record["targets"] = ex["targets_pretokenized"].decode("utf-8")
+    yield record
+
+
+def write_jsonl(records: Iterable[dict], path: str) -> int:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  count = 0
+  with open(path, "w") as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+      count += 1
+  return count
+
+
+def infer(*, model: EncoderDecoderModel, output_path: str,
+          initial_checkpoint_path: Optional[str] = None, inputs_path: Optional[str] = None,
+          task: Optional[str] = None, split: str = "validation",
+          task_module: Optional[str] = "tasks", vocabulary: Optional[seqio.Vocabulary] = None,
+          input_length: int = 512, max_decode_length: int = 32, batch_size: int = 32,
+          model_dir: Optional[str] = None, prompt_path: Optional[str] = None,
+          step: Optional[int] = None, optimizer: Optional[optax.GradientTransformation] = None,
+          partitioner: Optional[Partitioner] = None,
+          trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
+          seed: int = 0) -> dict[str, Any]:
+  """Predict for every record of `inputs_path` (JSONL; needs `vocabulary`) or of `task`'s
+  `split` (the task's own vocabulary), and write `output_path`: JSONL, one line per input with
+  `prediction` added. The prompt is loaded as in `prompt-jax eval`."""
+  if bool(inputs_path) == bool(task):
+    raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
+                     f"MIXTURE_OR_TASK_NAME; got {inputs_path!r} and {task!r}")
+  shape_cfg = pipeline.DatasetConfig(
+      mixture_or_task_name=task or "(inputs file)", batch_size=batch_size, split=split,
+      task_feature_lengths={"inputs": input_length, "targets": max_decode_length},
+      shuffle=False, module=task_module)
+  if task:
+    provider = pipeline.get_task_or_mixture(task, task_module)
+    vocabulary = provider.output_features["inputs"].vocabulary
+    records = list(task_records(shape_cfg))
+  else:
+    if vocabulary is None:
+      raise ValueError("infer from INPUTS_PATH needs the model's VOCABULARY, got None")
+    records = read_jsonl(inputs_path)
+  trainer, frozen = evaluation.build_trainer(model, shape_cfg, initial_checkpoint_path,
+                                             optimizer, partitioner, trainable_pattern, seed)
+  prompt, step = evaluation.load_prompt_params(trainer, frozen, model_dir=model_dir,
+                                               prompt_path=prompt_path, step=step, seed=seed)
+  predictions = predict_texts(trainer, prompt, frozen, [r["inputs"] for r in records],
+                              vocabulary, input_length, max_decode_length)
+  count = write_jsonl((dict(r, prediction=p) for r, p in zip(records, predictions)),
+                      output_path)
+  print(f"wrote {count} predictions (prompt at step {step}) to {output_path}", flush=True)
+  return {"output_path": output_path, "count": count, "step": step}

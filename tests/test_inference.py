@@ -1,0 +1,123 @@
+"""`prompt-jax infer`: JSONL in, JSONL with predictions out; the same predictions as decoding
+in-process; task splits on mock GLUE data; truncation is logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+import tasks  # noqa: F401  (registers the GLUE tasks)
+from prompt_jax import evaluation, inference
+from prompt_jax.data import pipeline
+from prompt_jax.models import t5
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.prompts import initializers
+from prompt_jax.prompts.base import InputPrompt
+from prompt_jax.prompts.plain import Prompt
+from tests.conftest import GIN_CONFIGS, REPO_ROOT
+from tests.test_tasks_glue import mock_glue
+
+DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
+PROMPT_LENGTH = 4
+
+
+def _model():
+  return EncoderDecoderModel(t5.Transformer(
+      t5.preset("tiny"), InputPrompt(Prompt(PROMPT_LENGTH, initializers.uniform()))))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("prompt") / "prompt_7.npy"
+  np.save(path, np.random.default_rng(0).uniform(-0.5, 0.5, (PROMPT_LENGTH, 64)))
+  return str(path)
+
+
+def test_encode_inputs_truncates_with_a_logged_count(caplog):
+  vocab = seqio.ByteVocabulary()
+  with caplog.at_level(logging.WARNING, logger="prompt_jax.inference"):
+    tokens = inference.encode_inputs(["ab", "abcdefgh"], vocab, 5)
+  np.testing.assert_array_equal(tokens, [[100, 101, 1, 0, 0], [100, 101, 102, 103, 1]])
+  assert "1 of 2 inputs are longer than 5 tokens" in caplog.text
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+  path = tmp_path / "in.jsonl"
+  path.write_text('{"inputs": "fine"}\n\n{"text": "no inputs"}\n')
+  with pytest.raises(ValueError, match=r"in.jsonl:3: expected a JSON object"):
+    inference.read_jsonl(str(path))
+
+
+def test_cli_infer_writes_the_in_process_predictions(tmp_path, prompt_file):
+  inputs = tmp_path / "in.jsonl"
+  texts = ["sentiment: the soup was awful", "topic: this film was truly wonderful", "x" * 80]
+  inputs.write_text("".join(json.dumps({"inputs": t, "id": i}) + "\n"
+                            for i, t in enumerate(texts)))
+  output = tmp_path / "out" / "predictions.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(
+      [sys.executable, "-m", "prompt_jax.cli", "infer", "--gin_file=models/t5_1_1_tiny.gin",
+       "--gin_file=prompts/uniform.gin", "--gin_file=runs/infer.gin",
+       f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", f"--gin.PROMPT_PATH='{prompt_file}'",
+       f"--gin.INITIAL_CHECKPOINT_PATH='{DEMO_CHECKPOINT}'", f"--gin.INPUTS_PATH='{inputs}'",
+       f"--gin.OUTPUT_PATH='{output}'", "--gin.INPUT_LENGTH=64", "--gin.MAX_DECODE_LENGTH=12",
+       "--gin.INFER_BATCH_SIZE=2"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "wrote 3 predictions (prompt at step 7)" in result.stdout
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [(r["id"], r["inputs"]) for r in lines] == list(enumerate(texts))
+
+  cfg = pipeline.DatasetConfig("(inputs)", {"inputs": 64, "targets": 12}, batch_size=2)
+  pt, frozen = evaluation.build_trainer(_model(), cfg, DEMO_CHECKPOINT)
+  prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
+  expected = inference.predict_texts(pt, prompt, frozen, texts, seqio.ByteVocabulary(), 64, 12)
+  assert [r["prediction"] for r in lines] == expected
+  # The shipped model was pretrained on "sentiment: ..." inputs.
+  assert expected[0] == "negative"
+
+
+def test_infer_on_a_mock_glue_split(tmp_path, prompt_file):
+  output = tmp_path / "sst2.jsonl"
+  with mock_glue(5):
+    result = inference.infer(model=_model(), output_path=str(output),
+                             initial_checkpoint_path=DEMO_CHECKPOINT,
+                             task="taskless_glue_sst2_v002_bytes", split="validation",
+                             input_length=64, max_decode_length=12, batch_size=4,
+                             prompt_path=prompt_file)
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  assert result["count"] == len(lines) == 5
+  for line in lines:
+    assert set(line) == {"inputs", "targets", "prediction"}
+    assert line["inputs"].startswith("sentence: ")
+    assert line["targets"] in ("negative", "positive")
+
+
+def test_infer_needs_exactly_one_source():
+  with pytest.raises(ValueError, match="exactly one of INPUTS_PATH"):
+    inference.infer(model=_model(), output_path="/tmp/unused.jsonl")
+
+
+def test_eval_gin_configures_run_evaluation():
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(GIN_CONFIGS))
+    gin.parse_config_files_and_bindings(
+        [str(GIN_CONFIGS / f) for f in ("models/t5_1_1_tiny.gin", "prompts/uniform.gin",
+                                        "runs/eval.gin")],
+        ["MIXTURE_OR_TASK_NAME = 'taskless_glue_rte_v002_rank'", "MODEL_DIR = '/tmp/run'"],
+        finalize_config=False)
+    assert gin.query_parameter("%MODEL_DIR") == "/tmp/run"
+    cfg = gin.get_configurable("eval/prompt_jax.data.pipeline.DatasetConfig")()
+    assert cfg.mixture_or_task_name == "taskless_glue_rte_v002_rank"
+    assert cfg.split == "validation" and not cfg.shuffle and cfg.module == "tasks"
+  finally:
+    gin.clear_config()
