@@ -1,0 +1,134 @@
+"""Deep (per-layer) prompts for the T5 encoder, P-tuning-v2 style.
+
+Layer 0 sees the input-level prompt that the child generator `prompt` places in the embedded
+input (exactly as `InputPrompt` does). Before every encoder layer l listed in `layers`, the hidden
+states at the prompt positions are *replaced* by a layer-specific prompt P_l [p, d]:
+
+    h_l[:, pos] = P_l                      for l in layers
+    h_l[:, pos] = layer_{l-1}(h_{l-1})[:, pos]   otherwise (the prompt propagates)
+
+where `pos` are the prompt positions (`prompt_positions(...)`, [b, p]). The frozen layers
+compute exactly as without prompts; only their inputs at the prompt positions change.
+
+Parameters (all under `encoder/prompt/`, so the default trainable pattern selects them):
+
+    prompt/prompt       [p, d]   the input prompt (layer 0), from the child generator
+    layers_{l}          [p, d]   the prompt inserted before encoder layer l, for l in `layers`
+
+Trainable parameters: p * d * (1 + len(layers)) for a plain input prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prompt_jax.prompts import initializers
+from prompt_jax.prompts.base import PLACEMENTS, insert_prompt, prompt_mask, prompt_positions
+
+Array = jax.Array
+
+
+def replace_at_positions(hidden: Array, values: Array, positions: Array) -> Array:
+  """hidden [b, l, d] with rows `positions` [b, p] set to `values` [b, p, d]."""
+  return jax.vmap(lambda h, v, pos: h.at[pos].set(v.astype(h.dtype)))(hidden, values, positions)
+
+
+def gather_positions(hidden: Array, positions: Array) -> Array:
+  """hidden [b, l, d], positions [b, p] -> [b, p, d]."""
+  return jnp.take_along_axis(hidden, positions[..., None], axis=1)
+
+
+def check_layers(name: str, layers: Optional[Sequence[int]]) -> None:
+  """Layer lists must hold distinct integers >= 1 (layer 0's prompt is the input prompt)."""
+  if layers is None:
+    return
+  layers = list(layers)
+  for layer in layers:
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+      raise ValueError(f"{name} must hold encoder layer indices >= 1 (layer 0's prompt is the "
+                       f"input prompt), got {layer!r} in {layers}")
+  if len(set(layers)) != len(layers):
+    raise ValueError(f"{name} has repeated layers: {layers}")
+
+
+class InputLevelHook(nn.Module):
+  """Shared input-level part of the deep hooks: the layer-0 prompt and the mask.
+
+  Subclasses add `layer_inputs`. Attributes: `prompt` (a generator, see `prompts.base`) and
+  `placement`.
+  """
+
+  prompt: nn.Module
+  placement: str = "prefix"
+
+  def __post_init__(self):
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"{type(self).__name__}.placement must be one of {PLACEMENTS}, "
+                       f"got {self.placement!r}")
+    super().__post_init__()
+
+  @property
+  def length(self) -> int:
+    return int(self.prompt.length)
+
+  def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array,
+               prompt_ids: Array | None = None):
+    """-> (embedded [b, p + l, d], mask [b, p + l]); the layer-0 prompt."""
+    if prompt_ids is not None:
+      raise ValueError(f"{type(self).__name__} holds one prompt; prompt_ids need a prompt bank")
+    prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
+    embedded = insert_prompt(prompt.astype(embedded_inputs.dtype), embedded_inputs, input_tokens,
+                             self.placement)
+    return embedded, prompt_mask(input_tokens, self.length, self.placement)
+
+  def input_mask(self, input_tokens: Array) -> Array:
+    return prompt_mask(input_tokens, self.length, self.placement)
+
+  def positions(self, input_tokens: Array) -> Array:
+    """[b, p] indices of the prompt positions in the encoder sequence."""
+    return prompt_positions(input_tokens, self.length, self.placement)
+
+
+class DeepPrompt(InputLevelHook):
+  """Input prompt plus a free prompt replacing the prompt states before each layer in `layers`.
+
+  Attributes:
+    prompt: the input-level generator (e.g. `plain.Prompt`); its length is the prompt length.
+    layers: encoder layers (>= 1) that get their own prompt, e.g. [1, 2, 3]; from gin.
+    placement: 'prefix', 'prefix_after_bos' or 'suffix'.
+    layer_init_fn: initialiser of the layer prompts (it receives no embedding table: the
+      hidden states of deep layers do not live in the embedding space).
+  """
+
+  layers: Sequence[int] = ()
+  layer_init_fn: Callable = initializers.uniform()
+
+  def __post_init__(self):
+    check_layers("DeepPrompt.layers", self.layers)
+    object.__setattr__(self, "layers", tuple(self.layers))
+    super().__post_init__()
+
+  @nn.compact
+  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array) -> Array:
+    """Before encoder layer `layer`: hidden [b, l', d] -> hidden with the layer's prompt."""
+    if layer not in self.layers:
+      return hidden
+    layer_prompt = self.param(
+        f"layers_{layer}",
+        nn.with_logical_partitioning(
+            lambda rng, shape: self.layer_init_fn(rng, shape, None), ("prompt", "prompt_embed")),
+        (self.length, hidden.shape[-1]))
+    values = jnp.broadcast_to(layer_prompt, (hidden.shape[0],) + layer_prompt.shape)
+    return replace_at_positions(hidden, values, self.positions(input_tokens))
+
+  def export(self, embedding_table: Array) -> Optional[Array]:
+    """A single [p, d] input prompt only when no layer has its own prompt; None otherwise."""
+    if self.layers:
+      return None
+    tokens = jnp.ones((1, 1), jnp.int32)
+    embedded = jnp.zeros((1, 1, embedding_table.shape[-1]), embedding_table.dtype)
+    return self.prompt(tokens, embedded, embedding_table)[0]

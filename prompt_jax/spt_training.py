@@ -1,0 +1,361 @@
+"""SPT in one run: gate search, top-K layer selection, re-training of the kept layers.
+
+Phase 1, search (MODEL_DIR/search): the model's hook is a `prompts.spt.SelectivePrompt` with a
+gate logit g_l and a generator at every candidate layer. The trainable tree is split into the
+gates G = {g_l} (paths matching `spt.GATE_PATTERN`) and the weights W (input prompt and
+generators), each with its own optax optimizer and state.
+
+  search_mode='darts' (SPT-DARTS, bi-level, first-order DARTS):
+      min_G  L_heldout(W*(G), G)   s.t.  W*(G) = argmin_W L_train(W, G)
+    approximated by alternating, at every step t,
+      W <- W - opt_W(dL_train(W, G) / dW)        on a batch of the training part
+      G <- G - opt_G(dL_heldout(W, G) / dG)      on a batch of the held-out part
+    The held-out part is the fraction `held_out_fraction` of the *training split*, chosen by a
+    hash of each example's input tokens (a fixed partition, the same in every epoch).
+  search_mode='joint' (plain SPT): one step updates W with opt_W and G with opt_G from the
+    gradients of the same training batch.
+
+  Re-parameterisation: gates are trained as logits g_l, a_l = sigmoid(g_l); the mix
+  h = prop + a_l (new_l - prop) gives dL/dg_l = a_l (1 - a_l) <dL/dh, new_l - prop_l>. The
+  inner product grows with the hidden-state scale of layer l (T5's residual stream grows with
+  depth), so the gate optimizer is Adam (`gate_adam`), whose per-parameter normalisation makes
+  each gate's step size independent of that scale; the weights keep prompt tuning's Adafactor
+  (input prompt) and Adam for the generators (`spt_optimizer`).
+
+Selection: after `search_steps`, a_l are read, the top K (`num_layers_to_keep`, ties broken by
+the lower layer index) are kept (`spt.select_layers`); MODEL_DIR/search/selection.json records
+the gates and the choice, and a rerun skips the finished search.
+
+Phase 2, re-train (MODEL_DIR/retrain): a fresh `SelectivePrompt(hard=True, layers=kept)` (no
+gates; a_l = 1 at kept layers, 0 elsewhere) is prompt-tuned by `trainer.train` for
+`train_steps` steps, with its checkpoints, evaluation and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+
+from prompt_jax import checkpoints, trainer
+from prompt_jax import params as params_lib
+from prompt_jax.data import pipeline
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.partitioning import Partitioner
+from prompt_jax.prompts import spt
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+SEARCH_MODES = ("darts", "joint")
+_HASH_BUCKETS = 10000
+
+
+# ------------------------------------------------------------------------------- optimizers
+
+
+def gate_adam(learning_rate: float = 0.05, b1: float = 0.5, b2: float = 0.999
+              ) -> optax.GradientTransformation:
+  """The gate optimizer: Adam with DARTS's betas (0.5, 0.999)."""
+  return optax.adam(learning_rate, b1=b1, b2=b2)
+
+
+def spt_optimizer(prompt_learning_rate: float = 0.3, generator_learning_rate: float = 3e-3
+                  ) -> optax.GradientTransformation:
+  """Weights optimizer: prompt tuning's Adafactor for free prompts, Adam for the generators."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "generator" if any(getattr(k, "key", None) == "generator" for k in path)
+        else "prompt", params)
+  return optax.multi_transform({"prompt": trainer.adafactor(prompt_learning_rate),
+                                "generator": optax.adam(generator_learning_rate)}, labels)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def held_out_filter(fraction: float, held_out: bool) -> Callable[[dict], tf.Tensor]:
+  """tf.data predicate: is this example in the held-out (or in the training) part?"""
+  threshold = int(round(fraction * _HASH_BUCKETS))
+
+  def predicate(example):
+    key = tf.strings.reduce_join(tf.strings.as_string(example["encoder_input_tokens"]),
+                                 separator=" ")
+    in_held_out = tf.strings.to_hash_bucket_fast(key, _HASH_BUCKETS) < threshold
+    return in_held_out if held_out else tf.logical_not(in_held_out)
+  return predicate
+
+
+def split_batches(cfg: pipeline.DatasetConfig, fraction: float, held_out: bool, *,
+                  start_step: int = 0, shard_id: int = 0, num_shards: int = 1
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless batches of one part of the training split (held-out or the rest)."""
+  ds = pipeline.get_dataset(cfg, shard_id=shard_id, num_shards=num_shards, num_epochs=None)
+  ds = ds.unbatch().filter(held_out_filter(fraction, held_out))
+  ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=True)
+  if start_step:
+    ds = ds.skip(start_step)
+  for batch in ds.as_numpy_iterator():
+    yield {k: v.astype(np.int32) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------ steps
+
+
+@flax.struct.dataclass
+class SearchState:
+  """The search phase's trainable state: weights W and gates G, each with its optimizer state."""
+
+  step: Array
+  weights: Any
+  gates: Any
+  weight_opt_state: Any
+  gate_opt_state: Any
+
+
+class SptSearch:
+  """Jitted search steps for a `SelectivePrompt` model (frozen loading reuses `PromptTrainer`).
+
+  `weight_step` differentiates the loss w.r.t. W only and `gate_step` w.r.t. G only, so the
+  gates receive gradients only in the gate optimizer's phase; `joint_step` updates both.
+  """
+
+  def __init__(self, model: EncoderDecoderModel, weight_optimizer: optax.GradientTransformation,
+               gate_optimizer: optax.GradientTransformation, partitioner: Partitioner,
+               input_length: int, target_length: int, batch_size: int):
+    hook = model.module.prompt
+    if not isinstance(hook, spt.SelectivePrompt) or hook.hard:
+      raise ValueError("the SPT search needs the model's prompt to be a "
+                       f"spt.SelectivePrompt with hard=False, got {type(hook).__name__}"
+                       + (" with hard=True" if getattr(hook, "hard", False) else ""))
+    self.model = model
+    self.weight_optimizer = weight_optimizer
+    self.gate_optimizer = gate_optimizer
+    self.partitioner = partitioner
+    self.base = trainer.PromptTrainer(model, weight_optimizer, partitioner, input_length,
+                                      target_length, batch_size)
+    gates, _ = params_lib.split_params(self.base.abstract_prompt, spt.GATE_PATTERN)
+    if not gates:
+      raise ValueError("the SelectivePrompt model has no gated layer (check "
+                       "SelectivePrompt.layers and the number of encoder layers)")
+    self.weight_step = jax.jit(self._weight_step, donate_argnums=(0,))
+    self.gate_step = jax.jit(self._gate_step, donate_argnums=(0,))
+    self.joint_step = jax.jit(self._joint_step, donate_argnums=(0,))
+
+  def load_frozen_params(self, path: str):
+    return self.base.load_frozen_params(path)
+
+  def random_frozen_params(self, rng: Array):
+    return self.base.random_frozen_params(rng)
+
+  def init_state(self, frozen_params, rng: Array) -> SearchState:
+    prompt = self.base.init_state(frozen_params, rng).prompt_params
+    gates, weights = params_lib.split_params(prompt, spt.GATE_PATTERN)
+    return SearchState(step=jnp.array(0, jnp.int32), weights=weights, gates=gates,
+                       weight_opt_state=self.weight_optimizer.init(weights),
+                       gate_opt_state=self.gate_optimizer.init(gates))
+
+  def abstract_state(self) -> SearchState:
+    gates, weights = params_lib.split_params(self.base.abstract_prompt, spt.GATE_PATTERN)
+    shapes = jax.eval_shape(lambda w, g: SearchState(
+        step=jnp.array(0, jnp.int32), weights=w, gates=g,
+        weight_opt_state=self.weight_optimizer.init(w),
+        gate_opt_state=self.gate_optimizer.init(g)), weights, gates)
+    replicated = self.partitioner.replicated()  # prompt axes are replicated by the rules
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+  def prompt_params(self, state: SearchState):
+    return params_lib.merge_params(state.weights, state.gates)
+
+  def loss(self, weights, gates, frozen_params, batch, dropout_rng):
+    params = params_lib.merge_params(params_lib.merge_params(weights, gates), frozen_params)
+    with self.partitioner.axis_rules():
+      return self.model.loss_fn(params, batch, dropout_rng)
+
+  def _weight_step(self, state: SearchState, frozen_params, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state.weights, state.gates, frozen_params, batch, rng)
+    updates, opt_state = self.weight_optimizer.update(grads, state.weight_opt_state,
+                                                      state.weights)
+    return state.replace(step=state.step + 1, weights=optax.apply_updates(state.weights, updates),
+                         weight_opt_state=opt_state), dict(metrics,
+                                                           grad_norm=optax.global_norm(grads))
+
+  def _gate_step(self, state: SearchState, frozen_params, batch):
+    grad_fn = jax.value_and_grad(lambda g: self.loss(state.weights, g, frozen_params, batch,
+                                                     None), has_aux=True)
+    (_, metrics), grads = grad_fn(state.gates)
+    updates, opt_state = self.gate_optimizer.update(grads, state.gate_opt_state, state.gates)
+    return state.replace(gates=optax.apply_updates(state.gates, updates),
+                         gate_opt_state=opt_state), dict(metrics,
+                                                         gate_grad_norm=optax.global_norm(grads))
+
+  def _joint_step(self, state: SearchState, frozen_params, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (_, metrics), (w_grads, g_grads) = jax.value_and_grad(self.loss, argnums=(0, 1),
+                                                          has_aux=True)(
+        state.weights, state.gates, frozen_params, batch, rng)
+    w_updates, w_opt = self.weight_optimizer.update(w_grads, state.weight_opt_state,
+                                                    state.weights)
+    g_updates, g_opt = self.gate_optimizer.update(g_grads, state.gate_opt_state, state.gates)
+    return state.replace(step=state.step + 1,
+                         weights=optax.apply_updates(state.weights, w_updates),
+                         gates=optax.apply_updates(state.gates, g_updates),
+                         weight_opt_state=w_opt, gate_opt_state=g_opt), dict(
+                             metrics, grad_norm=optax.global_norm(w_grads),
+                             gate_grad_norm=optax.global_norm(g_grads))
+
+  def shard_batch(self, batch):
+    return self.base.shard_batch(batch)
+
+
+# ------------------------------------------------------------------------------------ phases
+
+
+def run_search(search: SptSearch, frozen_params, *, directory: str, steps: int,
+               train_dataset_cfg: pipeline.DatasetConfig, search_mode: str,
+               held_out_fraction: float, checkpoint_every_steps: int, log_every_steps: int,
+               seed: int) -> dict[int, float]:
+  """Phase 1; checkpoints in `directory`, resumes from its latest one. Returns {layer: a_l}."""
+  manager = checkpoints.PromptCheckpointManager(directory, checkpoint_every_steps, keep=2)
+  rng = jax.random.key(seed)
+  init_rng, step_rng = jax.random.split(rng)
+  start = manager.latest_step() or 0
+  if start:
+    state, _ = manager.restore(start, search.abstract_state())
+    print(f"SPT search: resumed from {manager.directory} at step {start}", flush=True)
+  else:
+    state = search.init_state(frozen_params, init_rng)
+  shard = dict(shard_id=jax.process_index(), num_shards=jax.process_count())
+  if search_mode == "darts":
+    weight_batches = split_batches(train_dataset_cfg, held_out_fraction, False,
+                                   start_step=start, **shard)
+    gate_batches = split_batches(train_dataset_cfg, held_out_fraction, True, start_step=start,
+                                 **shard)
+  else:
+    weight_batches = pipeline.iterate_batches(train_dataset_cfg, start_step=start, **shard)
+  writer = trainer.MetricWriter(directory, "train")
+  metrics = {}
+  for step in range(start + 1, steps + 1):
+    if search_mode == "darts":
+      state, metrics = search.weight_step(state, frozen_params,
+                                          search.shard_batch(next(weight_batches)), step_rng)
+      state, gate_metrics = search.gate_step(state, frozen_params,
+                                             search.shard_batch(next(gate_batches)))
+      metrics = dict(metrics, held_out_loss=gate_metrics["loss"],
+                     gate_grad_norm=gate_metrics["gate_grad_norm"])
+    else:
+      state, metrics = search.joint_step(state, frozen_params,
+                                         search.shard_batch(next(weight_batches)), step_rng)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise trainer.TrainingDivergedError(f"SPT search loss became {loss} at step {step}")
+    if step % log_every_steps == 0 or step == steps:
+      gates = spt.gate_values(state.gates)
+      values = {k: float(v) for k, v in metrics.items()}
+      values.update({f"gate/layer_{layer}": a for layer, a in gates.items()})
+      writer.write(step, values)
+      print(f"SPT search step {step}: loss {loss:.4f}, gates "
+            + " ".join(f"{layer}:{a:.3f}" for layer, a in gates.items()), flush=True)
+    if step % checkpoint_every_steps == 0 or step == steps:
+      manager.save(step, state, {"data_position": step, "search_mode": search_mode}, force=True)
+  writer.close()
+  manager.close()
+  return spt.gate_values(state.gates)
+
+
+def retrain_model(model: EncoderDecoderModel, layers) -> EncoderDecoderModel:
+  """The search model with its hook replaced by hard gates at `layers` (no gate parameters)."""
+  hook = model.module.prompt.clone(layers=tuple(layers), hard=True)
+  return dataclasses.replace(model, module=model.module.clone(prompt=hook))
+
+
+def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_steps: int,
+              train_steps: int, num_layers_to_keep: int,
+              train_dataset_cfg: pipeline.DatasetConfig,
+              eval_dataset_cfg: Optional[pipeline.DatasetConfig] = None,
+              initial_checkpoint_path: Optional[str] = None,
+              optimizer: Optional[optax.GradientTransformation] = None,
+              gate_optimizer: Optional[optax.GradientTransformation] = None,
+              search_mode: str = "darts", held_out_fraction: float = 0.2,
+              partitioner: Optional[Partitioner] = None, checkpoint_every_steps: int = 1000,
+              keep_checkpoints: Optional[int] = 3, eval_every_steps: int = 0,
+              eval_at_start: bool = True, log_every_steps: int = 10,
+              max_decode_length: Optional[int] = None, seed: int = 0,
+              evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
+  """Search (MODEL_DIR/search), select the top-K layers, re-train them (MODEL_DIR/retrain).
+
+  Returns `trainer.train`'s summary of the re-train phase plus `gates` and `selected_layers`.
+  """
+  if not model_dir:
+    raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+  if search_mode not in SEARCH_MODES:
+    raise ValueError(f"SPT search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
+  if search_mode == "darts" and not 0.0 < held_out_fraction < 1.0:
+    raise ValueError(f"SPT held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
+  if search_steps < 1:
+    raise ValueError(f"SPT search_steps must be >= 1, got {search_steps}")
+  optimizer = optimizer or spt_optimizer()
+  gate_optimizer = gate_optimizer or gate_adam()
+  partitioner = partitioner or Partitioner()
+  lengths = train_dataset_cfg.task_feature_lengths
+  search_dir = os.path.join(model_dir, "search")
+  selection_path = os.path.join(search_dir, "selection.json")
+
+  if os.path.exists(selection_path):
+    with open(selection_path) as f:
+      selection = json.load(f)
+    gates = {int(k): v for k, v in selection["gates"].items()}
+    selected = tuple(selection["selected_layers"])
+    print(f"SPT search already finished ({selection_path}); re-training", flush=True)
+  else:
+    search = SptSearch(model, optimizer, gate_optimizer, partitioner, lengths["inputs"],
+                       lengths["targets"], train_dataset_cfg.batch_size)
+    counts = search.base.param_counts()
+    print(f"SPT search ({search_mode}): {counts['trainable']:,} trainable parameters "
+          f"(prompt, generators, gates), {counts['frozen']:,} frozen", flush=True)
+    frozen_rng = jax.random.fold_in(jax.random.key(seed), 1)
+    frozen_params = (search.load_frozen_params(initial_checkpoint_path)
+                     if initial_checkpoint_path else search.random_frozen_params(frozen_rng))
+    gates = run_search(search, frozen_params, directory=search_dir, steps=search_steps,
+                       train_dataset_cfg=train_dataset_cfg, search_mode=search_mode,
+                       held_out_fraction=held_out_fraction,
+                       checkpoint_every_steps=checkpoint_every_steps,
+                       log_every_steps=log_every_steps, seed=seed)
+    selected = spt.select_layers(gates, num_layers_to_keep)
+    if jax.process_index() == 0:
+      with open(selection_path, "w") as f:
+        json.dump({"gates": gates, "selected_layers": list(selected), "k": num_layers_to_keep,
+                   "search_mode": search_mode, "search_steps": search_steps}, f, indent=2)
+    del frozen_params, search
+  print("SPT gate values a_l: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in gates.items()),
+        flush=True)
+  print(f"SPT selected layers (K={num_layers_to_keep}): {list(selected)}", flush=True)
+
+  summary = trainer.train(
+      model=retrain_model(model, selected), model_dir=os.path.join(model_dir, "retrain"),
+      train_steps=train_steps, train_dataset_cfg=train_dataset_cfg,
+      eval_dataset_cfg=eval_dataset_cfg, initial_checkpoint_path=initial_checkpoint_path,
+      optimizer=optimizer, partitioner=partitioner,
+      checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
+      eval_every_steps=eval_every_steps, eval_at_start=eval_at_start,
+      log_every_steps=log_every_steps, max_decode_length=max_decode_length, seed=seed,
+      evaluate_fn=evaluate_fn)
+  summary = dict(summary, gates=gates, selected_layers=list(selected),
+                 model_dir=os.path.abspath(model_dir))
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary

@@ -1,0 +1,120 @@
+"""AdamW with path-masked weight decay, checked against a NumPy AdamW, and its gin bindings."""
+
+from __future__ import annotations
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from prompt_jax import optimizers
+from tests.conftest import GIN_CONFIGS
+
+
+def _superpos_tree(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"encoder": {"prompt": {"prompt": {
+      "coefficients": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+      "embeddings": jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)}}}}
+
+
+def _leaves(tree):
+  node = tree["encoder"]["prompt"]["prompt"]
+  return np.asarray(node["coefficients"]), np.asarray(node["embeddings"])
+
+
+def test_with_zero_gradient_only_the_coefficients_move():
+  params = _superpos_tree()
+  lr, wd = 0.1, 0.5
+  opt = optimizers.adamw(lr, wd, weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN)
+  state = opt.init(params)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  current = params
+  for _ in range(3):
+    updates, state = opt.update(zeros, state, current)
+    current = optax.apply_updates(current, updates)
+  c0, e0 = _leaves(params)
+  c3, e3 = _leaves(current)
+  np.testing.assert_array_equal(e3, e0)
+  np.testing.assert_allclose(c3, c0 * (1 - lr * wd) ** 3, rtol=1e-6)
+
+
+def _numpy_adamw(params, grads_seq, lr, wd, decay, b1=0.9, b2=0.999, eps=1e-8):
+  p = {k: v.astype(np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for t, grads in enumerate(grads_seq, start=1):
+    for k in p:
+      m[k] = b1 * m[k] + (1 - b1) * grads[k]
+      v[k] = b2 * v[k] + (1 - b2) * grads[k] ** 2
+      step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      p[k] = p[k] - lr * (step + (wd * p[k] if decay[k] else 0.0))
+  return p
+
+
+def test_matches_a_numpy_adamw_with_the_decay_mask():
+  params = _superpos_tree()
+  rng = np.random.default_rng(1)
+  grads_seq = [{"coefficients": rng.normal(size=(3, 5)), "embeddings": rng.normal(size=(3, 5, 4))}
+               for _ in range(4)]
+  opt = optimizers.adamw(0.05, 0.2, weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN)
+  state, current = opt.init(params), params
+  for grads in grads_seq:
+    tree = {"encoder": {"prompt": {"prompt": {k: jnp.asarray(v, jnp.float32)
+                                              for k, v in grads.items()}}}}
+    updates, state = opt.update(tree, state, current)
+    current = optax.apply_updates(current, updates)
+  c, e = _leaves(params)
+  expected = _numpy_adamw({"coefficients": c, "embeddings": e}, grads_seq, 0.05, 0.2,
+                          {"coefficients": True, "embeddings": False})
+  got_c, got_e = _leaves(current)
+  # float32 vs float64: agreement to 1e-5; a wrong mask would be off by lr * wd * |p| ~ 1e-2
+  np.testing.assert_allclose(got_c, expected["coefficients"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_e, expected["embeddings"], rtol=1e-5, atol=1e-5)
+
+
+def test_clipping_scales_the_gradient_before_adam():
+  params = _superpos_tree()
+  grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 10.0), params)
+  norm = float(optax.global_norm(grads))
+  clipped = optimizers.adamw(0.1, 0.0, clipping_threshold=1.0, eps=1.0)
+  plain = optimizers.adamw(0.1, 0.0, eps=1.0)
+  scaled = jax.tree_util.tree_map(lambda g: g / norm, grads)
+  u_clipped, _ = clipped.update(grads, clipped.init(params), params)
+  u_plain, _ = plain.update(scaled, plain.init(params), params)
+  for a, b in zip(jax.tree_util.tree_leaves(u_clipped), jax.tree_util.tree_leaves(u_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_a_pattern_that_matches_nothing_is_an_error():
+  opt = optimizers.adamw(weight_decay_pattern="coeficients")
+  with pytest.raises(ValueError, match="weight_decay_pattern 'coeficients' matches no trainable "
+                                       "parameter.*encoder/prompt/prompt/coefficients"):
+    opt.init(_superpos_tree())
+  with pytest.raises(ValueError, match="is not a valid regex"):
+    optimizers.adamw(weight_decay_pattern="(")
+  with pytest.raises(ValueError, match="adamw learning_rate must be > 0, got 0"):
+    optimizers.adamw(learning_rate=0)
+
+
+@pytest.mark.parametrize("prompt_file,lr,decays_embeddings", [("superpos", 0.01, False),
+                                                              ("residual", 0.3, True)])
+def test_gin_prompt_files_bind_the_papers_adamw(prompt_file, lr, decays_embeddings):
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(GIN_CONFIGS))
+    gin.parse_config_files_and_bindings([str(GIN_CONFIGS / "prompts" / f"{prompt_file}.gin")],
+                                        [], finalize_config=False)
+    opt = gin.get_configurable(optimizers.adamw)()
+  finally:
+    gin.clear_config()
+  params = _superpos_tree()
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = opt.update(zeros, opt.init(params), params)
+  c, e = _leaves(params)
+  u_c, u_e = _leaves(updates)
+  # with a zero gradient the update is exactly the decoupled decay -lr * 1e-5 * param
+  np.testing.assert_allclose(u_c, -lr * 1e-5 * c, rtol=1e-5)
+  np.testing.assert_allclose(u_e, -lr * 1e-5 * e if decays_embeddings else 0.0 * e, rtol=1e-5)
