@@ -1,0 +1,104 @@
+"""`prompt-jax sweep`: a 2x2 grid on the tiny demo model, end to end, resumed, collected."""
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+
+from prompt_jax import sweep
+
+# sweeps/tiny_demo.gin: tiny model x 1 method x {random, class_label} x prompt lengths {2, 10}.
+CELL_BINDINGS = ["--cell_binding=TRAIN_STEPS = 2",
+                 "--cell_binding=trainer.train.log_every_steps = 1",
+                 "--cell_binding=trainer.train.eval_at_start = False"]
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """Cells with equal shapes reuse compiled steps (halves this test's time)."""
+  import jax
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def test_expand_orders_files_and_bindings(tmp_path):
+  cfg = sweep.SweepConfig(
+      name="t", sweep_dir=str(tmp_path), base_gin_files=["runs/base.gin"],
+      sizes={"s": {"gin_files": ["models/s.gin"], "bindings": ["A = 1"]}},
+      methods={"m": {"gin_files": ["prompts/m.gin"]}},
+      initializers={"i": {"gin_files": ["init.gin"], "bindings": ["B = 2"]}},
+      prompt_lengths=[5, 20], learning_rates=[0.3], seeds=[0, 1], bindings=["C = 3"])
+  cells = sweep.expand(cfg)
+  assert [c.name for c in cells] == ["s-m-i-len5-lr0.3-seed0", "s-m-i-len5-lr0.3-seed1",
+                                     "s-m-i-len20-lr0.3-seed0", "s-m-i-len20-lr0.3-seed1"]
+  last = cells[-1]
+  assert last.gin_files == ("models/s.gin", "prompts/m.gin", "init.gin", "runs/base.gin")
+  model_dir = os.path.join(str(tmp_path), last.name)
+  assert last.bindings == ("C = 3", "A = 1", "B = 2", "PROMPT_LENGTH = 20",
+                           "LEARNING_RATE = 0.3", "SEED = 1", f"MODEL_DIR = {model_dir!r}")
+  excluded = dataclasses.replace(cfg, exclude=[{"prompt_length": 5, "seed": 1}])
+  assert [c.name for c in sweep.expand(excluded)] == [
+      "s-m-i-len5-lr0.3-seed0", "s-m-i-len20-lr0.3-seed0", "s-m-i-len20-lr0.3-seed1"]
+  with pytest.raises(ValueError, match="SweepConfig.seeds must not be empty"):
+    sweep.SweepConfig(name="t", sweep_dir="x", base_gin_files=[], sizes=cfg.sizes,
+                      methods=cfg.methods, initializers=cfg.initializers, seeds=[])
+
+
+def test_commands_mode_writes_one_line_per_cell(tmp_path):
+  argv = ["--gin_file=sweeps/lester_scale.gin", f"--sweep_dir={tmp_path}", "--mode=commands"]
+  assert sweep.main(argv) == 0
+  lines = (tmp_path / "commands.sh").read_text().splitlines()
+  jobs = [line for line in lines if "prompt-jax train" in line]
+  assert len(jobs) == 5 * (5 * 3 - 1)  # sizes x (lengths x inits - excluded class_label len 1)
+  assert all("gcloud compute tpus tpu-vm ssh" in j for j in jobs)
+  assert any("models/t5_1_1_lm_adapted_xxl.gin" in j and "PROMPT_LENGTH = 150" in j
+             for j in jobs)
+  rows = _read_csv(tmp_path / "results.csv")
+  assert len(rows) == 70 and {r["status"] for r in rows} == {"pending"}
+  assert {r["parameters"] for r in rows if r["size"] == "xxl"} == {"11135332352"}
+
+
+def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
+  argv = ["--gin_file=sweeps/tiny_demo.gin", f"--sweep_dir={tmp_path}", "--stop_on_error",
+          *CELL_BINDINGS]
+  assert sweep.main(argv) == 0
+  rows = _read_csv(tmp_path / "results.csv")
+  assert len(rows) == 4
+  configured = {(r["initializer"], int(r["prompt_length"])) for r in rows}
+  assert configured == {("random", 2), ("random", 10), ("class_label", 2), ("class_label", 10)}
+  for r in rows:
+    assert r["status"] == "finished" and r["size"] == "tiny" and r["method"] == "prompt_tuning"
+    assert float(r["learning_rate"]) == 0.3 and int(r["seed"]) == 0 and int(r["steps"]) == 2
+    assert int(r["parameters"]) == 246_784  # the tiny T5 1.1, counted from its config
+    summary = json.loads((tmp_path / r["cell"] / "summary.json").read_text())
+    assert float(r["score"]) == pytest.approx(summary["eval_trained"]["accuracy"])
+    assert 0.0 <= float(r["score"]) <= 100.0
+  for png in ("score_vs_parameters.png", "score_vs_prompt_length.png",
+              "score_vs_initializer.png"):
+    assert (tmp_path / png).stat().st_size > 1000
+
+  # Delete one cell: only that cell runs again.
+  deleted = rows[2]["cell"]
+  shutil.rmtree(tmp_path / deleted)
+  mtimes = {r["cell"]: os.path.getmtime(tmp_path / r["cell"] / "summary.json")
+            for r in rows if r["cell"] != deleted}
+  assert sweep.main(argv) == 0
+  rows_again = _read_csv(tmp_path / "results.csv")
+  assert [r["cell"] for r in rows_again] == [r["cell"] for r in rows]
+  assert all(r["status"] == "finished" for r in rows_again)
+  assert (tmp_path / deleted / "summary.json").exists()
+  for cell, mtime in mtimes.items():
+    assert os.path.getmtime(tmp_path / cell / "summary.json") == mtime
