@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("prompt_jax.plan", "main", "argv"),
     "convert": ("prompt_jax.interop.convert", "main", "argv"),
     "export-prompt": ("prompt_jax.export", "main", "argv"),
+    "infer-multitask": ("prompt_jax.multitask", "main", "argv"),
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
@@ -110,10 +111,27 @@ def run_gin_command(function: Callable, argv: Sequence[str]):
       model_dir = None
     if not model_dir:
       raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
-  result = gin.get_configurable(function)()
+  result = gin.get_configurable(train_function_override(function))()
   if isinstance(result, dict):
     print_summary(result)
   return result
+
+
+def train_function_override(function: Callable) -> Callable:
+  """For `train`: the function bound to the gin macro TRAIN_FN when the config defines one
+  (e.g. `TRAIN_FN = @spt_training.train_spt`), else `function` itself."""
+  import gin  # pylint: disable=g-import-not-at-top
+  if function.__name__ != "train":
+    return function
+  try:
+    reference = gin.query_parameter("%TRAIN_FN")
+  except ValueError:
+    return function
+  configurable = getattr(reference, "configurable", None)
+  if configurable is None:
+    raise ValueError(f"TRAIN_FN must be a function reference such as "
+                     f"@spt_training.train_spt, got {reference!r}")
+  return configurable.wrapped
 
 
 def print_summary(summary: dict) -> None:
@@ -137,11 +155,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "  gin commands take --gin_file=..., --gin.NAME=VALUE, --gin_search_paths=...")
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
+  if command == "infer" and rest and not any(a.startswith("--gin") for a in rest):
+    # `prompt-jax infer --inputs=x.jsonl --prompt=task=path ...` serves several tasks, each with
+    # its own prompt, in mixed batches; with gin flags it is single-task inference.
+    command = "infer-multitask"
   if command not in COMMANDS:
     print(f"error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}",
           file=sys.stderr)
     return 2
   try:
+    from prompt_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.maybe_initialize()  # multi-host runs: before anything touches the devices
     function, kind = _load(command)
     if kind == "gin":
       run_gin_command(function, rest)

@@ -36,6 +36,8 @@ STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("prompt", None),
     ("prompt_embed", None),
     ("prompts", None),
+    ("superpos_basis", None),
+    ("prompt_mlp", None),
 )
 
 

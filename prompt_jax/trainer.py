@@ -64,12 +64,22 @@ class PromptTrainer:
     partitioner: mesh and logical axis rules.
     input_length, target_length, batch_size: the compiled (global) batch shape.
     trainable_pattern: regex over '/'-joined parameter paths selecting the trainable leaves.
+    frozen_dtype: store the frozen parameters in this dtype (e.g. 'bfloat16', cast once when
+      they are loaded); None keeps float32. The prompt and its optimizer state stay float32.
   """
 
   def __init__(self, model: EncoderDecoderModel, optimizer: optax.GradientTransformation,
                partitioner: Partitioner, input_length: int, target_length: int,
-               batch_size: int, trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN):
+               batch_size: int, trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
+               frozen_dtype: Optional[str] = None):
     self.model = model
+    try:
+      self.frozen_dtype = None if frozen_dtype is None else jnp.dtype(frozen_dtype)
+    except TypeError as e:
+      raise ValueError(f"frozen_dtype must be a floating dtype name such as 'bfloat16' or None, "
+                       f"got {frozen_dtype!r}") from e
+    if self.frozen_dtype is not None and not jnp.issubdtype(self.frozen_dtype, jnp.floating):
+      raise ValueError(f"frozen_dtype must be a floating dtype, got {frozen_dtype!r}")
     self.optimizer = optimizer
     self.partitioner = partitioner
     self.trainable_pattern = trainable_pattern
@@ -85,7 +95,7 @@ class PromptTrainer:
     if not jax.tree_util.tree_leaves(boxed_trainable):
       raise ValueError(f"no parameter matches the trainable pattern {trainable_pattern!r}; "
                        "is a prompt configured?")
-    self.abstract_frozen = params_lib.unbox(boxed_frozen)
+    self.abstract_frozen = params_lib.unbox(boxed_frozen)  # float32, as checkpoints store them
     self.abstract_prompt = params_lib.unbox(boxed_trainable)
     self.frozen_shardings = partitioner.shardings_for(boxed_frozen)
     self.prompt_shardings = partitioner.shardings_for(boxed_trainable)
@@ -115,16 +125,34 @@ class PromptTrainer:
     def init(rng):
       with self.partitioner.axis_rules():
         boxed = self.model.init(rng, self.dummy_batch)
-      return params_lib.unbox(params_lib.split_params(boxed, self.trainable_pattern)[1])
+      frozen = params_lib.unbox(params_lib.split_params(boxed, self.trainable_pattern)[1])
+      return self.cast_frozen(frozen)
     return jax.jit(init, out_shardings=self.frozen_shardings)(rng)
+
+  def cast_frozen(self, frozen_params):
+    """Floating leaves -> `frozen_dtype` (identity when it is None); works on numpy and jax."""
+    if self.frozen_dtype is None:
+      return frozen_params
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(self.frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        frozen_params)
+
+  def frozen_structs(self):
+    """ShapeDtypeStructs of the frozen parameters as the steps see them (dtype and sharding)."""
+    def struct(s, sharding):
+      floating = jnp.issubdtype(s.dtype, jnp.floating)
+      dtype = self.frozen_dtype if floating and self.frozen_dtype is not None else s.dtype
+      return jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding)
+    return jax.tree_util.tree_map(struct, self.abstract_frozen, self.frozen_shardings)
 
   def load_frozen_params(self, path: str):
     """Frozen parameters from a checkpoint path, checked against the config and sharded."""
-    loaded = checkpoints.load_frozen_params(path, self.model.config, self.abstract_frozen)
+    loaded = checkpoints.load_frozen_params(path, self.model.config, self.frozen_structs(),
+                                            self.partitioner)
     flat_loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
     flat_want = flax.traverse_util.flatten_dict(self.abstract_frozen, sep="/")
     kept = flax.traverse_util.unflatten_dict({k: flat_loaded[k] for k in flat_want}, sep="/")
-    return checkpoints.device_put_tree(kept, self.frozen_shardings)
+    return checkpoints.device_put_tree(self.cast_frozen(kept), self.frozen_shardings)
 
   def init_state(self, frozen_params, rng: Array) -> TrainState:
     """Fresh prompt (its initialiser sees the frozen embedding) and optimizer state."""
@@ -132,6 +160,10 @@ class PromptTrainer:
       with self.partitioner.axis_rules():
         full = self.model.init_missing(rng, frozen_params, self.dummy_batch)
       prompt = params_lib.unbox(params_lib.split_params(full, self.trainable_pattern)[0])
+      # Initialisers reading a bf16 embedding table would give a bf16 prompt; it trains in fp32.
+      prompt = jax.tree_util.tree_map(
+          lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+          prompt)
       return TrainState(step=jnp.array(0, jnp.int32), prompt_params=prompt,
                         opt_state=self.optimizer.init(prompt))
     return jax.jit(init, in_shardings=(self.frozen_shardings, self.partitioner.replicated()),
@@ -238,8 +270,14 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
           checkpoint_every_steps: int = 1000, keep_checkpoints: Optional[int] = 3,
           eval_every_steps: int = 0, eval_at_start: bool = True, log_every_steps: int = 10,
           max_decode_length: Optional[int] = None, seed: int = 0,
-          evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
+          evaluate_fn: Optional[Callable] = None,
+          frozen_dtype: Optional[str] = None,
+          batch_transform: Optional[Callable[[dict], dict]] = None) -> dict[str, Any]:
   """Prompt-tune `model` for `train_steps` steps; resumes from MODEL_DIR's latest checkpoint.
+
+  `frozen_dtype='bfloat16'` stores the frozen model in bf16 (the prompt and optimizer stay fp32).
+  `batch_transform` maps each host-local numpy training batch before the step (e.g.
+  `ensemble.ReplicateAcrossPrompts`).
 
   Returns a summary: the final training metrics and, when `eval_dataset_cfg` is set, the
   validation metrics of the untrained and of the trained prompt.
@@ -252,7 +290,8 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
   partitioner = partitioner or Partitioner()
   lengths = train_dataset_cfg.task_feature_lengths
   trainer = PromptTrainer(model, optimizer, partitioner, lengths["inputs"], lengths["targets"],
-                          train_dataset_cfg.batch_size, trainable_pattern)
+                          train_dataset_cfg.batch_size, trainable_pattern,
+                          frozen_dtype=frozen_dtype)
   counts = trainer.param_counts()
   log.info("parameters: %s frozen, %s trainable", f"{counts['frozen']:,}",
            f"{counts['trainable']:,}")
@@ -320,6 +359,8 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
   try:
     for step in range(start_step + 1, train_steps + 1):
       batch = next(batches)
+      if batch_transform is not None:  # e.g. replicate examples across a prompt bank
+        batch = batch_transform(batch)
       state, metrics = trainer.train_step(state, frozen_params, batch, step_rng)
       loss = float(metrics["loss"])
       if not math.isfinite(loss):

@@ -107,12 +107,12 @@ class EncoderDecoderModel:
                                  enable_dropout=False)["cache"])
     cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
 
-    def step(carry, _):
+    def step(carry, _, reuse_cross_cache=True):
       cache, token, done = carry
       logits, variables = self.module.apply(
           {"params": params, "cache": cache}, encoded, tokens, token, token,
           enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-          mutable=["cache"], method=self.module.decode)
+          reuse_cross_cache=reuse_cross_cache, mutable=["cache"], method=self.module.decode)
       next_token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
       next_token = jnp.where(done, 0, next_token)
       done = done | (next_token == self.eos_id)
@@ -120,5 +120,8 @@ class EncoderDecoderModel:
 
     start = jnp.zeros((batch_size, 1), jnp.int32)
     done = jnp.zeros((batch_size,), bool)
-    _, out = jax.lax.scan(step, (cache, start, done), None, length=max_decode_length)
-    return out.T
+    # The first step computes the cross-attention keys/values of `encoded` and caches them; the
+    # others read them back.
+    carry, first = step((cache, start, done), None, reuse_cross_cache=False)
+    _, rest = jax.lax.scan(step, carry, None, length=max_decode_length - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

@@ -264,22 +264,34 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
-               enable_dropout: bool, decode: bool = False) -> Array:
-    """inputs_q [b, q, embed], inputs_kv [b, k, embed], bias [b|1, heads, q, k] -> [b, q, embed]."""
+               enable_dropout: bool, decode: bool = False,
+               cross_cache: Optional[str] = None) -> Array:
+    """inputs_q [b, q, embed], inputs_kv [b, k, embed], bias [b|1, heads, q, k] -> [b, q, embed].
+
+    `cross_cache` (cross-attention while decoding): 'write' computes the keys/values of
+    `inputs_kv` and stores them in the `cache` collection (`cached_cross_key`/`_value`);
+    'read' takes them from there instead of recomputing them at every step.
+    """
     cfg = self.config
     dtype = cfg.activation_dtype
     joined = cfg.num_heads * cfg.head_dim
     query_init = nn.initializers.normal(stddev=(cfg.emb_dim * cfg.head_dim) ** -0.5)
     kv_init = nn.initializers.normal(stddev=cfg.emb_dim ** -0.5)
     out_init = nn.initializers.normal(stddev=joined ** -0.5)
-    q = Dense(joined, ("embed", "joined_kv"), query_init, dtype, name="query")(inputs_q)
-    k = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="key")(inputs_kv)
-    v = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="value")(inputs_kv)
     split = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
-    q, k, v = split(q), split(k), split(v)
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    constrain = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+    q = Dense(joined, ("embed", "joined_kv"), query_init, dtype, name="query")(inputs_q)
+    q = constrain(split(q))
+    if cross_cache == "read" and self.has_variable("cache", "cached_cross_key"):
+      k = self.get_variable("cache", "cached_cross_key")
+      v = self.get_variable("cache", "cached_cross_value")
+    else:
+      k = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="key")(inputs_kv)
+      v = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="value")(inputs_kv)
+      k, v = constrain(split(k)), constrain(split(v))
+      if cross_cache is not None:
+        self.put_variable("cache", "cached_cross_key", k)
+        self.put_variable("cache", "cached_cross_value", v)
 
     if decode:
       k, v, bias = self._update_cache(k, v, bias)
@@ -367,7 +379,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Optional[Array],
-               cross_bias: Optional[Array], enable_dropout: bool, decode: bool) -> Array:
+               cross_bias: Optional[Array], enable_dropout: bool, decode: bool,
+               reuse_cross_cache: bool = False) -> Array:
     cfg = self.config
     dtype = cfg.activation_dtype
     drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -376,8 +389,9 @@ class DecoderLayer(nn.Module):
         y, y, self_bias, enable_dropout=enable_dropout, decode=decode)
     x = x + drop(y, deterministic=not enable_dropout)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
+    cross_cache = ("read" if reuse_cross_cache else "write") if decode else None
     y = MultiHeadDotProductAttention(cfg, name="encoder_decoder_attention")(
-        y, encoded, cross_bias, enable_dropout=enable_dropout)
+        y, encoded, cross_bias, enable_dropout=enable_dropout, cross_cache=cross_cache)
     x = x + drop(y, deterministic=not enable_dropout)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
@@ -463,7 +477,8 @@ class Decoder(nn.Module):
   def __call__(self, encoded: Array, decoder_input_tokens: Array,
                decoder_mask: Optional[Array], encoder_decoder_mask: Optional[Array], *,
                enable_dropout: bool = True, decode: bool = False,
-               max_decode_length: Optional[int] = None) -> Array:
+               max_decode_length: Optional[int] = None,
+               reuse_cross_cache: bool = False) -> Array:
     cfg = self.config
     dtype = cfg.activation_dtype
     y = self.shared_embedding(decoder_input_tokens)
@@ -484,10 +499,10 @@ class Decoder(nn.Module):
       self_bias = self_bias + combine_masks_to_bias(decoder_mask, dtype)
     cross_bias = combine_masks_to_bias(encoder_decoder_mask, dtype)
 
-    layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6))
+    layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6, 7))
     for i in range(cfg.num_decoder_layers):
       y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias,
-                                             enable_dropout, decode)
+                                             enable_dropout, decode, reuse_cross_cache)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
     if cfg.logits_via_embedding:
@@ -547,8 +562,13 @@ class Transformer(nn.Module):
              decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
              decoder_segment_ids: Optional[Array] = None,
              decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
-             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
-    """Logits [b, t, vocab] for decoder inputs [b, t] given `encoded` [b, l', embed]."""
+             decode: bool = False, max_decode_length: Optional[int] = None,
+             reuse_cross_cache: bool = False) -> Array:
+    """Logits [b, t, vocab] for decoder inputs [b, t] given `encoded` [b, l', embed].
+
+    With `decode=True` every step also stores the cross-attention keys/values of `encoded` in
+    the cache; `reuse_cross_cache=True` (all steps after the first) reads them back instead of
+    recomputing them, which is most of a step's work for long inputs."""
     del decoder_positions  # relative attention derives positions itself
     encoder_mask = self.encoder_mask(encoder_input_tokens)
     if decode:
@@ -563,7 +583,8 @@ class Transformer(nn.Module):
                                                                         encoder_segment_ids)
     return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                         enable_dropout=enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length)
+                        max_decode_length=max_decode_length,
+                        reuse_cross_cache=reuse_cross_cache)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
