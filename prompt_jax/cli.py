@@ -49,15 +49,20 @@ def parse_gin_flags(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--gin_search_paths", default="")
   parser.add_argument("--verbosity", default="warning")
   args, rest = parser.parse_known_args(argv)
-  bindings = list(args.gin_bindings)
-  for flag in rest:
+  args.gin_bindings = list(args.gin_bindings) + gin_shorthand_bindings(rest, parser)
+  return args
+
+
+def gin_shorthand_bindings(flags: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+  """T5X's `--gin.NAME=VALUE` flags -> gin bindings `NAME = VALUE`; anything else is an error."""
+  bindings = []
+  for flag in flags:
     if flag.startswith("--gin.") and "=" in flag:
       name, value = flag[len("--gin."):].split("=", 1)
       bindings.append(f"{name} = {value}")
     else:
       parser.error(f"unrecognised argument {flag!r}")
-  args.gin_bindings = bindings
-  return args
+  return bindings
 
 
 def configure_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],

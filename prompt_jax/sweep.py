@@ -461,16 +461,10 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--cell_binding", action="append", default=[],
                       help="a gin binding added to every cell (after the sweep's own)")
   args, rest = parser.parse_known_args(list(argv))
-  bindings = list(args.gin_bindings)
-  for flag in rest:
-    if flag.startswith("--gin.") and "=" in flag:
-      name, value = flag[len("--gin."):].split("=", 1)
-      bindings.append(f"{name} = {value}")
-    else:
-      parser.error(f"unrecognised argument {flag!r}")
+  from prompt_jax import cli  # pylint: disable=g-import-not-at-top
+  bindings = list(args.gin_bindings) + cli.gin_shorthand_bindings(rest, parser)
   if args.sweep_dir:
     bindings.append(f"sweep.SweepConfig.sweep_dir = {args.sweep_dir!r}")
-  from prompt_jax import cli  # pylint: disable=g-import-not-at-top
   logging.basicConfig(level=logging.WARNING)
   for handler in logging.getLogger().handlers:
     handler.addFilter(cli._quiet_gin_search)  # pylint: disable=protected-access

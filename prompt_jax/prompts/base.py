@@ -93,7 +93,7 @@ class InputPrompt(nn.Module):
 
   def __post_init__(self):
     if self.placement not in PLACEMENTS:
-      raise ValueError(f"InputPrompt.placement must be one of {PLACEMENTS}, "
+      raise ValueError(f"{type(self).__name__}.placement must be one of {PLACEMENTS}, "
                        f"got {self.placement!r}")
     super().__post_init__()
 
@@ -105,7 +105,7 @@ class InputPrompt(nn.Module):
                prompt_ids: Array | None = None):
     """-> (embedded [b, p + l, d], mask [b, p + l])."""
     if prompt_ids is not None:
-      raise ValueError("InputPrompt holds one prompt; prompt_ids need a prompt bank")
+      raise ValueError(f"{type(self).__name__} holds one prompt; prompt_ids need a prompt bank")
     prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
     prompt = prompt.astype(embedded_inputs.dtype)
     embedded = insert_prompt(prompt, embedded_inputs, input_tokens, self.placement)
@@ -113,6 +113,10 @@ class InputPrompt(nn.Module):
 
   def input_mask(self, input_tokens: Array) -> Array:
     return prompt_mask(input_tokens, self.length, self.placement)
+
+  def positions(self, input_tokens: Array) -> Array:
+    """[b, p] indices of the prompt positions in the encoder sequence."""
+    return prompt_positions(input_tokens, self.length, self.placement)
 
   def export(self, embedding_table: Array) -> Array:
     """The prompt as a plain [length, embed] array (generators here do not read the input)."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from prompt_jax.prompts import initializers
-from prompt_jax.prompts.base import PLACEMENTS, insert_prompt, prompt_mask, prompt_positions
+from prompt_jax.prompts.base import InputPrompt
 
 Array = jax.Array
 
@@ -55,42 +55,9 @@ def check_layers(name: str, layers: Optional[Sequence[int]]) -> None:
     raise ValueError(f"{name} has repeated layers: {layers}")
 
 
-class InputLevelHook(nn.Module):
-  """Shared input-level part of the deep hooks: the layer-0 prompt and the mask.
-
-  Subclasses add `layer_inputs`. Attributes: `prompt` (a generator, see `prompts.base`) and
-  `placement`.
-  """
-
-  prompt: nn.Module
-  placement: str = "prefix"
-
-  def __post_init__(self):
-    if self.placement not in PLACEMENTS:
-      raise ValueError(f"{type(self).__name__}.placement must be one of {PLACEMENTS}, "
-                       f"got {self.placement!r}")
-    super().__post_init__()
-
-  @property
-  def length(self) -> int:
-    return int(self.prompt.length)
-
-  def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array,
-               prompt_ids: Array | None = None):
-    """-> (embedded [b, p + l, d], mask [b, p + l]); the layer-0 prompt."""
-    if prompt_ids is not None:
-      raise ValueError(f"{type(self).__name__} holds one prompt; prompt_ids need a prompt bank")
-    prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
-    embedded = insert_prompt(prompt.astype(embedded_inputs.dtype), embedded_inputs, input_tokens,
-                             self.placement)
-    return embedded, prompt_mask(input_tokens, self.length, self.placement)
-
-  def input_mask(self, input_tokens: Array) -> Array:
-    return prompt_mask(input_tokens, self.length, self.placement)
-
-  def positions(self, input_tokens: Array) -> Array:
-    """[b, p] indices of the prompt positions in the encoder sequence."""
-    return prompt_positions(input_tokens, self.length, self.placement)
+# The input-level part of the deep hooks (layer-0 prompt, mask, prompt positions) is exactly
+# `InputPrompt`; DeepPrompt and SelectivePrompt add `layer_inputs` and `export`.
+InputLevelHook = InputPrompt
 
 
 class DeepPrompt(InputLevelHook):
