@@ -71,3 +71,12 @@ def test_console_script_help():
   proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", "--help"], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_infer_without_gin_flags_serves_several_tasks(capsys):
+  """`prompt-jax infer --inputs=... --prompt=task=path` is multi-task serving; with gin flags it
+  is single-task inference."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["infer", "--help"])
+  assert exit_info.value.code == 0
+  assert "--prompt" in capsys.readouterr().out
