@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import weakref
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -232,14 +232,16 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                    optimizer: Optional[optax.GradientTransformation] = None,
                    partitioner: Optional[Partitioner] = None,
                    trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
-                   write_predictions: bool = True, seed: int = 0) -> dict[str, Any]:
+                   write_predictions: bool = True, seed: int = 0,
+                   evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
   """`prompt-jax eval`: metrics of a trained prompt on `dataset_cfg`'s task and split.
 
   The prompt comes from `prompt_path` (a `.npy` export) or MODEL_DIR's checkpoint at `step`
   (default: the latest; `optimizer` must match training's for the restore). Metrics go to
   TensorBoard under `<output_dir or model_dir>/eval_<split>`, predictions (with
   `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.
-  Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
+  `evaluate_fn` replaces `evaluate` (same arguments), e.g. `ensemble.evaluate_ensemble` for a
+  prompt bank. Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
   """
   trainer, frozen = build_trainer(model, dataset_cfg, initial_checkpoint_path, optimizer,
                                   partitioner, trainable_pattern, seed)
@@ -247,9 +249,10 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                                     prompt_path=prompt_path, step=step, seed=seed)
   out_dir = output_dir or model_dir
   log_dir = os.path.join(out_dir, f"eval_{dataset_cfg.split}") if out_dir else None
-  scores = evaluate(trainer, prompt, frozen, dataset_cfg,
-                    max_decode_length or dataset_cfg.task_feature_lengths["targets"],
-                    log_dir=log_dir if write_predictions else None, step=step)
+  scores = (evaluate_fn or evaluate)(
+      trainer, prompt, frozen, dataset_cfg,
+      max_decode_length or dataset_cfg.task_feature_lengths["targets"],
+      log_dir=log_dir if write_predictions else None, step=step)
   if log_dir:
     from prompt_jax.trainer import MetricWriter  # pylint: disable=g-import-not-at-top
     writer = MetricWriter(out_dir, f"eval_{dataset_cfg.split}")

@@ -4,6 +4,7 @@ N prompts trained at once equal N separate runs, ensemble evaluation equals a by
 from __future__ import annotations
 
 import collections
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_jax import ensemble, inference, trainer
+from prompt_jax import ensemble, evaluation, inference, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -370,3 +371,26 @@ def test_ensemble_rank_classification_averages_each_prompts_log_likelihoods(froz
   for i in range(num_prompts):
     assert scores[f"prompt_{i}/accuracy"] == pytest.approx(accuracy(likelihoods[i]))
   assert scores["ensemble/accuracy"] == pytest.approx(accuracy(likelihoods.mean(axis=0)))
+
+
+def test_prompt_jax_eval_scores_a_trained_bank_like_training_did(tmp_path):
+  """`prompt-jax eval --gin_file=runs/ensemble_eval.gin` restores the bank and reports the same
+  per-prompt and ensemble metrics as the end of training."""
+  import gin
+
+  from prompt_jax import cli
+  from tests.conftest import GIN_CONFIGS
+  gin.clear_config()
+  assert cli.main(["train", f"--gin_file={GIN_CONFIGS}/runs/ensemble.gin",
+                   f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TRAIN_STEPS=3",
+                   "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=3",
+                   "--gin.trainer.train.eval_at_start=False"]) == 0
+  trained = json.loads((tmp_path / "summary.json").read_text())["eval_trained"]
+  gin.clear_config()
+  result = cli.run_gin_command(evaluation.run_evaluation, [
+      f"--gin_file={GIN_CONFIGS}/runs/ensemble_eval.gin", f"--gin.MODEL_DIR='{tmp_path}'"])
+  gin.clear_config()
+  assert result["step"] == 3
+  assert set(result["metrics"]) == set(trained)
+  for name, value in trained.items():
+    assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
