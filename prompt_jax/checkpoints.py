@@ -135,7 +135,8 @@ def _format_of(path: str) -> str:
 def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = None,
                        partitioner=None) -> dict:
   """Frozen T5 parameters from `path`: a `.npz`, our Orbax directory, a T5X checkpoint or a
-  Hugging Face directory. Shapes are checked against `abstract_params` when given.
+  Hugging Face directory. With `abstract_params`, shapes are checked against it and only the
+  leaves it names are returned.
 
   Orbax and T5X checkpoints are read shard by shard when `abstract_params` carry shardings
   (Orbax) or a `partitioner` is given (T5X): each host reads only its own slices."""
@@ -154,12 +155,13 @@ def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = N
     if hf_config != config:
       log.warning("Hugging Face config %s differs from the configured %s", hf_config, config)
   if abstract_params is not None:
-    check_shapes(params, abstract_params, path)
+    params = select_checked(params, abstract_params, path)
   return params
 
 
-def check_shapes(params: Mapping, abstract_params: Mapping, source: str) -> None:
-  """Raise at the first path whose shape differs, naming both shapes."""
+def select_checked(params: Mapping, abstract_params: Mapping, source: str) -> dict:
+  """The leaves of `params` that `abstract_params` names, after checking their shapes: raise at
+  the first missing or mis-shaped path (naming both shapes); extra leaves are logged, dropped."""
   got = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
   want = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params), sep="/")
   missing = sorted(want.keys() - got.keys())
@@ -174,6 +176,7 @@ def check_shapes(params: Mapping, abstract_params: Mapping, source: str) -> None
   if extra:
     log.warning("checkpoint %s has %d parameters the model does not use, e.g. %s", source,
                 len(extra), extra[0])
+  return flax.traverse_util.unflatten_dict({k: got[k] for k in want}, sep="/")
 
 
 def device_put_tree(params: Mapping, shardings: Any) -> Any:

@@ -164,9 +164,10 @@ def format_metrics_table(scores: Mapping[str, float], title: str = "metric") -> 
 
 
 def prompt_params_from_array(trainer, prompt: np.ndarray):
-  """A [length, embed] prompt (`.npy` export) as the trainer's prompt parameter tree.
+  """A prompt array (a [length, embed] `.npy` export, or a bank's [num_prompts, length, embed])
+  as the trainer's prompt parameter tree.
 
-  Only for methods whose trainable parameters are that one array (e.g. Lester et al.'s)."""
+  Only for methods whose trainable parameters are that one array (Lester et al.'s, a bank)."""
   prompt = np.asarray(prompt, np.float32)
   shapes = params_lib.shapes(trainer.abstract_prompt)
   if len(shapes) != 1 or next(iter(shapes.values())) != prompt.shape:

@@ -26,13 +26,12 @@ import os
 import re
 from typing import Any, Mapping, Optional, Sequence
 
-import flax
 import jax
 import numpy as np
 import optax
 import seqio
 
-from prompt_jax import checkpoints, inference
+from prompt_jax import evaluation, inference
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
@@ -102,16 +101,6 @@ def _bank_trainer(model: EncoderDecoderModel, num_prompts: int, length: int, pla
                        max_decode_length, batch_size)
 
 
-def _bank_params(trainer: PromptTrainer, stacked: np.ndarray):
-  flat = flax.traverse_util.flatten_dict(trainer.abstract_prompt, sep="/")
-  if list(flat) != ["encoder/prompt/prompt/prompts"] or flat[
-      "encoder/prompt/prompt/prompts"].shape != stacked.shape:
-    raise ValueError(f"prompts of shape {stacked.shape} do not fit the bank parameters "
-                     f"{ {k: v.shape for k, v in flat.items()} }")
-  tree = flax.traverse_util.unflatten_dict({"encoder/prompt/prompt/prompts": stacked}, sep="/")
-  return checkpoints.device_put_tree(tree, trainer.prompt_shardings)
-
-
 def check_records(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> None:
   """Every record needs a string `task` among `tasks` and a string `inputs`."""
   known = set(tasks)
@@ -144,7 +133,8 @@ def predict_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str,
       else:
         log.warning("no frozen checkpoint given: the frozen model is randomly initialised")
         frozen = trainer.random_frozen_params(jax.random.key(seed))
-    prompt_params = _bank_params(trainer, np.stack([prompts[t] for t in tasks]))
+    prompt_params = evaluation.prompt_params_from_array(
+        trainer, np.stack([prompts[t] for t in tasks]))
     rows = [i for i, r in enumerate(records) if r["task"] in tasks]
     if not rows:
       continue

@@ -149,10 +149,7 @@ class PromptTrainer:
     """Frozen parameters from a checkpoint path, checked against the config and sharded."""
     loaded = checkpoints.load_frozen_params(path, self.model.config, self.frozen_structs(),
                                             self.partitioner)
-    flat_loaded = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
-    flat_want = flax.traverse_util.flatten_dict(self.abstract_frozen, sep="/")
-    kept = flax.traverse_util.unflatten_dict({k: flat_loaded[k] for k in flat_want}, sep="/")
-    return checkpoints.device_put_tree(self.cast_frozen(kept), self.frozen_shardings)
+    return checkpoints.device_put_tree(self.cast_frozen(loaded), self.frozen_shardings)
 
   def init_state(self, frozen_params, rng: Array) -> TrainState:
     """Fresh prompt (its initialiser sees the frozen embedding) and optimizer state."""
