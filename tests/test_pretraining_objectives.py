@@ -1,5 +1,8 @@
 """Span corruption and prefix-LM preprocessing (prompt_jax/data/pretraining.py) on fixed inputs."""
 
+import os
+
+import jax
 import numpy as np
 import pytest
 
@@ -104,25 +107,70 @@ def test_seqio_task_appends_eos_and_fits_feature_lengths():
   assert len(first["inputs"]) <= 128 and len(first["targets"]) <= 32
 
 
-@pytest.mark.slow  # two jit compilations; ~20 s idle, minutes on a loaded machine
-def test_pretrain_runs_both_phases(tmp_path):
-  from prompt_jax import checkpoints, pretrain
+def _toy_pretrain_setup():
   from prompt_jax.data import pipeline
   from prompt_jax.models import t5
   config = t5.T5Config(vocab_size=384, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                       num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0)
+                       num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1)
   lengths = {"inputs": 128, "targets": 32}
   span = pipeline.DatasetConfig("pretrain_span_corruption_bytes", lengths, batch_size=4,
                                 module="prompt_jax.data.pretraining")
   prefix = pipeline.DatasetConfig("pretrain_prefix_lm_bytes", lengths, batch_size=4,
                                   module="prompt_jax.data.pretraining")
+  return dict(config=config, dataset_cfg=span, lm_adaptation_dataset_cfg=prefix, train_steps=5,
+              lm_adaptation_steps=3, warmup_steps=2, learning_rate=1e-2, log_every_steps=100)
+
+
+@pytest.mark.slow  # two jit compilations; ~20 s idle, minutes on a loaded machine
+def test_pretrain_runs_both_phases(tmp_path):
+  from prompt_jax import checkpoints, pretrain
+  setup = {**_toy_pretrain_setup(), "train_steps": 2, "lm_adaptation_steps": 2}
   out = str(tmp_path / "m.npz")
-  result = pretrain.pretrain(config=config, dataset_cfg=span, train_steps=2, output_path=out,
-                             warmup_steps=1, log_every_steps=1, lm_adaptation_dataset_cfg=prefix,
-                             lm_adaptation_steps=2)
+  result = pretrain.pretrain(output_path=out, checkpoint_every_steps=0, **setup)
   assert np.isfinite(result["loss"]) and np.isfinite(result["lm_adaptation_loss"])
   params = checkpoints.load_params_npz(out)
   assert params["token_embedder"]["embedding"].shape == (384, 16)
   with pytest.raises(ValueError, match="lm_adaptation_dataset_cfg"):
-    pretrain.pretrain(config=config, dataset_cfg=span, train_steps=1, output_path=out,
-                      lm_adaptation_steps=3)
+    pretrain.pretrain(**{**setup, "lm_adaptation_dataset_cfg": None}, output_path=out)
+
+
+def test_pretrain_resumes_mid_phase_like_a_straight_run(tmp_path):
+  """Cut after step 6 (LM adaptation) or 4 (span corruption): the resumed run's weights equal
+  the uninterrupted run's (same data order, dropout keys, optimizer state and schedule)."""
+  import shutil
+
+  from prompt_jax import checkpoints, pretrain
+  setup = _toy_pretrain_setup()
+  out = str(tmp_path / "run.npz")
+  ckpt = tmp_path / "run_checkpoints" / "checkpoints"
+  straight = pretrain.pretrain(output_path=out, checkpoint_every_steps=2, checkpoint_keep=None,
+                               **setup)
+  expected = checkpoints.load_params_npz(out)
+  # Every 2nd step over both phases (5 + 3 steps), and each phase's last step.
+  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4, 5, 6, 8]
+
+  def assert_same_weights():
+    got = jax.tree_util.tree_leaves_with_path(checkpoints.load_params_npz(out))
+    for (path, leaf), want in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
+      np.testing.assert_allclose(leaf, want, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+  for cut_at in (6, 4):  # mid LM adaptation, then mid span corruption
+    for step in [s for s in (5, 6, 8) if s > cut_at]:
+      shutil.rmtree(ckpt / str(step), ignore_errors=True)
+    os.remove(out)
+    resumed = pretrain.pretrain(output_path=out, checkpoint_every_steps=2, checkpoint_keep=None,
+                                **setup)
+    assert_same_weights()
+    assert resumed["lm_adaptation_loss"] == pytest.approx(straight["lm_adaptation_loss"],
+                                                          rel=1e-5)
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+
+  # A finished run, rerun, trains nothing and writes the same weights again.
+  os.remove(out)
+  pretrain.pretrain(output_path=out, checkpoint_every_steps=2, **setup)
+  assert_same_weights()
+  # Other settings against these checkpoints: one line naming both.
+  with pytest.raises(ValueError, match=r"were written for .*'train_steps': 5.* this run is "
+                                       r".*'train_steps': 6"):
+    pretrain.pretrain(output_path=out, checkpoint_every_steps=2,
+                      **{**setup, "train_steps": 6})

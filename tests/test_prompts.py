@@ -33,6 +33,43 @@ def test_sampled_vocabulary_rows_come_from_the_population():
   assert len({tuple(r) for r in p}) == 10  # drawn without replacement
 
 
+def test_sampled_vocabulary_first_id_offsets_the_population():
+  # Byte vocabulary: ids 35..129 are printable ASCII; nothing below or above may be drawn.
+  p = np.asarray(initializers.sampled_vocabulary(population_size=95, first_id=35)(
+      jax.random.key(4), (60, 8), TABLE))
+  ids = [int(np.where(np.all(TABLE == row, axis=1))[0][0]) for row in p]
+  assert min(ids) >= 35 and max(ids) < 130
+  assert len(set(ids)) == 60  # without replacement
+  # The window is clipped at the vocabulary's end: ids 290..299 only, with replacement.
+  p = np.asarray(initializers.sampled_vocabulary(population_size=50, first_id=290)(
+      jax.random.key(5), (20, 8), TABLE))
+  ids = {int(np.where(np.all(TABLE == row, axis=1))[0][0]) for row in p}
+  assert ids <= set(range(290, 300))
+
+
+def test_class_labels_fill_uses_first_id():
+  init = initializers.class_labels(["ab", "c"], seqio.ByteVocabulary(), population_size=10,
+                                   first_id=200)
+  p = np.asarray(init(jax.random.key(6), (8, 8), TABLE))
+  for row in p[2:]:
+    assert 200 <= np.where(np.all(TABLE == row, axis=1))[0][0] < 210
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"first_id": -1}, "sampled_vocabulary.first_id must be >= 0, got -1"),
+    ({"population_size": 0}, "sampled_vocabulary.population_size must be >= 1, got 0"),
+])
+def test_sampled_vocabulary_rejects_bad_population(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    initializers.sampled_vocabulary(**kwargs)
+
+
+def test_first_id_beyond_the_vocabulary_is_rejected():
+  init = initializers.sampled_vocabulary(first_id=300)
+  with pytest.raises(ValueError, match="first_id=300 is not below the vocabulary size 300"):
+    init(jax.random.key(0), (4, 8), TABLE)
+
+
 def test_class_labels_average_subtokens_then_fill():
   vocab = seqio.ByteVocabulary()
   init = initializers.class_labels(["ab", "c"], vocab, population_size=50)

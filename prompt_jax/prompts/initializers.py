@@ -28,11 +28,22 @@ def uniform(minval: float = -0.5, maxval: float = 0.5) -> PromptInit:
   return init
 
 
-def _sample_rows(rng, embedding_table: Array, count: int, population_size: int) -> Array:
+def _check_population(name: str, population_size: int, first_id: int) -> None:
+  if population_size < 1:
+    raise ValueError(f"{name}.population_size must be >= 1, got {population_size}")
+  if first_id < 0:
+    raise ValueError(f"{name}.first_id must be >= 0, got {first_id}")
+
+
+def _sample_rows(rng, embedding_table: Array, count: int, population_size: int,
+                 first_id: int = 0) -> Array:
+  """`count` rows for ids drawn from [first_id, first_id + population_size) ∩ the vocabulary."""
   vocab = embedding_table.shape[0]
-  population = min(population_size, vocab)
+  if first_id >= vocab:
+    raise ValueError(f"prompt init first_id={first_id} is not below the vocabulary size {vocab}")
+  population = min(population_size, vocab - first_id)
   replace = count > population
-  ids = jax.random.choice(rng, population, (count,), replace=replace)
+  ids = first_id + jax.random.choice(rng, population, (count,), replace=replace)
   return jnp.take(embedding_table, ids, axis=0).astype(jnp.float32)
 
 
@@ -44,17 +55,19 @@ def _need_table(name: str, embedding_table, shape):
                      f"prompt width {shape[-1]}")
 
 
-def sampled_vocabulary(population_size: int = 5000) -> PromptInit:
-  """Rows of the embedding table for ids drawn from the first `population_size` ids.
+def sampled_vocabulary(population_size: int = 5000, first_id: int = 0) -> PromptInit:
+  """Rows of the embedding table for ids drawn from `population_size` ids from `first_id` on.
 
-  T5's SentencePiece ids are roughly sorted by frequency, so these are the most common tokens.
+  T5's SentencePiece ids are roughly sorted by frequency, so the first 5,000 are the most common
+  tokens (the paper's setting). A byte vocabulary is not sorted: there, first_id=35,
+  population_size=95 is printable ASCII (byte b is id b + 3), leaving out the control bytes,
+  the bytes >= 128 and the sentinels, which plain English text never or rarely uses.
   """
-  if population_size < 1:
-    raise ValueError(f"sampled_vocabulary.population_size must be >= 1, got {population_size}")
+  _check_population("sampled_vocabulary", population_size, first_id)
 
   def init(rng, shape, embedding_table=None):
     _need_table("sampled_vocabulary", embedding_table, shape)
-    return _sample_rows(rng, embedding_table, shape[0], population_size)
+    return _sample_rows(rng, embedding_table, shape[0], population_size, first_id)
 
   return init
 
@@ -65,18 +78,22 @@ def _embed_token_lists(token_lists: Sequence[Sequence[int]], embedding_table: Ar
   return jnp.stack(rows).astype(jnp.float32)
 
 
-def _fill(rng, head: Array, shape, embedding_table, population_size) -> Array:
+def _fill(rng, head: Array, shape, embedding_table, population_size, first_id) -> Array:
   if head.shape[0] > shape[0]:
     raise ValueError(f"prompt length {shape[0]} is shorter than the {head.shape[0]} rows "
                      "the initialiser must place")
   rest = shape[0] - head.shape[0]
   if rest == 0:
     return head
-  return jnp.concatenate([head, _sample_rows(rng, embedding_table, rest, population_size)])
+  return jnp.concatenate(
+      [head, _sample_rows(rng, embedding_table, rest, population_size, first_id)])
 
 
-def class_labels(labels: Sequence[str], vocabulary, population_size: int = 5000) -> PromptInit:
-  """Row i = mean embedding of label i's sub-tokens; remaining rows from sampled vocabulary."""
+def class_labels(labels: Sequence[str], vocabulary, population_size: int = 5000,
+                 first_id: int = 0) -> PromptInit:
+  """Row i = mean embedding of label i's sub-tokens; remaining rows from sampled vocabulary
+  (`population_size` and `first_id` as in `sampled_vocabulary`)."""
+  _check_population("class_labels", population_size, first_id)
   labels = list(labels)
   if not labels:
     raise ValueError("class_labels prompt init needs at least one label, got []")
@@ -90,13 +107,16 @@ def class_labels(labels: Sequence[str], vocabulary, population_size: int = 5000)
   def init(rng, shape, embedding_table=None):
     _need_table("class_labels", embedding_table, shape)
     head = _embed_token_lists(token_lists, embedding_table)
-    return _fill(rng, head, shape, embedding_table, population_size)
+    return _fill(rng, head, shape, embedding_table, population_size, first_id)
 
   return init
 
 
-def from_string(text: str, vocabulary, population_size: int = 5000) -> PromptInit:
-  """One row per token of `text` (e.g. a task instruction); remaining rows sampled vocabulary."""
+def from_string(text: str, vocabulary, population_size: int = 5000,
+                first_id: int = 0) -> PromptInit:
+  """One row per token of `text` (e.g. a task instruction); remaining rows sampled vocabulary
+  (`population_size` and `first_id` as in `sampled_vocabulary`)."""
+  _check_population("from_string", population_size, first_id)
   ids = [int(i) for i in vocabulary.encode(text)]
   if not ids:
     raise ValueError(f"prompt init string {text!r} tokenises to no tokens")
@@ -104,7 +124,7 @@ def from_string(text: str, vocabulary, population_size: int = 5000) -> PromptIni
   def init(rng, shape, embedding_table=None):
     _need_table("from_string", embedding_table, shape)
     head = _embed_token_lists([[i] for i in ids], embedding_table)
-    return _fill(rng, head, shape, embedding_table, population_size)
+    return _fill(rng, head, shape, embedding_table, population_size, first_id)
 
   return init
 
