@@ -3,17 +3,20 @@
 Sentences such as "the soup was really dreadful and bland" carry a topic (movie, food, travel,
 book) and a sentiment. Three prefixed tasks (`demo_pretrain_mixture`) teach the tiny frozen demo
 model to follow a task prefix; `demo_sentiment` has *no* prefix, so a soft prompt must learn to
-stand in for it. All use the byte vocabulary, so no SentencePiece file is needed.
+stand in for it; `demo_sentiment_rank` scores its validation split by rank classification (the
+likelier of the two label strings is the answer), which still measures a prompt that has not yet
+learnt to spell a label exactly. All use the byte vocabulary, so no SentencePiece file is needed.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
 import seqio
 import tensorflow as tf
 
-from prompt_jax.data import metrics
+from prompt_jax.data import glue, metrics
 
 VOCABULARY = seqio.ByteVocabulary()
 
@@ -31,6 +34,7 @@ ADJECTIVES = {
 }
 ADVERBS = ["", "really ", "very ", "quite ", "truly ", "rather ", "so "]
 SPLIT_SIZES = {"train": 8000, "validation": 400}
+SENTIMENT_LABELS = ("negative", "positive")
 
 
 def make_examples(split: str, seed: int = 0) -> list[dict[str, str]]:
@@ -51,7 +55,8 @@ def make_examples(split: str, seed: int = 0) -> list[dict[str, str]]:
   return examples
 
 
-def _source(prefix: str, target_field: str) -> seqio.FunctionDataSource:
+def _source(prefix: str, target_field: str,
+            splits=tuple(sorted(SPLIT_SIZES))) -> seqio.FunctionDataSource:
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed
     examples = make_examples(split)
@@ -59,7 +64,7 @@ def _source(prefix: str, target_field: str) -> seqio.FunctionDataSource:
         "inputs": [prefix + ex["sentence"] for ex in examples],
         "targets": [ex[target_field] for ex in examples],
     })
-  return seqio.FunctionDataSource(dataset_fn, splits=sorted(SPLIT_SIZES))
+  return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
 
 
 OUTPUT_FEATURES = {
@@ -85,6 +90,19 @@ def register() -> None:
         name, source=_source(prefix, field),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
         output_features=OUTPUT_FEATURES, metric_fns=[metrics.accuracy])
+  if "demo_sentiment_rank" not in seqio.TaskRegistry.names():
+    # Evaluation only: one row per (sentence, label) scored by the model; seqio's Evaluator
+    # gives rank tasks to the score function, and the likelier label is the prediction.
+    seqio.TaskRegistry.add(
+        "demo_sentiment_rank",
+        source=_source("", "sentiment", splits=["validation"]),
+        preprocessors=[
+            functools.partial(glue.expand_label_candidates, label_names=SENTIMENT_LABELS),
+            seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        output_features=OUTPUT_FEATURES,
+        postprocess_fn=functools.partial(glue.rank_classification_postprocessor,
+                                         base_postprocess_fn=lambda s, **_: s),
+        metric_fns=[metrics.rank_classification([metrics.accuracy])])
   if "demo_pretrain_mixture" not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add("demo_pretrain_mixture",
                               [name for name in _TASKS if name.endswith("_prefixed")],
