@@ -300,6 +300,15 @@ def _series(rows, cfg: SweepConfig, x_axis: str, line_axis: str):
   return series
 
 
+def _parameter_label(count: float) -> str:
+  """1083136 -> '1.1M', 11e9 -> '11B': tick labels for the model-size axis."""
+  for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+    if count >= scale:
+      value = count / scale
+      return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
+  return f"{count:g}"
+
+
 def plot(cfg: SweepConfig, rows: Sequence[dict]) -> list[str]:
   """Write the three PNGs (skipping a plot with no finished cells); returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -336,8 +345,14 @@ def plot(cfg: SweepConfig, rows: Sequence[dict]) -> list[str]:
                   capsize=3, label=str(line))
     if x_axis == "size":
       ax.set_xscale("log")
+      ticks = sorted({p[0] for pts in series.values() for p in pts})
+      ax.set_xticks(ticks, [_parameter_label(t) for t in ticks])
+      ax.minorticks_off()
     if x_axis == "prompt_length" and min(cfg.axis_values()["prompt_length"]) > 0:
       ax.set_xscale("log")
+      ticks = cfg.axis_values()["prompt_length"]
+      ax.set_xticks(ticks, [str(t) for t in ticks])
+      ax.minorticks_off()
     if categorical:
       names = cfg.axis_values()["initializer"]
       ax.set_xticks(range(len(names)), names)

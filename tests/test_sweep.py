@@ -102,3 +102,9 @@ def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
   assert (tmp_path / deleted / "summary.json").exists()
   for cell, mtime in mtimes.items():
     assert os.path.getmtime(tmp_path / cell / "summary.json") == mtime
+
+
+@pytest.mark.parametrize("count, label", [(1_083_136, "1.1M"), (20_949_504, "21M"),
+                                          (247_424, "247k"), (11_135_332_352, "11B"), (12, "12")])
+def test_parameter_tick_labels(count, label):
+  assert sweep._parameter_label(count) == label
