@@ -281,16 +281,16 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def _series(rows, cfg: SweepConfig, x_axis: str, line_axis: str):
-  """{line value: [(x value, mean score, std)]} with the other axes at the reference values;
-  seeds are averaged."""
+def _series(rows, cfg: SweepConfig, x_axis: str, line_axis: str, key: str = "score"):
+  """{line value: [(x value, mean `key`, std)]} with the other axes at the reference values;
+  seeds are averaged. `key`: 'score' (trained prompt) or 'score_untrained'."""
   ref = cfg.reference_values()
   fixed = [a for a in AXES if a not in (x_axis, line_axis, "seed")]
   series: dict[Any, list] = {}
   for line in cfg.axis_values()[line_axis]:
     points = []
     for x in cfg.axis_values()[x_axis]:
-      scores = [r["score"] for r in rows if r["status"] == "finished" and r["score"] is not None
+      scores = [r[key] for r in rows if r["status"] == "finished" and r[key] is not None
                 and r[line_axis] == line and r[x_axis] == x
                 and all(r[a] == ref[a] for a in fixed)]
       if scores:
@@ -328,21 +328,33 @@ def plot(cfg: SweepConfig, rows: Sequence[dict]) -> list[str]:
            ("score_vs_prompt_length.png", "prompt_length", "size", "prompt length"),
            ("score_vs_initializer.png", "initializer", "size", "prompt initialisation")]
   for filename, x_axis, line_axis, xlabel in specs:
-    series = _series(rows, cfg, x_axis, line_axis)
-    if x_axis == "size":
-      series = {k: [(parameters[x], m, s) for x, m, s in pts if x in parameters]
-                for k, pts in series.items()}
-      series = {k: v for k, v in series.items() if v}
+    def placed(key, x_axis=x_axis, line_axis=line_axis):
+      series = _series(rows, cfg, x_axis, line_axis, key)
+      if x_axis == "size":
+        series = {k: [(parameters[x], m, s) for x, m, s in pts if x in parameters]
+                  for k, pts in series.items()}
+      return {k: v for k, v in series.items() if v}
+
+    series, untrained = placed("score"), placed("score_untrained")
     if not series:
       continue
     fig, ax = plt.subplots(figsize=(6, 4))
     categorical = x_axis == "initializer"
-    for line, points in series.items():
+
+    def xs_of(points, categorical=categorical):
       xs = [p[0] for p in points]
-      if categorical:
-        xs = [cfg.axis_values()["initializer"].index(x) for x in xs]
-      ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                  capsize=3, label=str(line))
+      return [cfg.axis_values()["initializer"].index(x) for x in xs] if categorical else xs
+
+    for line, points in series.items():
+      bars = ax.errorbar(xs_of(points), [p[1] for p in points], yerr=[p[2] for p in points],
+                         marker="o", capsize=3, label=str(line))
+      if line in untrained:  # the starting point: trained == untrained means nothing was learnt
+        ax.plot(xs_of(untrained[line]), [p[1] for p in untrained[line]], linestyle="--",
+                alpha=0.6, color=bars.lines[0].get_color(), label=f"{line}, untrained prompt")
+    low, high = ax.get_ylim()
+    if high - low < 10:  # keep equal scores from looking like a trend
+      middle = (low + high) / 2
+      ax.set_ylim(middle - 5, middle + 5)
     if x_axis == "size":
       ax.set_xscale("log")
       ticks = sorted({p[0] for pts in series.values() for p in pts})
