@@ -33,8 +33,8 @@ def _optimizer(learning_rate: float, warmup_steps: int, steps: int):
 
 def _train_phase(model, optimizer, params, opt_state, dataset_cfg, first_step, steps, seed,
                  log_every_steps, label, after_step):
-  """Steps first_step+1 .. steps of one phase; `after_step(i, params, opt_state, loss)` runs
-  after each (checkpointing). The data skips the `first_step` batches already consumed and step
+  """Steps first_step+1 .. steps of one phase; `after_step(i, params, opt_state, metrics)`
+  runs after each (checkpointing). The data skips the `first_step` batches already consumed and step
   i's dropout key is fold_in(key(seed + 1), i), so a resumed phase repeats a straight run.
   Returns (params, opt_state, metrics of the last step)."""
 
@@ -111,14 +111,15 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
   lengths = dataset_cfg.task_feature_lengths
   dummy = model.dummy_batch(dataset_cfg.batch_size, lengths["inputs"], lengths["targets"])
   params = params_lib.unbox(model.init(jax.random.key(seed), dummy))
-  print(f"pretrain: {params_lib.count(params):,} parameters", flush=True)
+  parameters = params_lib.count(params)
+  print(f"pretrain: {parameters:,} parameters", flush=True)
   # (label, data, steps, warmup, seed); phase 2's steps are numbered after phase 1's.
   phases = [("pretrain", dataset_cfg, train_steps, warmup_steps, seed)]
   if lm_adaptation_steps:
     phases.append(("lm adaptation", lm_adaptation_dataset_cfg, lm_adaptation_steps,
                    max(lm_adaptation_steps // 10, 1), seed + 7))
   run = {"train_steps": train_steps, "lm_adaptation_steps": lm_adaptation_steps,
-         "learning_rate": learning_rate, "seed": seed, "parameters": params_lib.count(params)}
+         "learning_rate": learning_rate, "seed": seed, "parameters": parameters}
 
   manager, restored_step, opt_state, meta = None, 0, None, {"run": run, "losses": {}}
   if checkpoint_every_steps:
@@ -165,7 +166,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
   result = dict(meta["losses"])
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   checkpoints.save_params_npz(jax.device_get(params), output_path)
-  result.update(seconds=time.perf_counter() - start, parameters=params_lib.count(params))
+  result.update(seconds=time.perf_counter() - start, parameters=parameters)
   if eval_dataset_cfg is not None:
     result["eval_token_accuracy"] = _eval_token_accuracy(model, params, eval_dataset_cfg)
   if lm_adaptation_eval_dataset_cfg is not None:
