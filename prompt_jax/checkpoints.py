@@ -9,23 +9,36 @@ Layout of a run directory (MODEL_DIR):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 import os
+import zipfile
+import zlib
 from typing import Any, Mapping, Optional
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from prompt_jax import run_dir
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 
 
+class CheckpointUnusableError(ValueError):
+  """No checkpoint of a run restores to a finite state matching the configured one."""
+
+
 class PromptCheckpointManager:
-  """Saves and restores the trainable state of a run every `save_every_steps`, keeping `keep`."""
+  """Saves and restores the trainable state of a run every `save_every_steps`, keeping `keep`.
+
+  Constructing one writes nothing: `checkpoints/` is created by the first save, so reading a
+  mistyped MODEL_DIR (eval, export-prompt) leaves no directory behind."""
 
   def __init__(self, model_dir: str, save_every_steps: int, keep: Optional[int] = 3):
     if save_every_steps < 1:
@@ -33,9 +46,11 @@ class PromptCheckpointManager:
     self.model_dir = os.path.abspath(model_dir)
     self.directory = os.path.join(self.model_dir, "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every_steps,
-                                           create=True, enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+                                           create=False, enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -44,28 +59,149 @@ class PromptCheckpointManager:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: Mapping[str, Any], force: bool = False) -> bool:
+    if not all_finite(state):
+      raise ValueError(f"refusing to save a non-finite state at step {step}")
+    os.makedirs(self.directory, exist_ok=True)
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=force)
     self.manager.wait_until_finished()
     return bool(saved)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """`abstract_state`: a tree of `jax.ShapeDtypeStruct` with shardings, like the saved one."""
+    """`abstract_state`: a tree of `jax.ShapeDtypeStruct` with shardings, like the saved one.
+
+    A saved state whose shapes differ from `abstract_state` (e.g. another PROMPT_LENGTH) is a
+    ValueError naming both shapes."""
+    self.check_shapes(step, abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
+
+  def restore_meta(self, step: int) -> dict:
+    """Only the JSON metadata of `step` (data position, frozen checkpoint, config)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def check_shapes(self, step: int, abstract_state: Any) -> None:
+    """Raise ValueError naming both shapes where `step`'s saved state differs from
+    `abstract_state` (leaves compared by path)."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return  # no readable metadata: the restore itself reports what is wrong
+    saved_tree = getattr(saved, "tree", saved)
+    if saved_tree is None:
+      return
+    want = flax.traverse_util.flatten_dict(_as_dict(abstract_state), sep="/")
+    got = flax.traverse_util.flatten_dict(_as_dict(saved_tree), sep="/")
+    for name, struct in sorted(want.items()):
+      shape = getattr(got.get(name), "shape", None)
+      if shape is not None and tuple(shape) != tuple(struct.shape):
+        raise ValueError(
+            f"checkpoint step {step} in {self.directory} holds {name} of shape {tuple(shape)}, "
+            f"the configured run expects {tuple(struct.shape)}; use the settings it was "
+            "trained with (e.g. PROMPT_LENGTH) or a new MODEL_DIR")
+
+  def restore_latest_good(self, abstract_state: Any) -> Optional[tuple[Any, dict, int]]:
+    """(state, meta, step) of the newest checkpoint that restores and is finite, else None when
+    there is no checkpoint.
+
+    A newer checkpoint that fails (truncated file, missing manifest, non-finite values) is
+    reported and moved aside to MODEL_DIR/unusable_checkpoints/<step> (never deleted), so the
+    resumed run can save that step again. A shape mismatch with the configured run is not a
+    corruption: it is raised as ValueError at once."""
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None
+    skipped = []
+    for step in steps:
+      self.check_shapes(step, abstract_state)
+      try:
+        state, meta = self.restore(step, abstract_state)
+        reason = None if all_finite(state) else "it holds NaN or infinite values"
+      except ValueError as e:
+        if "configured run expects" in str(e):
+          raise
+        if "not compatible with the stored shape" in str(e):  # a mismatch, not a corruption
+          raise ValueError(f"checkpoint step {step} in {self.directory} does not fit the "
+                           f"configured run: {_first_line(e)}") from e
+        reason = _first_line(e)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = _first_line(e)
+      if reason is None:
+        return state, meta, step
+      moved = self.move_aside(step)
+      message = (f"checkpoint step {step} in {self.directory} does not restore ({reason}); "
+                 f"moved it to {moved} and trying an older one")
+      log.warning(message)
+      print(f"warning: {message}", flush=True)
+      skipped.append(step)
+    raise CheckpointUnusableError(
+        f"no checkpoint in {self.directory} restores (tried steps "
+        f"{', '.join(map(str, skipped))}; moved to {self.unusable_directory}); use a new "
+        "MODEL_DIR or restore them by hand")
+
+  @property
+  def unusable_directory(self) -> str:
+    return os.path.join(self.model_dir, "unusable_checkpoints")
+
+  def move_aside(self, step: int) -> str:
+    """Move `checkpoints/<step>` out of the manager's sight; returns where it went."""
+    os.makedirs(self.unusable_directory, exist_ok=True)
+    target = os.path.join(self.unusable_directory, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(self.unusable_directory, f"{step}.{suffix}")
+      suffix += 1
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def close(self):
     self.manager.close()
 
 
+def _as_dict(tree: Any) -> dict:
+  """A state tree (dataclasses, optax namedtuples, dicts) as nested dicts keyed by path names,
+  so saved metadata and abstract states compare leaf by leaf."""
+  if hasattr(tree, "shape") and hasattr(tree, "dtype"):  # arrays, structs, ArrayMetadata
+    return tree
+  if isinstance(tree, Mapping):
+    return {str(k): _as_dict(v) for k, v in tree.items()}
+  if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+    return {f.name: _as_dict(getattr(tree, f.name)) for f in dataclasses.fields(tree)}
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return {name: _as_dict(getattr(tree, name)) for name in tree._fields}
+  if isinstance(tree, (list, tuple)):
+    return {str(i): _as_dict(v) for i, v in enumerate(tree)}
+  return tree
+
+
+def all_finite(tree: Any) -> bool:
+  """True when every floating leaf of `tree` is finite; reduced on the devices, so it works for
+  arrays sharded across hosts."""
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree)
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip() or type(error).__name__
+  return f"{type(error).__name__}: {text.splitlines()[0][:300]}"
+
+
 def export_prompt_npy(prompt: np.ndarray, model_dir: str, step: int) -> str:
-  """Write a [length, embed] prompt as MODEL_DIR/prompts/prompt_<step>.npy; returns the path."""
-  directory = os.path.join(model_dir, "prompts")
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f"prompt_{step}.npy")
-  np.save(path, np.asarray(prompt, dtype=np.float32))
-  return path
+  """Write a [length, embed] prompt as MODEL_DIR/prompts/prompt_<step>.npy (atomically);
+  returns the path."""
+  path = os.path.join(model_dir, "prompts", f"prompt_{step}.npy")
+  return run_dir.write_npy(path, np.asarray(prompt, dtype=np.float32))
 
 
 # ------------------------------------------------------------------------- frozen model loading
@@ -73,11 +209,17 @@ def export_prompt_npy(prompt: np.ndarray, model_dir: str, step: int) -> str:
 
 def resolve_path(path: str) -> str:
   """`builtin:<name>` names a model shipped in the package (`prompt_jax/assets/<name>`)."""
+  if not isinstance(path, (str, os.PathLike)) or not str(path):
+    raise ValueError(f"INITIAL_CHECKPOINT_PATH must be a path, got {path!r}")
+  path = os.fspath(path)
   if path.startswith(BUILTIN_PREFIX):
     name = path[len(BUILTIN_PREFIX):]
     resolved = importlib.resources.files("prompt_jax") / "assets" / name
     if not resolved.is_file() and not resolved.is_dir():
-      raise ValueError(f"no built-in checkpoint {name!r} in prompt_jax/assets")
+      shipped = sorted(p.name for p in (importlib.resources.files("prompt_jax") / "assets")
+                       .iterdir())
+      raise ValueError(f"no built-in checkpoint {name!r} in prompt_jax/assets; shipped: "
+                       f"{', '.join(shipped) or 'none'}")
     return str(resolved)
   return path
 
@@ -89,8 +231,37 @@ def save_params_npz(params: Mapping, path: str) -> None:
 
 
 def load_params_npz(path: str) -> dict:
-  with np.load(path) as data:
-    return flax.traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
+  """The parameter tree of a `.npz` written by `save_params_npz`; a missing, truncated or
+  corrupt file raises one line naming it."""
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist") from e
+  if magic == b"\x93NUMPY":
+    raise ValueError(f"checkpoint {path!r} holds a single .npy array, not a .npz archive of "
+                     "named parameters")
+  if not magic.startswith(b"PK"):
+    raise ValueError(f"checkpoint {path!r} is not a .npz archive (first bytes {magic!r}); "
+                     "truncated, corrupt or another format")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"checkpoint {path!r} is not a readable .npz archive, truncated or corrupt "
+                     f"({_reason(e)})") from e
+  with data:
+    try:
+      flat = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+      raise ValueError(f"checkpoint {path!r} is truncated or corrupt ({_reason(e)})") from e
+  if not flat:
+    raise ValueError(f"checkpoint {path!r} is an empty .npz archive (no parameters)")
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an exception from a reader, for a one-line message."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def save_params_orbax(params: Mapping, path: str) -> None:
@@ -106,11 +277,20 @@ def load_params_orbax(path: str, abstract_params: Optional[Mapping] = None) -> d
     return checkpointer.restore(os.path.abspath(path), abstract_params)
 
 
+ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint",
+                 "_sharding")
+
+
 def _format_of(path: str) -> str:
-  if path.endswith(".npz"):
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"INITIAL_CHECKPOINT_PATH {path!r} does not exist")
+  if path.endswith(".npz") and not os.path.isdir(path):
     return "npz"
   if os.path.isdir(path):
     names = set(os.listdir(path))
+    if not names:
+      raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} is an empty directory, not a "
+                       "checkpoint")
     if "config.json" in names and any(n.endswith(".safetensors") or n.endswith(
         ".safetensors.index.json") for n in names):
       return "hf"
@@ -126,6 +306,12 @@ def _format_of(path: str) -> str:
       return "t5x"
     if any(n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit() for n in names):
       return "t5x"
+    if "config.json" in names:
+      return "hf"  # `hf.read_tensors` says which weights are missing
+    if not names & set(ORBAX_MARKERS):
+      raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} is not a checkpoint directory: no "
+                       "Orbax metadata (_METADATA, manifest.ocdbt), T5X checkpoint or Hugging "
+                       f"Face config.json; found {sorted(names)[:10]}")
     return "orbax"
   if os.path.basename(path) == "checkpoint" and os.path.isfile(path):
     return "t5x"  # the msgpack file of a legacy T5X checkpoint

@@ -21,6 +21,7 @@ from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.prompts import initializers
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,12 @@ def load_prompt_params(trainer, frozen_params, *, model_dir: Optional[str] = Non
       raise FileNotFoundError(f"PROMPT_PATH {prompt_path!r} does not exist")
     match = re.search(r"prompt_(\d+)\.npy$", prompt_path)  # MODEL_DIR/prompts/prompt_<step>.npy
     step = step if step is not None else int(match.group(1)) if match else 0
-    return prompt_params_from_array(trainer, np.load(prompt_path)), step
+    prompt = initializers.load_prompt_array(prompt_path, allow_bank=True)
+    return prompt_params_from_array(trainer, prompt), step
   if model_dir:
+    if not os.path.isdir(model_dir):
+      raise ValueError(f"MODEL_DIR {model_dir!r} does not exist (or is not a directory); "
+                       "check the path or set PROMPT_PATH")
     manager = checkpoints.PromptCheckpointManager(model_dir, 1, None)
     try:
       steps = manager.all_steps()
@@ -244,6 +249,7 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
   `evaluate_fn` replaces `evaluate` (same arguments), e.g. `ensemble.evaluate_ensemble` for a
   prompt bank. Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
   """
+  pipeline.check_vocabulary(dataset_cfg, model.config.vocab_size)
   trainer, frozen = build_trainer(model, dataset_cfg, initial_checkpoint_path, optimizer,
                                   partitioner, trainable_pattern, seed)
   prompt, step = load_prompt_params(trainer, frozen, model_dir=model_dir,
@@ -255,7 +261,7 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
       max_decode_length or dataset_cfg.task_feature_lengths["targets"],
       log_dir=log_dir if write_predictions else None, step=step)
   if log_dir:
-    from prompt_jax.trainer import MetricWriter  # pylint: disable=g-import-not-at-top
+    from prompt_jax.metric_writer import MetricWriter  # pylint: disable=g-import-not-at-top
     writer = MetricWriter(out_dir, f"eval_{dataset_cfg.split}")
     writer.write(step, scores)
     writer.close()

@@ -15,8 +15,6 @@ the frozen checkpoint comes from the run's metadata unless `--initial_checkpoint
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -96,14 +94,14 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: Optio
   return peft.save_prompt(prompt, directory, **kwargs)
 
 
-def _model_from_gin(argv: Sequence[str]):
+def _model_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+                    search_paths: Sequence[str] = ()):
+  """The run's model (gin MODEL) and gin MODEL_DIR (None if unset)."""
   import gin  # pylint: disable=g-import-not-at-top
 
-  from prompt_jax import cli  # pylint: disable=g-import-not-at-top
-  logging.getLogger().addFilter(cli._quiet_gin_search)  # gin logs each include path it tries
-  gin_args = cli.parse_gin_flags(argv)
-  cli.configure_gin(gin_args.gin_file, gin_args.gin_bindings,
-                    [p for p in gin_args.gin_search_paths.split(",") if p])
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.configure_gin(gin_files, gin_bindings, search_paths, roots=["%MODEL"],
+                          optional=["MODEL_DIR"])
   gin.parse_config(["from __gin__ import dynamic_registration",
                     "from prompt_jax import export",
                     "export.configured_model.model = %MODEL"])
@@ -114,33 +112,26 @@ def _model_from_gin(argv: Sequence[str]):
   return gin.get_configurable(configured_model)(), model_dir
 
 
-def parse_flags(argv: Sequence[str]):
-  parser = argparse.ArgumentParser(prog="prompt-jax export-prompt", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model_dir", help="training run directory (default: gin MODEL_DIR)")
-  parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-  parser.add_argument("--output", help=".npy path (default MODEL_DIR/export/prompt_<step>.npy)")
-  parser.add_argument("--peft_dir", help="PEFT directory (default MODEL_DIR/export/peft_<step>)")
-  parser.add_argument("--base_model_name_or_path", help="recorded in the PEFT adapter config")
-  parser.add_argument("--initial_checkpoint_path",
-                      help="frozen checkpoint (default: the one the run recorded)")
-  parser.add_argument("--format", choices=("both", "npy", "peft"), default="both")
-  return parser.parse_known_args(argv)
-
-
-def main(argv: Sequence[str]) -> int:
-  args, gin_argv = parse_flags(argv)
-  model, gin_model_dir = _model_from_gin(gin_argv)
-  model_dir = args.model_dir or gin_model_dir
+def main(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+         search_paths: Sequence[str] = (), model_dir: Optional[str] = None,
+         step: Optional[int] = None, output: Optional[str] = None,
+         peft_dir: Optional[str] = None, base_model_name_or_path: Optional[str] = None,
+         initial_checkpoint_path: Optional[str] = None, fmt: str = "both") -> int:
+  """`prompt-jax export-prompt`: fold the prompt of the run in `model_dir` (default gin
+  MODEL_DIR) at `step` and write it as `fmt` ('both', 'npy' or 'peft')."""
+  if fmt not in ("both", "npy", "peft"):
+    raise ValueError(f"--format must be both, npy or peft, got {fmt!r}")
+  model, gin_model_dir = _model_from_gin(gin_files, gin_bindings, search_paths)
+  model_dir = model_dir or gin_model_dir
   if not model_dir:
     raise ValueError("no run directory: pass --model_dir=/path/to/run")
-  prompt, step = export_prompt(model, model_dir, args.step, args.initial_checkpoint_path)
+  prompt, step = export_prompt(model, model_dir, step, initial_checkpoint_path)
   export_dir = os.path.join(model_dir, "export")
-  if args.format in ("both", "npy"):
-    path = save_npy(prompt, args.output or os.path.join(export_dir, f"prompt_{step}.npy"))
+  if fmt in ("both", "npy"):
+    path = save_npy(prompt, output or os.path.join(export_dir, f"prompt_{step}.npy"))
     print(f"wrote {path} {tuple(prompt.shape)}")
-  if args.format in ("both", "peft"):
-    directory = args.peft_dir or os.path.join(export_dir, f"peft_{step}")
-    save_peft(prompt, directory, args.base_model_name_or_path)
+  if fmt in ("both", "peft"):
+    directory = peft_dir or os.path.join(export_dir, f"peft_{step}")
+    save_peft(prompt, directory, base_model_name_or_path)
     print(f"wrote {directory} (PEFT prompt tuning, {prompt.shape[0]} virtual tokens)")
   return 0

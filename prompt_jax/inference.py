@@ -21,6 +21,7 @@ from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.prompts import initializers
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,78 @@ def predict_texts(trainer, prompt_params, frozen_params, texts: Sequence[str],
   return [vocabulary.decode([int(t) for t in row]) for row in predicted]
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """JSONL records, each needing a string `inputs`."""
+def read_jsonl_lines(path: str, required: Sequence[str] = ("inputs",)
+                     ) -> list[tuple[int, dict[str, Any]]]:
+  """(1-based line number, record) for every non-blank line of a JSONL file; each record must be
+  a JSON object with a string value for every key in `required`. Malformed JSON, bytes that are
+  not UTF-8 and missing keys raise ValueError naming `path:<line>`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"JSONL file {path!r} does not exist")
+  if os.path.isdir(path):
+    raise ValueError(f"JSONL file {path!r} is a directory")
   records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                         f"{e.start + 1})") from None
+      if number == 1:
+        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
       if not line.strip():
         continue
-      record = json.loads(line)
-      if not isinstance(record, dict) or not isinstance(record.get("inputs"), str):
-        raise ValueError(f"{path}:{number}: expected a JSON object with a string 'inputs', got "
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})"
+                         ) from None
+      missing = [k for k in required if not isinstance(record, dict)
+                 or not isinstance(record.get(k), str)]
+      if missing:
+        keys = " and ".join(repr(k) for k in required)
+        raise ValueError(f"{path}:{number}: expected a JSON object with a string {keys}, got "
                          f"{line.strip()[:80]!r}")
-      records.append(record)
+      records.append((number, record))
   return records
+
+
+def read_jsonl(path: str, required: Sequence[str] = ("inputs",)) -> list[dict[str, Any]]:
+  """JSONL records, each needing a string `inputs` (or every key in `required`); errors name
+  the file and line (see `read_jsonl_lines`)."""
+  return [record for _, record in read_jsonl_lines(path, required)]
+
+
+def same_file(a: str, b: str) -> bool:
+  """Whether paths `a` and `b` name the same file (after resolving symlinks and relative
+  parts; hard links too when both exist)."""
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+def check_output_path(output_path: str, inputs_path: Optional[str],
+                      output_name: str = "OUTPUT_PATH", inputs_name: str = "INPUTS_PATH") -> None:
+  """Refuse (ValueError) an output that would overwrite the inputs, or is a directory."""
+  if not isinstance(output_path, str) or not output_path:
+    raise ValueError(f"{output_name} must be a file path, got {output_path!r}")
+  if inputs_path and same_file(output_path, inputs_path):
+    raise ValueError(f"{output_name} {output_path!r} is the input file {inputs_name} "
+                     f"{inputs_path!r}; writing it would overwrite the inputs")
+  if os.path.isdir(output_path):
+    raise ValueError(f"{output_name} {output_path!r} is a directory; give a .jsonl file path")
+
+
+def check_model_vocabulary(vocabulary: seqio.Vocabulary, vocab_size: int,
+                           source: str = "VOCABULARY") -> None:
+  """Refuse a vocabulary with more ids than the model's embedding rows (naming both)."""
+  size = int(vocabulary.vocab_size)
+  if size > vocab_size:
+    raise ValueError(f"{source} ({type(vocabulary).__name__}) has {size} ids but the model's "
+                     f"embedding has {vocab_size} rows (T5Config.vocab_size)")
 
 
 def task_records(dataset_cfg: pipeline.DatasetConfig) -> Iterator[dict[str, str]]:
@@ -125,18 +185,23 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
   if bool(inputs_path) == bool(task):
     raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
                      f"MIXTURE_OR_TASK_NAME; got {inputs_path!r} and {task!r}")
+  check_output_path(output_path, inputs_path)  # before reading anything
   shape_cfg = pipeline.DatasetConfig(
       mixture_or_task_name=task or "(inputs file)", batch_size=batch_size, split=split,
       task_feature_lengths={"inputs": input_length, "targets": max_decode_length},
       shuffle=False, module=task_module)
   if task:
     provider = pipeline.get_task_or_mixture(task, task_module)
+    pipeline.check_vocabulary(shape_cfg, model.config.vocab_size)
     vocabulary = provider.output_features["inputs"].vocabulary
     records = list(task_records(shape_cfg))
   else:
     if vocabulary is None:
       raise ValueError("infer from INPUTS_PATH needs the model's VOCABULARY, got None")
+    check_model_vocabulary(vocabulary, model.config.vocab_size)
     records = read_jsonl(inputs_path)
+  if prompt_path:  # fail on a bad prompt file before the model is built
+    initializers.load_prompt_array(prompt_path, allow_bank=True)
   trainer, frozen = evaluation.build_trainer(model, shape_cfg, initial_checkpoint_path,
                                              optimizer, partitioner, trainable_pattern, seed)
   prompt, step = evaluation.load_prompt_params(trainer, frozen, model_dir=model_dir,

@@ -18,7 +18,6 @@ infer-multitask`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import logging
@@ -35,6 +34,7 @@ from prompt_jax import evaluation, inference
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.bank import PromptBank
 from prompt_jax.trainer import PromptTrainer
 
@@ -55,7 +55,8 @@ def _latest_export(model_dir: str) -> str:
 
 
 def load_prompt(source: str) -> np.ndarray:
-  """A prompt source (see the module docstring) -> float32 [length, embed]."""
+  """A prompt source (see the module docstring) -> float32 [length, embed], checked by
+  `initializers.check_prompt_array` (floating point, finite)."""
   from prompt_jax.interop import peft  # pylint: disable=g-import-not-at-top
   path, _, row = source.partition("#")
   if os.path.isdir(path):
@@ -66,10 +67,7 @@ def load_prompt(source: str) -> np.ndarray:
     path = _latest_export(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"prompt source {source!r} does not exist")
-  try:
-    array = np.load(path)
-  except ValueError as e:
-    raise ValueError(f"prompt source {path!r} is not a .npy array: {e}") from e
+  array = initializers.read_npy(path)
   if row:
     if array.ndim != 3 or not row.isdigit() or int(row) >= array.shape[0]:
       raise ValueError(f"prompt source {source!r}: '#<row>' needs a [N, length, embed] bank "
@@ -78,7 +76,7 @@ def load_prompt(source: str) -> np.ndarray:
   if array.ndim != 2:
     raise ValueError(f"prompt source {source!r} must hold [length, embed], got shape "
                      f"{array.shape} (a bank export needs '#<row>')")
-  return np.asarray(array, np.float32)
+  return initializers.check_prompt_array(array, source)
 
 
 def group_by_length(prompts: Mapping[str, np.ndarray]) -> dict[int, list[str]]:
@@ -101,15 +99,23 @@ def _bank_trainer(model: EncoderDecoderModel, num_prompts: int, length: int, pla
                        max_decode_length, batch_size)
 
 
-def check_records(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> None:
-  """Every record needs a string `task` among `tasks` and a string `inputs`."""
+def check_records(records: Sequence[Mapping[str, Any]], tasks: Sequence[str],
+                  path: Optional[str] = None, line_numbers: Optional[Sequence[int]] = None) -> None:
+  """Every record needs a string `task` among `tasks` and a string `inputs`. Errors name
+  `path` and the record's line (`line_numbers[i]`, default its 1-based position)."""
   known = set(tasks)
-  for number, record in enumerate(records, 1):
+  where = f"{path}: " if path else ""
+  for index, record in enumerate(records):
+    number = line_numbers[index] if line_numbers is not None else index + 1
     if not isinstance(record.get("inputs"), str):
-      raise ValueError(f"line {number}: expected a string 'inputs', got {record.get('inputs')!r}")
+      raise ValueError(f"{where}line {number}: expected a string 'inputs', got "
+                       f"{record.get('inputs')!r}")
+    if not isinstance(record.get("task"), str):
+      raise ValueError(f"{where}line {number}: expected a string 'task' (one of {sorted(known)}), "
+                       f"got {record.get('task')!r}")
     if record.get("task") not in known:
-      raise ValueError(f"line {number}: task {record.get('task')!r} has no prompt; prompts are "
-                       f"given for {sorted(known)}")
+      raise ValueError(f"{where}line {number}: task {record.get('task')!r} has no prompt; prompts "
+                       f"are given for {sorted(known)}")
 
 
 def predict_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str, Any]],
@@ -159,12 +165,21 @@ def infer_multitask(*, model: EncoderDecoderModel, inputs_path: str, output_path
   `model` is any `EncoderDecoderModel`; its prompt hook is replaced by the banks."""
   if not prompts:
     raise ValueError("infer-multitask needs at least one task prompt, got none")
+  inference.check_output_path(output_path, inputs_path, "--output", "--inputs")  # before reading
+  inference.check_model_vocabulary(vocabulary, model.config.vocab_size, "--vocabulary")
   loaded = {task: load_prompt(source) for task, source in prompts.items()}
   dims = {task: p.shape[1] for task, p in loaded.items() if p.shape[1] != model.config.emb_dim}
   if dims:
     raise ValueError(f"prompt widths {dims} differ from the model's emb_dim "
                      f"{model.config.emb_dim}")
-  records = inference.read_jsonl(inputs_path)
+  for task, prompt in loaded.items():
+    try:
+      base.check_encoder_length(int(prompt.shape[0]), input_length)
+    except ValueError as e:
+      raise ValueError(f"prompt source {prompts[task]!r} (task {task!r}): {e}") from None
+  numbered = inference.read_jsonl_lines(inputs_path, ("inputs",))
+  records = [record for _, record in numbered]
+  check_records(records, list(loaded), inputs_path, [number for number, _ in numbered])
   predictions = predict_multitask(model, records, loaded, initial_checkpoint_path, vocabulary,
                                   input_length=input_length,
                                   max_decode_length=max_decode_length, batch_size=batch_size,
@@ -190,38 +205,18 @@ def _vocabulary(spec: str) -> seqio.Vocabulary:
   return seqio.SentencePieceVocabulary(spec)
 
 
-def _task_prompt(text: str) -> tuple[str, str]:
-  task, sep, source = text.partition("=")
-  if not sep or not task or not source:
-    raise argparse.ArgumentTypeError(f"expected TASK=PATH, got {text!r}")
-  return task, source
-
-
-def main(argv: Sequence[str]) -> int:
-  """`prompt-jax infer-multitask --inputs=IN.jsonl --output=OUT.jsonl --prompt=TASK=PATH ...`"""
-  parser = argparse.ArgumentParser(prog="prompt-jax infer-multitask",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--inputs", required=True, help="JSONL of {task, inputs} lines")
-  parser.add_argument("--output", required=True, help="JSONL to write (adds 'prediction')")
-  parser.add_argument("--prompt", action="append", type=_task_prompt, default=[],
-                      required=True, help="TASK=PATH (.npy, .npy#row, PEFT dir, run dir)")
-  parser.add_argument("--checkpoint", required=True, help="frozen model (npz, Orbax, T5X, HF, "
-                      "builtin:<name>)")
-  parser.add_argument("--model", default="tiny", help="T5 preset name (prompt_jax.models.t5)")
-  parser.add_argument("--vocabulary", default="byte", help="'byte' or a SentencePiece .model")
-  parser.add_argument("--input_length", type=int, default=512)
-  parser.add_argument("--max_decode_length", type=int, default=32)
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--placement", default="prefix",
-                      choices=("prefix", "prefix_after_bos", "suffix"))
-  args = parser.parse_args(list(argv))
-  prompts = dict(args.prompt)
-  if len(prompts) != len(args.prompt):
-    raise ValueError(f"--prompt names a task twice: {[t for t, _ in args.prompt]}")
-  model = EncoderDecoderModel(t5.Transformer(t5.preset(args.model)))
-  infer_multitask(model=model, inputs_path=args.inputs, output_path=args.output,
-                  prompts=prompts, vocabulary=_vocabulary(args.vocabulary),
-                  initial_checkpoint_path=args.checkpoint, input_length=args.input_length,
-                  max_decode_length=args.max_decode_length, batch_size=args.batch_size,
-                  placement=args.placement)
+def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkpoint: str,
+         model: str = "tiny", vocabulary: str = "byte", input_length: int = 512,
+         max_decode_length: int = 32, batch_size: int = 32, placement: str = "prefix") -> int:
+  """`prompt-jax infer-multitask` (and `prompt-jax infer --inputs=...`): `prompts` are
+  (task, source) pairs; `model` a T5 preset name (prompt_jax.models.t5), `vocabulary` 'byte' or
+  a SentencePiece model file."""
+  by_task = dict(prompts)
+  if len(by_task) != len(prompts):
+    raise ValueError(f"--prompt names a task twice: {[t for t, _ in prompts]}")
+  frozen_model = EncoderDecoderModel(t5.Transformer(t5.preset(model)))
+  infer_multitask(model=frozen_model, inputs_path=inputs, output_path=output, prompts=by_task,
+                  vocabulary=_vocabulary(vocabulary), initial_checkpoint_path=checkpoint,
+                  input_length=input_length, max_decode_length=max_decode_length,
+                  batch_size=batch_size, placement=placement)
   return 0

@@ -37,30 +37,6 @@ DEFAULT_CHIP = {"tpu": "v5e", "gpu": "h100", "cpu": None}
 _CHILD_ENV = "PROMPT_JAX_PLAN_CHILD"
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="prompt-jax plan", description=__doc__.split("\n")[0])
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--gin_search_paths", default="")
-  parser.add_argument("--mesh", required=True, help="DATAxMODEL, e.g. 4x2")
-  parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"))
-  parser.add_argument("--chip", default=None, choices=sorted(CHIPS),
-                      help="accelerator whose memory/peak the plan is compared with "
-                           "(default: v5e for tpu, h100 for gpu)")
-  parser.add_argument("--json", default=None, help="also write the numbers to this file")
-  args, rest = parser.parse_known_args(argv)
-  for flag in rest:
-    if flag.startswith("--gin.") and "=" in flag:
-      name, value = flag[len("--gin."):].split("=", 1)
-      args.gin_bindings.append(f"{name} = {value}")
-    else:
-      parser.error(f"unrecognised argument {flag!r}")
-  args.data, args.model = parse_mesh(args.mesh)
-  if args.chip is None:
-    args.chip = DEFAULT_CHIP[args.platform]
-  return args
-
-
 def parse_mesh(mesh: str) -> tuple[int, int]:
   """'4x2' -> (4, 2)."""
   parts = mesh.lower().split("x")
@@ -70,8 +46,8 @@ def parse_mesh(mesh: str) -> tuple[int, int]:
 
 
 def _devices_for(platform: str, needed: int, argv: Sequence[str]):
-  """Real devices of `platform` if there are enough, else fake CPU devices (re-executing this
-  command in a fresh process when JAX already started with too few)."""
+  """Real devices of `platform` if there are enough, else fake CPU devices (re-executing
+  `prompt-jax plan <argv>` in a fresh process when JAX already started with too few)."""
   flag = f"--xla_force_host_platform_device_count={needed}"
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
@@ -89,8 +65,7 @@ def _devices_for(platform: str, needed: int, argv: Sequence[str]):
   if os.environ.get(_CHILD_ENV):
     raise RuntimeError(f"could not create {needed} fake CPU devices (have {len(cpus)})")
   env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
-  code = "import sys; from prompt_jax import plan; sys.exit(plan.main(sys.argv[1:]))"
-  proc = subprocess.run([sys.executable, "-c", code, *argv], env=env)
+  proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", "plan", *argv], env=env)
   raise SystemExit(proc.returncode)
 
 
@@ -98,9 +73,9 @@ def _training_bindings(args):
   """Resolve the gin-configured arguments of `trainer.train` without running it."""
   import gin  # pylint: disable=g-import-not-at-top
 
-  from prompt_jax import cli, trainer  # pylint: disable=g-import-not-at-top
-  cli.configure_gin(args.gin_file, [*args.gin_bindings, f"NUM_PARTITIONS = {args.model}"],
-                    [p for p in args.gin_search_paths.split(",") if p])
+  from prompt_jax import gin_utils, trainer  # pylint: disable=g-import-not-at-top
+  gin_utils.configure_gin(args.gin_file, args.gin_bindings, args.search_paths,
+                          **_gin_checks(args.model))
   # The plan never writes or reads data: fill what a run would require.
   for macro, value in (("MODEL_DIR", "None"), ("MIXTURE_OR_TASK_NAME", "'plan_only'")):
     try:
@@ -283,19 +258,37 @@ def format_plan(plan: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = parse_args(argv)
-  if not args.gin_file:
-    raise ValueError("no --gin_file given")
-  devices, fake = _devices_for(args.platform, args.data * args.model, argv)
+def _gin_checks(model_partitions: int) -> dict:
+  """`gin_utils.check`/`configure_gin` arguments: trainer.train's config, with the macros
+  `_training_bindings` fills in optional and NUM_PARTITIONS from the mesh."""
+  return {"roots": ["trainer.train"], "optional": ["MODEL_DIR", "MIXTURE_OR_TASK_NAME"],
+          "extra_bindings": [f"NUM_PARTITIONS = {model_partitions}"]}
+
+
+def main(*, gin_files: Sequence[str], mesh: str, gin_bindings: Sequence[str] = (),
+         search_paths: Sequence[str] = (), platform: str = "cpu", chip: Optional[str] = None,
+         json_path: Optional[str] = None) -> int:
+  """`prompt-jax plan`: print (and with `json_path` write) the plan of the gin-configured train
+  step on a `mesh` ('DATAxMODEL') of `platform` devices, compared with `chip`."""
+  data, model = parse_mesh(mesh)
+  if platform not in DEFAULT_CHIP:
+    raise ValueError(f"--platform must be one of {sorted(DEFAULT_CHIP)}, got {platform!r}")
+  if chip is not None and chip not in CHIPS:
+    raise ValueError(f"--chip must be one of {sorted(CHIPS)}, got {chip!r}")
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.check(gin_files, gin_bindings, search_paths, **_gin_checks(model))  # fast, no imports
+  args = argparse.Namespace(gin_file=list(gin_files), gin_bindings=list(gin_bindings),
+                            search_paths=list(search_paths), data=data, model=model,
+                            platform=platform, chip=chip or DEFAULT_CHIP[platform])
+  child_argv = [*(f"--gin_file={f}" for f in gin_files),
+                *(f"--gin_bindings={b}" for b in gin_bindings),
+                f"--gin_search_paths={','.join(search_paths)}", f"--mesh={mesh}",
+                f"--platform={platform}", *([f"--chip={chip}"] if chip else []),
+                *([f"--json={json_path}"] if json_path else [])]  # `prompt-jax plan` again
+  devices, fake = _devices_for(platform, data * model, child_argv)
   plan = build_plan(args, devices, fake)
   print(format_plan(plan), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
+  if json_path:
+    with open(json_path, "w") as f:
       json.dump(plan, f, indent=2)
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

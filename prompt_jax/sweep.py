@@ -25,7 +25,6 @@ not show at `SweepConfig.reference` (default: each axis' first value) and averag
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -210,15 +209,14 @@ def _frozen_parameter_count() -> Optional[int]:
 
 def run_cell(cell: Cell, search_paths: Sequence[str] = ()) -> dict:
   """Train one cell in this process; writes <model_dir>/summary.json and sweep_cell.json."""
-  from prompt_jax import cli, trainer  # pylint: disable=g-import-not-at-top
+  from prompt_jax import gin_utils, trainer  # pylint: disable=g-import-not-at-top
   os.makedirs(cell.model_dir, exist_ok=True)
   gin.clear_config()
   try:
-    argv = cell.train_argv()
-    if search_paths:
-      argv.append(f"--gin_search_paths={','.join(search_paths)}")
     start = time.perf_counter()
-    summary = cli.run_gin_command(trainer.train, argv)
+    summary = gin_utils.run_configured(trainer.train, cell.gin_files, cell.bindings,
+                                       search_paths)
+    gin_utils.print_summary(summary)
     info = {"values": dict(cell.values), "seconds": time.perf_counter() - start,
             "parameters": _frozen_parameter_count(), "gin_files": list(cell.gin_files),
             "bindings": list(cell.bindings)}
@@ -401,10 +399,10 @@ def write_commands(cfg: SweepConfig, cells: Sequence[Cell]) -> str:
 def load_sweep_config(gin_files: Sequence[str], bindings: Sequence[str],
                       search_paths: Sequence[str]) -> SweepConfig:
   """Parse the sweep's gin files and build its SweepConfig (gin is cleared afterwards)."""
-  from prompt_jax import cli  # pylint: disable=g-import-not-at-top
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    cli.configure_gin(gin_files, bindings, search_paths)
+    gin_utils.configure_gin(gin_files, bindings, search_paths, roots=["sweep.SweepConfig"])
     return gin.get_configurable(SweepConfig)()
   finally:
     gin.clear_config()
@@ -472,32 +470,17 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   return rows
 
 
-def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog="prompt-jax sweep")
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--gin_search_paths", default="")
-  parser.add_argument("--mode", default="local", choices=["local", "commands", "collect"])
-  parser.add_argument("--sweep_dir", default=None, help="overrides SweepConfig.sweep_dir")
-  parser.add_argument("--max_cells", type=int, default=None,
-                      help="run at most this many unfinished cells, then collect")
-  parser.add_argument("--stop_on_error", action="store_true")
-  parser.add_argument("--select", action="append", default=[],
-                      help="AXIS=V1,V2: only cells with these values (repeatable), e.g. "
-                           "--select=size=mini_1m --select=prompt_length=1,20")
-  parser.add_argument("--cell_binding", action="append", default=[],
-                      help="a gin binding added to every cell (after the sweep's own)")
-  args, rest = parser.parse_known_args(list(argv))
-  from prompt_jax import cli  # pylint: disable=g-import-not-at-top
-  bindings = list(args.gin_bindings) + cli.gin_shorthand_bindings(rest, parser)
-  if args.sweep_dir:
-    bindings.append(f"sweep.SweepConfig.sweep_dir = {args.sweep_dir!r}")
-  logging.basicConfig(level=logging.WARNING)
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(cli._quiet_gin_search)  # pylint: disable=protected-access
-  search_paths = [p for p in args.gin_search_paths.split(",") if p]
-  cfg = load_sweep_config(args.gin_file, bindings, search_paths)
-  if args.cell_binding:
-    cfg = dataclasses.replace(cfg, bindings=tuple(cfg.bindings) + tuple(args.cell_binding))
-  rows = run(cfg, args.mode, search_paths, args.stop_on_error, args.max_cells, args.select)
+def main(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+         search_paths: Sequence[str] = (), mode: str = "local", sweep_dir: Optional[str] = None,
+         max_cells: Optional[int] = None, stop_on_error: bool = False,
+         select: Sequence[str] = (), cell_bindings: Sequence[str] = ()) -> int:
+  """`prompt-jax sweep`: load the sweep's SweepConfig (`sweep_dir` overrides its sweep_dir,
+  `cell_bindings` are added to every cell's bindings) and `run` it; 1 if a cell failed."""
+  bindings = list(gin_bindings)
+  if sweep_dir:
+    bindings.append(f"sweep.SweepConfig.sweep_dir = {sweep_dir!r}")
+  cfg = load_sweep_config(gin_files, bindings, search_paths)
+  if cell_bindings:
+    cfg = dataclasses.replace(cfg, bindings=tuple(cfg.bindings) + tuple(cell_bindings))
+  rows = run(cfg, mode, search_paths, stop_on_error, max_cells, select)
   return 0 if all(r["status"] != "failed" for r in rows) else 1

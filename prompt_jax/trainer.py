@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import checkpoints
+from prompt_jax import checkpoints, preemption, run_dir
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
+from prompt_jax.metric_writer import MetricWriter
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 
@@ -53,6 +54,12 @@ def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
                          clipping_threshold=clipping_threshold,
                          weight_decay_rate=weight_decay_rate,
                          multiply_by_parameter_scale=multiply_by_parameter_scale)
+
+
+def _tree_all_finite(tree) -> Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 class PromptTrainer:
@@ -188,7 +195,10 @@ class PromptTrainer:
     (_, metrics), grads = grad_fn(state.prompt_params, frozen_params, batch, dropout_rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.prompt_params)
     prompt_params = optax.apply_updates(state.prompt_params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    # Checked on the device: the loss before the update and the prompt after it. A finite loss
+    # with an update that overflows the prompt must not be saved as "good".
+    finite = jnp.isfinite(metrics["loss"]) & _tree_all_finite(prompt_params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), all_finite=finite)
     return TrainState(step=state.step + 1, prompt_params=prompt_params,
                       opt_state=opt_state), metrics
 
@@ -230,31 +240,45 @@ class PromptTrainer:
 
 # ---------------------------------------------------------------------------------- the loop
 
-
-class MetricWriter:
-  """TensorBoard event files under MODEL_DIR/<name> (only on the first host)."""
-
-  def __init__(self, model_dir: str, name: str):
-    self.writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(os.path.join(model_dir, name))
-
-  def write(self, step: int, metrics: Mapping[str, float]):
-    if self.writer is not None:
-      for key, value in metrics.items():
-        self.writer.add_scalar(key, float(value), step)
-      self.writer.flush()
-
-  def close(self):
-    if self.writer is not None:
-      self.writer.close()
+UNTRAINED_EVAL_FILE = "eval_untrained.json"
+SUMMARY_FILE = "summary.json"
 
 
 def _progress(total: int, initial: int):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
               mininterval=0.5, disable=jax.process_index() != 0)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+  """`value` as an int >= minimum, else a ValueError naming the macro and the value."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def _json_value(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+def check_resume_compatible(meta: Mapping[str, Any], current: Mapping[str, Any], step: int,
+                            directory: str) -> None:
+  """Raise ValueError where the run being resumed was trained from another frozen checkpoint
+  or model config than the one configured now (naming the first difference)."""
+  saved_path = meta.get("initial_checkpoint_path")
+  if "initial_checkpoint_path" in meta and saved_path != current["initial_checkpoint_path"]:
+    raise ValueError(
+        f"checkpoint step {step} in {directory} was trained from INITIAL_CHECKPOINT_PATH="
+        f"{saved_path!r}, this run sets {current['initial_checkpoint_path']!r}; use the same "
+        "path, a new MODEL_DIR, or --gin.trainer.train.allow_config_change=True")
+  saved_config, config = meta.get("config"), _json_value(current["config"])
+  if isinstance(saved_config, dict):
+    for name in sorted(set(saved_config) | set(config)):
+      if saved_config.get(name) != config.get(name):
+        raise ValueError(
+            f"checkpoint step {step} in {directory} was trained with model config {name}="
+            f"{saved_config.get(name)!r}, this run has {config.get(name)!r}; use the same model "
+            "gin, a new MODEL_DIR, or --gin.trainer.train.allow_config_change=True")
 
 
 def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: int,
@@ -269,20 +293,47 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
           max_decode_length: Optional[int] = None, seed: int = 0,
           evaluate_fn: Optional[Callable] = None,
           frozen_dtype: Optional[str] = None,
-          batch_transform: Optional[Callable[[dict], dict]] = None) -> dict[str, Any]:
+          batch_transform: Optional[Callable[[dict], dict]] = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
   """Prompt-tune `model` for `train_steps` steps; resumes from MODEL_DIR's latest checkpoint.
 
   `frozen_dtype='bfloat16'` stores the frozen model in bf16 (the prompt and optimizer stay fp32).
   `batch_transform` maps each host-local numpy training batch before the step (e.g.
-  `ensemble.ReplicateAcrossPrompts`).
+  `ensemble.ReplicateAcrossPrompts`). `allow_config_change` resumes a MODEL_DIR whose
+  checkpoint records another INITIAL_CHECKPOINT_PATH or model config.
+
+  Safety: MODEL_DIR is locked for the run; a step whose loss or updated prompt is not finite
+  stops training without saving (`TrainingDivergedError`); SIGINT/SIGTERM save the current step
+  and raise `preemption.Preempted`; rerunning a finished run returns its summary, and a run
+  whose final evaluation was cut short runs only that.
 
   Returns a summary: the final training metrics and, when `eval_dataset_cfg` is set, the
   validation metrics of the untrained and of the trained prompt.
   """
-  if not model_dir:
-    raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
-  if train_steps < 1:
-    raise ValueError(f"TRAIN_STEPS must be >= 1, got {train_steps}")
+  train_steps = _check_count("TRAIN_STEPS", train_steps, 1)
+  checkpoint_every_steps = _check_count("CHECKPOINT_PERIOD", checkpoint_every_steps, 1)
+  eval_every_steps = _check_count("EVAL_PERIOD", eval_every_steps or 0, 0)
+  log_every_steps = _check_count("log_every_steps", log_every_steps, 1)
+  model_dir = run_dir.check_model_dir(model_dir)
+  with run_dir.RunLock(model_dir):
+    return _train(model=model, model_dir=model_dir, train_steps=train_steps,
+                  train_dataset_cfg=train_dataset_cfg, eval_dataset_cfg=eval_dataset_cfg,
+                  initial_checkpoint_path=initial_checkpoint_path, optimizer=optimizer,
+                  partitioner=partitioner, trainable_pattern=trainable_pattern,
+                  checkpoint_every_steps=checkpoint_every_steps,
+                  keep_checkpoints=keep_checkpoints, eval_every_steps=eval_every_steps,
+                  eval_at_start=eval_at_start, log_every_steps=log_every_steps,
+                  max_decode_length=max_decode_length, seed=seed, evaluate_fn=evaluate_fn,
+                  frozen_dtype=frozen_dtype, batch_transform=batch_transform,
+                  allow_config_change=allow_config_change)
+
+
+def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg,
+           initial_checkpoint_path, optimizer, partitioner, trainable_pattern,
+           checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_at_start,
+           log_every_steps, max_decode_length, seed, evaluate_fn, frozen_dtype,
+           batch_transform, allow_config_change) -> dict[str, Any]:
+  pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
   optimizer = optimizer or adafactor()
   partitioner = partitioner or Partitioner()
   lengths = train_dataset_cfg.task_feature_lengths
@@ -294,6 +345,32 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
            f"{counts['trainable']:,}")
   print(f"model: {counts['frozen']:,} frozen parameters, {counts['trainable']:,} trainable; "
         f"mesh {dict(partitioner.mesh.shape)}", flush=True)
+  summary_path = os.path.join(model_dir, SUMMARY_FILE)
+  meta = {"initial_checkpoint_path": initial_checkpoint_path,
+          "trainable_pattern": trainable_pattern,
+          "config": _json_value(dataclasses.asdict(model.config))}
+
+  # Resume: the newest checkpoint that restores and is finite (older ones if it does not).
+  manager = checkpoints.PromptCheckpointManager(model_dir, checkpoint_every_steps,
+                                                keep_checkpoints)
+  restored = manager.restore_latest_good(trainer.abstract_state())
+  start_step, last_metrics = 0, {}
+  if restored is not None:
+    state, restored_meta, latest = restored
+    if not allow_config_change:
+      check_resume_compatible(restored_meta, meta, latest, manager.directory)
+    if train_steps < latest:
+      raise ValueError(f"TRAIN_STEPS={train_steps} is below the step {latest} restored from "
+                       f"{manager.directory}; raise TRAIN_STEPS or use a new MODEL_DIR")
+    start_step = int(restored_meta.get("data_position", latest))
+    last_metrics = dict(restored_meta.get("train_metrics") or {})
+    previous = run_dir.read_json(summary_path)
+    if latest == train_steps and previous and previous.get("step") == train_steps and (
+        not eval_dataset_cfg or "eval_trained" in previous):
+      print(f"run in {model_dir} is complete (step {train_steps}); nothing to do", flush=True)
+      manager.close()
+      return previous
+    print(f"resumed from {manager.directory} at step {latest}", flush=True)
 
   rng = jax.random.key(seed)
   init_rng, frozen_rng, step_rng = jax.random.split(rng, 3)
@@ -302,89 +379,102 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
   else:
     log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
     frozen_params = trainer.random_frozen_params(frozen_rng)
-
-  manager = checkpoints.PromptCheckpointManager(model_dir, checkpoint_every_steps,
-                                                keep_checkpoints)
-  start_step = 0
-  latest = manager.latest_step()
-  if latest is not None:
-    if train_steps <= latest:
-      raise ValueError(f"TRAIN_STEPS={train_steps} is not above the step {latest} restored from "
-                       f"{manager.directory}; raise TRAIN_STEPS or use a new MODEL_DIR")
-    state, meta = manager.restore(latest, trainer.abstract_state())
-    start_step = int(meta.get("data_position", latest))
-    print(f"resumed from {manager.directory} at step {latest}", flush=True)
-  else:
+  if restored is None:
     state = trainer.init_state(frozen_params, init_rng)
+  else:
+    _recreate_missing_exports(trainer, manager, frozen_params, model_dir, state, latest)
 
   if evaluate_fn is None:
     from prompt_jax import evaluation  # pylint: disable=g-import-not-at-top
     evaluate_fn = evaluation.evaluate
   decode_length = max_decode_length or lengths["targets"]
-  summary: dict[str, Any] = {"model_dir": os.path.abspath(model_dir)}
+  summary: dict[str, Any] = {"model_dir": model_dir}
   eval_writer = MetricWriter(model_dir, "eval") if eval_dataset_cfg else None
+  progress = None
+
+  def say(line: str):
+    (progress.write if progress is not None and not progress.disable else print)(line)
+    sys.stdout.flush()
 
   def run_eval(label: str, step: int) -> dict:
     scores = evaluate_fn(trainer, state.prompt_params, frozen_params, eval_dataset_cfg,
                          max_decode_length=decode_length)
     eval_writer.write(step, scores)
-    print(f"eval ({label}, step {step}): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in sorted(scores.items())), flush=True)
+    say(f"eval ({label}, step {step}): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in sorted(scores.items())))
     return scores
 
-  if eval_dataset_cfg and eval_at_start and start_step == 0:
-    summary["eval_untrained"] = run_eval("untrained prompt", 0)
+  untrained_path = os.path.join(model_dir, UNTRAINED_EVAL_FILE)
+  if eval_dataset_cfg and eval_at_start:
+    if start_step == 0:
+      summary["eval_untrained"] = run_eval("untrained prompt", 0)
+      if jax.process_index() == 0:
+        run_dir.write_json(untrained_path, summary["eval_untrained"])
+    elif run_dir.read_json(untrained_path) is not None:
+      summary["eval_untrained"] = run_dir.read_json(untrained_path)
 
-  meta = {"initial_checkpoint_path": initial_checkpoint_path,
-          "trainable_pattern": trainable_pattern,
-          "config": dataclasses.asdict(model.config)}
-
-  def save(step: int):
-    if manager.save(step, state, dict(meta, data_position=step), force=True):
+  def save(step: int, metrics: Mapping[str, float]):
+    saved = manager.save(step, state, dict(meta, data_position=step,
+                                           train_metrics=dict(metrics)), force=True)
+    if saved:
       exported = trainer.export_prompt(state.prompt_params, frozen_params)
       if exported is not None and jax.process_index() == 0:
         checkpoints.export_prompt_npy(exported, model_dir, step)
 
+  def diverged(step: int, metrics: Mapping[str, Any]) -> TrainingDivergedError:
+    good = manager.latest_step()
+    return TrainingDivergedError(
+        f"training diverged at step {step}: loss {float(metrics['loss'])}, updated prompt "
+        f"{'finite' if checkpoints.all_finite(state.prompt_params) else 'non-finite'}; "
+        "stopped without saving it. Last good checkpoint: "
+        f"{'none' if good is None else f'step {good} in {manager.directory}'}")
+
   train_writer = MetricWriter(model_dir, "train")
-  batches = pipeline.iterate_batches(train_dataset_cfg, start_step=start_step,
-                                     shard_id=jax.process_index(),
-                                     num_shards=jax.process_count())
-  progress = _progress(train_steps, start_step)
-  last_metrics: dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
   step = start_step
-  try:
-    for step in range(start_step + 1, train_steps + 1):
-      batch = next(batches)
-      if batch_transform is not None:  # e.g. replicate examples across a prompt bank
-        batch = batch_transform(batch)
-      state, metrics = trainer.train_step(state, frozen_params, batch, step_rng)
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        good = manager.latest_step()
-        raise TrainingDivergedError(
-            f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
-            f"{'none' if good is None else f'step {good} in {manager.directory}'}")
-      window_steps += 1
-      progress.update(1)
-      if step % log_every_steps == 0 or step == train_steps:
-        elapsed = time.perf_counter() - window_start
-        last_metrics = {k: float(v) for k, v in metrics.items()}
-        last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
-        train_writer.write(step, last_metrics)
-        progress.set_postfix(loss=f"{loss:.4f}",
-                             steps_per_s=f"{last_metrics['steps_per_second']:.1f}")
-        window_start, window_steps = time.perf_counter(), 0
-      if step % checkpoint_every_steps == 0:
-        save(step)
-      if eval_dataset_cfg and eval_every_steps and step % eval_every_steps == 0 \
-          and step != train_steps:
-        run_eval("training", step)
-  finally:
-    progress.close()
-    train_writer.close()
-  if manager.latest_step() != step:
-    save(step)
+  if start_step < train_steps:
+    batches = pipeline.iterate_batches(train_dataset_cfg, start_step=start_step,
+                                       shard_id=jax.process_index(),
+                                       num_shards=jax.process_count())
+    progress = _progress(train_steps, start_step)
+    window_time, window_steps = 0.0, 0
+    try:
+      with preemption.StopOnSignal(jax.process_count()) as stop:
+        for step in range(start_step + 1, train_steps + 1):
+          batch = next(batches)
+          if batch_transform is not None:  # e.g. replicate examples across a prompt bank
+            batch = batch_transform(batch)
+          started = time.perf_counter()
+          state, metrics = trainer.train_step(state, frozen_params, batch, step_rng)
+          if not bool(metrics["all_finite"]):
+            raise diverged(step, metrics)
+          window_time += time.perf_counter() - started
+          window_steps += 1
+          progress.update(1)
+          if step % log_every_steps == 0 or step == train_steps:
+            last_metrics = {k: float(v) for k, v in metrics.items() if k != "all_finite"}
+            last_metrics["steps_per_second"] = window_steps / max(window_time, 1e-9)
+            train_writer.write(step, last_metrics)
+            progress.set_postfix(ce=f"{last_metrics['cross_ent_loss']:.4f}",
+                                 loss=f"{last_metrics['loss']:.4f}",
+                                 steps_per_s=f"{last_metrics['steps_per_second']:.1f}")
+            window_time, window_steps = 0.0, 0
+          if stop.requested(step):
+            save(step, last_metrics)
+            raise preemption.Preempted(
+                f"stopped by {stop.signal_name or 'a preemption notice'} after step {step}; "
+                f"saved a checkpoint in {manager.directory}; rerun the same command to "
+                "continue")
+          if step % checkpoint_every_steps == 0:
+            save(step, last_metrics)
+          if eval_dataset_cfg and eval_every_steps and step % eval_every_steps == 0 \
+              and step != train_steps:
+            run_eval("training", step)
+    finally:
+      progress.close()
+      progress = None
+      train_writer.close()
+    if manager.latest_step() != step:
+      save(step, last_metrics)
   manager.close()
   summary["train"] = last_metrics
   summary["step"] = step
@@ -392,6 +482,23 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
     summary["eval_trained"] = run_eval("trained prompt", step)
     eval_writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(model_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    run_dir.write_json(summary_path, summary)
   return summary
+
+
+def _recreate_missing_exports(trainer, manager, frozen_params, model_dir: str, state,
+                              state_step: int) -> None:
+  """Write `prompts/prompt_<step>.npy` for every kept checkpoint that lacks it (a kill between
+  the checkpoint's commit and its export)."""
+  if jax.process_index() != 0:
+    return
+  for step in manager.all_steps():
+    path = os.path.join(model_dir, "prompts", f"prompt_{step}.npy")
+    if os.path.exists(path):
+      continue
+    step_state = state if step == state_step else manager.restore(
+        step, trainer.abstract_state())[0]
+    exported = trainer.export_prompt(step_state.prompt_params, frozen_params)
+    if exported is not None:
+      checkpoints.export_prompt_npy(exported, model_dir, step)
+      log.info("re-created the missing export %s", path)

@@ -110,8 +110,8 @@ def test_missing_step_and_missing_run_are_errors(run_dir, tmp_path):
 def test_superpos_run_file_uses_adamw_and_turns_dropout_off():
   """gin: models + prompts/superpos.gin + runs/superpos_finetune.gin."""
   model, _ = export._model_from_gin([
-      "--gin_file=models/t5_1_1_lm_adapted_small.gin", "--gin_file=prompts/superpos.gin",
-      "--gin_file=runs/superpos_finetune.gin"])
+      "models/t5_1_1_lm_adapted_small.gin", "prompts/superpos.gin",
+      "runs/superpos_finetune.gin"])
   generator = model.module.prompt.prompt
   assert isinstance(generator, SuperPosPrompt)
   assert (generator.length, generator.num_embeddings, generator.softmax) == (10, 128, False)
@@ -122,14 +122,13 @@ def test_superpos_run_file_uses_adamw_and_turns_dropout_off():
 
 
 def test_superpos_demo_gin_and_residual_override():
-  model, _ = export._model_from_gin(["--gin_file=runs/superpos_demo.gin"])
+  model, _ = export._model_from_gin(["runs/superpos_demo.gin"])
   generator = model.module.prompt.prompt
   assert isinstance(generator, SuperPosPrompt) and generator.population_size == 259
   assert gin.query_parameter("%INITIAL_CHECKPOINT_PATH") == DEMO_CHECKPOINT
   gin.clear_config()
   from prompt_jax.prompts.residual import ResidualPrompt
-  model, _ = export._model_from_gin(["--gin_file=runs/superpos_demo.gin",
-                                     "--gin_file=prompts/residual.gin"])
+  model, _ = export._model_from_gin(["runs/superpos_demo.gin", "prompts/residual.gin"])
   assert isinstance(model.module.prompt.prompt, ResidualPrompt)
   assert gin.query_parameter("%PROMPT_OPTIMIZER_LEARNING_RATE") == 0.3
   assert model.config.dropout_rate == 0.0

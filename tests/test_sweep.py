@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from prompt_jax import sweep
+from prompt_jax import cli, sweep
 
 # sweeps/tiny_demo.gin: tiny model x 1 method x {random, class_label} x prompt lengths {2, 10}.
 CELL_BINDINGS = ["--cell_binding=TRAIN_STEPS = 2",
@@ -59,7 +59,7 @@ def test_expand_orders_files_and_bindings(tmp_path):
 
 def test_commands_mode_writes_one_line_per_cell(tmp_path):
   argv = ["--gin_file=sweeps/lester_scale.gin", f"--sweep_dir={tmp_path}", "--mode=commands"]
-  assert sweep.main(argv) == 0
+  assert cli.main(["sweep", *argv]) == 0
   lines = (tmp_path / "commands.sh").read_text().splitlines()
   jobs = [line for line in lines if "prompt-jax train" in line]
   assert len(jobs) == 5 * (5 * 3 - 1)  # sizes x (lengths x inits - excluded class_label len 1)
@@ -74,7 +74,7 @@ def test_commands_mode_writes_one_line_per_cell(tmp_path):
 def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
   argv = ["--gin_file=sweeps/tiny_demo.gin", f"--sweep_dir={tmp_path}", "--stop_on_error",
           *CELL_BINDINGS]
-  assert sweep.main(argv) == 0
+  assert cli.main(["sweep", *argv]) == 0
   rows = _read_csv(tmp_path / "results.csv")
   assert len(rows) == 4
   configured = {(r["initializer"], int(r["prompt_length"])) for r in rows}
@@ -95,7 +95,7 @@ def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
   shutil.rmtree(tmp_path / deleted)
   mtimes = {r["cell"]: os.path.getmtime(tmp_path / r["cell"] / "summary.json")
             for r in rows if r["cell"] != deleted}
-  assert sweep.main(argv) == 0
+  assert cli.main(["sweep", *argv]) == 0
   rows_again = _read_csv(tmp_path / "results.csv")
   assert [r["cell"] for r in rows_again] == [r["cell"] for r in rows]
   assert all(r["status"] == "finished" for r in rows_again)

@@ -289,7 +289,9 @@ def _orbax_shapes(checkpoint_dir) -> dict:
 def test_stock_t5x_train_tunes_only_the_prompt(method, initial_t5x_checkpoint, tmp_path):
   from prompt_jax.interop import t5x as t5x_interop  # pylint: disable=g-import-not-at-top
 
-  # Residual runs on a (data 2, model 2) mesh of 4 CPU devices.
+  # Residual runs with num_partitions=2 on 4 CPU devices. Stock T5X ignores num_partitions on
+  # CPU (partitioning.default_mesh returns get_cpu_mesh(): data = processes, model = local
+  # devices), so its mesh is data 1 x model 4, and the `model` split asserted below is 4-way.
   devices, partitions = (4, 2) if method == "residual" else (1, 1)
   model_dir = tmp_path / "run"
   _run(["-m", "t5x.train", f"--gin_search_paths={GIN_CONFIGS}",

@@ -102,10 +102,14 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert json.load(f)["train"]["loss"] == pytest.approx(summary["train"]["loss"])
 
 
-def test_train_steps_not_above_restored_step_is_an_error(tmp_path):
-  _train(tmp_path, 2)
-  with pytest.raises(ValueError, match="TRAIN_STEPS=2 is not above the step 2 restored"):
-    _train(tmp_path, 2)
+def test_rerunning_a_finished_run_returns_its_summary_and_fewer_steps_is_an_error(tmp_path):
+  first = _train(tmp_path, 2)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  again = _train(tmp_path, 2)  # complete: nothing to do, same summary, nothing rewritten
+  assert again["train"]["loss"] == pytest.approx(first["train"]["loss"])
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  with pytest.raises(ValueError, match="TRAIN_STEPS=1 is below the step 2 restored"):
+    _train(tmp_path, 1)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

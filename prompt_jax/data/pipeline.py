@@ -53,45 +53,123 @@ class DatasetConfig:
                          f"{dict(self.task_feature_lengths)}")
 
 
+def import_task_module(module: Optional[str]) -> None:
+  """Import `module` (TASK_MODULE) so that its tasks register; a missing one raises one line."""
+  if not module:
+    return
+  try:
+    importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and (module == e.name or module.startswith(e.name + ".")):
+      raise ValueError(f"TASK_MODULE {module!r} cannot be imported: no module named "
+                       f"{e.name!r}") from e
+    raise
+
+
+def closest_names(name: str, known, n: int = 5) -> list[str]:
+  """Up to `n` of `known` nearest to `name`: the similar ones (difflib) and those containing it;
+  when none is similar, the 3 least dissimilar, so that some names are always given."""
+  known = sorted(set(known))
+  close = difflib.get_close_matches(name, known, n=n, cutoff=0.4)
+  containing = [k for k in known if name and name.lower() in k.lower()]
+  if not close and not containing:
+    close = difflib.get_close_matches(name, known, n=min(n, 3), cutoff=0.0)
+  return list(dict.fromkeys(close + containing))[:n]
+
+
 def get_task_or_mixture(name: str, module: Optional[str] = None):
   """The registered seqio Task or Mixture called `name`; unknown names list the closest ones."""
-  if module:
-    importlib.import_module(module)
+  import_task_module(module)
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"MIXTURE_OR_TASK_NAME must be a task or mixture name, got {name!r}")
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.4)
-    hint = f"; closest: {', '.join(close)}" if close else f"; {len(known)} are registered"
-    raise ValueError(f"unknown seqio task or mixture {name!r}{hint}") from None
+    known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    if not known:
+      raise ValueError(f"unknown seqio task or mixture {name!r}; none is registered (TASK_MODULE "
+                       f"{module!r} should register it)") from None
+    raise ValueError(f"unknown seqio task or mixture {name!r}; closest: "
+                     f"{', '.join(closest_names(name, known))}") from None
 
 
-def _count_truncated(dataset, feature_lengths: Mapping[str, int]):
-  """Log (once, on a sample) how many examples exceed the feature lengths."""
-  over = {k: 0 for k in feature_lengths}
-  seen = 0
-  for ex in dataset.take(1000).as_numpy_iterator():
-    seen += 1
-    for k, n in feature_lengths.items():
-      if k in ex and len(ex[k]) > n:
-        over[k] += 1
-  for k, n in over.items():
-    if n:
-      log.warning("%d of the first %d examples have %r longer than %d tokens; they are "
-                  "truncated", n, seen, k, feature_lengths[k])
-  return over
+def _tasks_of(provider) -> list:
+  """The tasks of a Task (itself) or of a Mixture (all its sub-tasks)."""
+  return list(getattr(provider, "tasks", [provider]))
+
+
+def check_vocabulary(dataset_cfg: DatasetConfig, vocab_size: int) -> int:
+  """Raise ValueError when a feature vocabulary of `dataset_cfg`'s task (every task of a mixture)
+  has more ids than the model's `vocab_size` embedding rows (the embedding lookup would clip or
+  misread the extra ids silently); returns the largest vocabulary size."""
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or (
+      vocab_size < 1):
+    raise ValueError(f"the model's vocab_size must be a positive integer, got {vocab_size!r}")
+  provider = get_task_or_mixture(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
+  largest = 0
+  for task in _tasks_of(provider):
+    for key in ("inputs", "targets"):
+      feature = task.output_features.get(key)
+      if feature is None:
+        continue
+      size = int(feature.vocabulary.vocab_size)
+      largest = max(largest, size)
+      if size > vocab_size:
+        raise ValueError(f"task {task.name!r}: its {key!r} vocabulary "
+                         f"({type(feature.vocabulary).__name__}) has {size} ids but the model's "
+                         f"embedding has {vocab_size} rows (T5Config.vocab_size)")
+  return largest
+
+
+TRUNCATION_SAMPLE = 1000
+
+
+def count_truncated(cfg: DatasetConfig, *, shard_id: int = 0, num_shards: int = 1,
+                    sample: int = TRUNCATION_SAMPLE) -> dict[str, dict[str, int]]:
+  """Per task and feature, how many of the first `sample` examples of `cfg.split` (this host's
+  shard, unshuffled) are longer than `cfg.task_feature_lengths`, i.e. get truncated. Non-zero
+  counts are logged as warnings, as `evaluation.count_truncated` does for evaluation.
+
+  The examples are read untrimmed; where a preprocessor trims by itself
+  (`append_eos_after_trim`), examples that reach the length exactly are re-encoded from their
+  `<feature>_pretokenized` text."""
+  provider = get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  counts = {}
+  for task in _tasks_of(provider):
+    if cfg.split not in task.splits:
+      continue
+    ds = task.get_dataset(sequence_length=dict(cfg.task_feature_lengths), split=cfg.split,
+                          use_cached=cfg.use_cached, shuffle=False, num_epochs=1,
+                          shard_info=seqio.ShardInfo(shard_id, num_shards), seed=cfg.seed,
+                          trim_output_features=False)
+    over = {k: 0 for k in cfg.task_feature_lengths}
+    seen = 0
+    for ex in ds.take(sample).as_numpy_iterator():
+      seen += 1
+      for key, length in cfg.task_feature_lengths.items():
+        if key not in ex:
+          continue
+        n = len(ex[key])
+        text = ex.get(f"{key}_pretokenized")
+        if n == length and isinstance(text, bytes) and key in task.output_features:
+          feature = task.output_features[key]
+          n = len(feature.vocabulary.encode(text.decode("utf-8"))) + int(feature.add_eos)
+        over[key] += n > length
+    for key, n in over.items():
+      if n:
+        log.warning("%s: %d of the first %d %r examples have %r longer than %d tokens; they are "
+                    "truncated", task.name, n, seen, cfg.split, key, cfg.task_feature_lengths[key])
+    counts[task.name] = over
+  return counts
 
 
 def get_dataset(cfg: DatasetConfig, *, shard_id: int = 0, num_shards: int = 1,
                 num_epochs: Optional[int] = None, drop_remainder: bool = True):
   """A tf.data.Dataset of per-host batches in the encoder-decoder feature layout."""
-  task = get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
   if cfg.batch_size % num_shards:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts")
-  raw = task.get_dataset(sequence_length=dict(cfg.task_feature_lengths), split=cfg.split,
-                         use_cached=cfg.use_cached, shuffle=False, num_epochs=1,
-                         shard_info=seqio.ShardInfo(shard_id, num_shards), seed=cfg.seed)
-  _count_truncated(raw, cfg.task_feature_lengths)
+  count_truncated(cfg, shard_id=shard_id, num_shards=num_shards)
   ds = seqio.get_dataset(
       cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
       dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=num_epochs,

@@ -12,7 +12,6 @@ destination is `npy` when DST ends in `.npy`, otherwise `--to` names it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from typing import Optional, Sequence
@@ -63,15 +62,20 @@ def _count(params) -> int:
   return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
+def _refuse_existing_orbax(out: str) -> None:
+  if os.path.lexists(out):
+    raise FileExistsError(f"output {out!r} already exists; choose a new directory")
+
+
 def _save_orbax(params, out: str) -> None:
   from prompt_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out):
-    raise FileExistsError(f"output {out!r} already exists; choose a new directory")
+  _refuse_existing_orbax(out)
   checkpoints.save_params_orbax(params, out)
 
 
 def hf_to_orbax(args) -> int:
   from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  _refuse_existing_orbax(args.out)  # before reading a possibly large model
   config, params = hf.load_t5(args.src)
   _save_orbax(params, args.out)
   print(f"wrote {_count(params):,} parameters to {os.path.abspath(args.out)}\n"
@@ -82,6 +86,7 @@ def hf_to_orbax(args) -> int:
 def t5x_to_orbax(args) -> int:
   from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
   config = config_from_flags(args.config, args.set)
+  _refuse_existing_orbax(args.out)
   params = t5x.load_params(args.src, config)
   _save_orbax(params, args.out)
   print(f"wrote {_count(params):,} parameters (step {t5x.checkpoint_step(args.src)}) to "
@@ -103,39 +108,59 @@ def prompt_format(path: str) -> str:
 
 
 def read_prompt(path: str) -> np.ndarray:
-  """A [length, embed] float32 prompt from any supported format."""
+  """A [length, embed] float32 prompt from any supported format, checked by
+  `initializers.check_prompt_array` (floating point, finite, two-dimensional)."""
   from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
+  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"prompt source {path!r} does not exist")
   fmt = prompt_format(path)
   if fmt == "npy":
-    prompt = np.load(path)
-    if prompt.ndim != 2:
-      raise ValueError(f"prompt file {path!r} must hold a [length, embed] array, got shape "
-                       f"{prompt.shape}")
-    return prompt
+    return initializers.load_prompt_array(path)
   if fmt == "peft":
     return peft.load_prompt(path)
-  return t5x.load_prompt(path)
+  return initializers.check_prompt_array(t5x.load_prompt(path), path)
+
+
+def output_path(path: str, fmt: str) -> str:
+  """The path `write_prompt` writes for `path` in `fmt` (np.save adds a missing '.npy')."""
+  return path if fmt != "npy" or path.endswith(".npy") else path + ".npy"
+
+
+def refuse_existing(path: str) -> None:
+  """Raise ValueError if `path` exists (an empty directory is fine): outputs are never
+  overwritten."""
+  if os.path.isdir(path) and not os.listdir(path):
+    return
+  if os.path.lexists(path):
+    kind = "directory" if os.path.isdir(path) else "file"
+    raise ValueError(f"output {path!r} already exists ({kind}); choose a new path, convert never "
+                     "overwrites")
 
 
 def write_prompt(prompt: np.ndarray, path: str, fmt: str, *,
                  base_model_name_or_path: Optional[str] = None, step: int = 0) -> str:
-  """Write `prompt` in `fmt`; returns the path written."""
+  """Write `prompt` in `fmt` to a new `path` (an existing one is refused); returns the path
+  written."""
   from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
+  if fmt not in PROMPT_FORMATS:
+    raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {fmt!r}")
+  refuse_existing(output_path(path, fmt))
   if fmt == "npy":
+    path = output_path(path, fmt)
     np.save(path, np.asarray(prompt))
     return path
   if fmt == "peft":
     return peft.save_prompt(prompt, path, base_model_name_or_path)
-  if fmt == "t5x":
-    return t5x.save_prompt(prompt, path, step)
-  raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {fmt!r}")
+  return t5x.save_prompt(prompt, path, step)
 
 
 def convert_prompt(args) -> int:
-  prompt = read_prompt(args.src)
   fmt = args.to or ("npy" if args.dst.endswith(".npy") else None)
   if fmt is None:
     raise ValueError(f"--to is needed for {args.dst!r} (one of {', '.join(PROMPT_FORMATS)})")
+  refuse_existing(output_path(args.dst, fmt))  # before reading anything
+  prompt = read_prompt(args.src)
   written = write_prompt(prompt, args.dst, fmt, step=args.step,
                          base_model_name_or_path=args.base_model_name_or_path)
   print(f"wrote a {prompt.shape[0]} x {prompt.shape[1]} prompt ({prompt_format(args.src)} -> "
@@ -143,37 +168,15 @@ def convert_prompt(args) -> int:
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="prompt-jax convert", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-
-  p = sub.add_parser("hf-to-orbax", help="Hugging Face T5 directory -> Orbax frozen checkpoint")
-  p.add_argument("src", help="directory with config.json and model.safetensors (or shards)")
-  p.add_argument("out", help="new Orbax checkpoint directory")
-  p.set_defaults(run=hf_to_orbax)
-
-  p = sub.add_parser("t5x-to-orbax", help="T5X checkpoint (legacy or Orbax) -> Orbax params")
-  p.add_argument("src", help="checkpoint_<step> directory (or its msgpack / state item)")
-  p.add_argument("out", help="new Orbax checkpoint directory")
-  p.add_argument("--config", required=True, help="T5 preset name, e.g. t5_1_1_base")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="override a T5Config field (repeatable), e.g. --set emb_dim=4")
-  p.set_defaults(run=t5x_to_orbax)
-
-  p = sub.add_parser("prompt", help="a prompt between .npy, PEFT and T5X formats")
-  p.add_argument("src", help=".npy file, PEFT adapter directory or T5X checkpoint")
-  p.add_argument("dst", help="output path (.npy file or directory)")
-  p.add_argument("--to", choices=PROMPT_FORMATS, help="output format (default: from dst)")
-  p.add_argument("--base_model_name_or_path", default=None,
-                 help="recorded in the PEFT adapter config, e.g. google/t5-base-lm-adapt")
-  p.add_argument("--step", type=int, default=0, help="step of a written T5X checkpoint")
-  p.set_defaults(run=convert_prompt)
-  return parser
+ACTIONS = {"hf-to-orbax": hf_to_orbax, "t5x-to-orbax": t5x_to_orbax, "prompt": convert_prompt}
 
 
-def main(argv: Sequence[str]) -> int:
-  args = build_parser().parse_args(list(argv))
+def main(args) -> int:
+  """`prompt-jax convert <action>`: `args.action` is one of ACTIONS, the other attributes are
+  that action's flags (src, out/dst, config, set, to, base_model_name_or_path, step)."""
+  if args.action not in ACTIONS:
+    raise ValueError(f"convert action must be one of {sorted(ACTIONS)}, got {args.action!r}")
   try:
-    return int(args.run(args) or 0)
+    return int(ACTIONS[args.action](args) or 0)
   except FileExistsError as e:
     raise ValueError(str(e)) from e

@@ -52,12 +52,14 @@ _ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
 
 def _activations(hf: dict) -> tuple[str, ...]:
   proj = hf.get("feed_forward_proj", "relu")
+  if not isinstance(proj, str):
+    raise ValueError(f"config.json feed_forward_proj must be 'ACT' or 'gated-ACT', got {proj!r}")
   parts = proj.split("-")
   gated = len(parts) == 2 and parts[0] == "gated"
   if len(parts) > 2 or (len(parts) == 2 and not gated):
     raise ValueError(f"config.json feed_forward_proj must be 'ACT' or 'gated-ACT', got {proj!r}")
   act = hf.get("dense_act_fn") or ("gelu_new" if proj == "gated-gelu" else parts[-1])
-  if act not in _HF_ACTIVATIONS:
+  if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
     raise ValueError(f"config.json dense_act_fn {act!r} is not supported; expected one of "
                      f"{sorted(_HF_ACTIVATIONS)}")
   return (_HF_ACTIVATIONS[act], "linear") if gated else (_HF_ACTIVATIONS[act],)
@@ -67,6 +69,18 @@ def _required(hf: dict, key: str):
   if key not in hf:
     raise ValueError(f"config.json lacks {key!r}, which a T5 config needs")
   return hf[key]
+
+
+def _number(hf: dict, key: str, cast=int, default=None):
+  """`hf[key]` (or `default` when absent) as a positive `cast` number; anything else (a string,
+  null, a fraction for an int field, zero) raises naming the key and value."""
+  value = _required(hf, key) if default is None else hf.get(key, default)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and (
+      cast is float or float(value).is_integer())
+  if not ok:
+    kind = "a positive integer" if cast is int else "a positive number"
+    raise ValueError(f"config.json {key} must be {kind}, got {value!r}")
+  return cast(value)
 
 
 def scales_decoder_outputs(hf: dict) -> bool:
@@ -81,33 +95,75 @@ def t5_config(hf: dict, logits_via_embedding: bool) -> t5.T5Config:
     raise ValueError(f"config.json model_type must be 't5' or 'mt5', got {hf['model_type']!r}")
   if hf.get("model_type") == "umt5":
     raise ValueError("config.json model_type 'umt5' (per-layer relative biases) is not supported")
-  num_layers = int(_required(hf, "num_layers"))
+  num_layers = _number(hf, "num_layers")
+  dropout_rate = hf.get("dropout_rate", 0.1)
+  if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not (
+      0 <= dropout_rate < 1):
+    raise ValueError(f"config.json dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
   return t5.T5Config(
-      vocab_size=int(_required(hf, "vocab_size")),
-      emb_dim=int(_required(hf, "d_model")),
-      num_heads=int(_required(hf, "num_heads")),
-      head_dim=int(_required(hf, "d_kv")),
-      mlp_dim=int(_required(hf, "d_ff")),
+      vocab_size=_number(hf, "vocab_size"),
+      emb_dim=_number(hf, "d_model"),
+      num_heads=_number(hf, "num_heads"),
+      head_dim=_number(hf, "d_kv"),
+      mlp_dim=_number(hf, "d_ff"),
       num_encoder_layers=num_layers,
-      num_decoder_layers=int(hf.get("num_decoder_layers") or num_layers),
+      num_decoder_layers=(_number(hf, "num_decoder_layers")
+                          if hf.get("num_decoder_layers") is not None else num_layers),
       mlp_activations=_activations(hf),
       logits_via_embedding=logits_via_embedding,
-      dropout_rate=float(hf.get("dropout_rate", 0.1)),
-      relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
-      relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
-      layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+      dropout_rate=float(dropout_rate),
+      relative_attention_num_buckets=_number(hf, "relative_attention_num_buckets", default=32),
+      relative_attention_max_distance=_number(hf, "relative_attention_max_distance",
+                                              default=128),
+      layer_norm_epsilon=_number(hf, "layer_norm_epsilon", float, default=1e-6),
   )
+
+
+def read_json(path: str, what: str = "a JSON object") -> dict:
+  """A JSON object from `path`; a file that is not UTF-8 JSON, or not an object, raises one
+  ValueError naming the file (and the line and column of a syntax error)."""
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                     f"{e.start})") from e
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected {what}, got a JSON {type(value).__name__}")
+  return value
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of one `.safetensors` file; a truncated or corrupt file raises one ValueError
+  naming it."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{path!r} does not exist") from e
+  except (SafetensorError, OSError, ValueError, TypeError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                     f"({reason})") from e
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of `model.safetensors`, or of the shards listed in
   `model.safetensors.index.json`, as NumPy arrays (bfloat16/float16 become float32)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()):
+      raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, "
+                       f"got {weight_map!r:.80}")
     files = sorted(set(weight_map.values()))
   elif os.path.exists(single):
     weight_map, files = None, ["model.safetensors"]
@@ -120,7 +176,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
                             f"model.safetensors.index.json{hint}; found {found[:10]}")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    for key, value in load_file(os.path.join(path, name)).items():
+    for key, value in load_safetensors(os.path.join(path, name)).items():
       if weight_map is not None and weight_map.get(key) != name:
         raise ValueError(f"tensor {key!r} is in {name} but model.safetensors.index.json "
                          f"maps it to {weight_map.get(key)!r}")
@@ -191,8 +247,7 @@ def load_t5(path: str) -> tuple[t5.T5Config, dict]:
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path!r} is not a Hugging Face model directory: no config.json")
-  with open(config_path) as f:
-    hf = json.load(f)
+  hf = read_json(config_path, "a JSON object of T5 settings")
   tensors = read_tensors(path)
 
   # The output layer decides `logits_via_embedding`.
@@ -200,7 +255,10 @@ def load_t5(path: str) -> tuple[t5.T5Config, dict]:
   tied_weights = "lm_head.weight" not in tensors or np.array_equal(tensors["lm_head.weight"],
                                                                     tensors.get("shared.weight"))
   logits_via_embedding = scale and tied_weights
-  cfg = t5_config(hf, logits_via_embedding)
+  try:
+    cfg = t5_config(hf, logits_via_embedding)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
 
   expected = _expected_tensors(cfg)
   missing = [name for name in expected if name not in tensors]

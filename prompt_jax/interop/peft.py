@@ -30,17 +30,30 @@ def default_num_transformer_submodules(task_type: str) -> int:
 
 
 def read_config(path: str) -> dict:
+  """`adapter_config.json` of an adapter directory; a corrupt file raises naming it."""
+  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {CONFIG_FILE}")
-  with open(config_path) as f:
-    return json.load(f)
+  return hf.read_json(config_path, "a JSON object of PEFT settings")
+
+
+def _positive_int(config: dict, key: str, source: str):
+  value = config.get(key)
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+  return value
 
 
 def load_prompt(path: str) -> np.ndarray:
-  """A PEFT PROMPT_TUNING adapter directory -> float32 prompt [num_virtual_tokens, token_dim]."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  """A PEFT PROMPT_TUNING adapter directory -> float32 prompt [num_virtual_tokens, token_dim],
+  checked by `initializers.check_prompt_array` (floating point, finite)."""
+  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
   config = read_config(path)
+  config_path = os.path.join(path, CONFIG_FILE)
   if config.get("peft_type") != "PROMPT_TUNING":
     raise ValueError(f"{path}/{CONFIG_FILE}: peft_type must be 'PROMPT_TUNING', got "
                      f"{config.get('peft_type')!r}")
@@ -49,14 +62,20 @@ def load_prompt(path: str) -> np.ndarray:
     hint = " (adapter_model.bin needs torch)" if os.path.exists(
         os.path.join(path, "adapter_model.bin")) else ""
     raise FileNotFoundError(f"{path!r} has no {WEIGHTS_FILE}{hint}")
-  tensors = load_file(weights_path)
+  tensors = hf.load_safetensors(weights_path)
   if TENSOR_KEY not in tensors:
     raise ValueError(f"{weights_path}: expected the tensor {TENSOR_KEY!r}, found "
                      f"{sorted(tensors)}")
-  table = np.asarray(tensors[TENSOR_KEY], dtype=np.float32)
-  length = int(config.get("num_virtual_tokens", 0))
-  submodules = config.get("num_transformer_submodules") or default_num_transformer_submodules(
-      config.get("task_type", ""))
+  table = tensors[TENSOR_KEY]
+  if not np.issubdtype(table.dtype, np.floating):
+    raise ValueError(f"{weights_path}: {TENSOR_KEY} has dtype {table.dtype}; a prompt must be "
+                     "floating point")
+  table = np.asarray(table, dtype=np.float32)
+  length = _positive_int(config, "num_virtual_tokens", config_path)
+  if length is None:
+    raise ValueError(f"{config_path}: lacks num_virtual_tokens (the prompt length)")
+  submodules = _positive_int(config, "num_transformer_submodules", config_path) or (
+      default_num_transformer_submodules(config.get("task_type", "")))
   if table.ndim != 2 or table.shape[0] != length * submodules:
     raise ValueError(f"{weights_path}: {TENSOR_KEY} has shape {table.shape}; with "
                      f"num_virtual_tokens={length} and num_transformer_submodules={submodules} "
@@ -65,7 +84,7 @@ def load_prompt(path: str) -> np.ndarray:
   if token_dim is not None and table.shape[1] != token_dim:
     raise ValueError(f"{weights_path}: {TENSOR_KEY} has {table.shape[1]} columns, "
                      f"{CONFIG_FILE} says token_dim={token_dim}")
-  return np.ascontiguousarray(table[:length])
+  return np.ascontiguousarray(initializers.check_prompt_array(table[:length], weights_path))
 
 
 def save_prompt(prompt: np.ndarray, path: str, base_model_name_or_path: Optional[str] = None, *,

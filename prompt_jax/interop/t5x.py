@@ -86,8 +86,16 @@ def _is_ts_spec(value: Any) -> bool:
 
 
 def _read_msgpack(directory: str) -> dict:
-  with open(os.path.join(directory, MSGPACK_FILE), "rb") as f:
-    contents = flax.serialization.msgpack_restore(f.read())
+  import msgpack  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, MSGPACK_FILE)
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    contents = flax.serialization.msgpack_restore(data)
+  except (ValueError, TypeError, msgpack.UnpackException) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{path}: not a readable T5X msgpack checkpoint, truncated or corrupt "
+                     f"({reason})") from e
   if not isinstance(contents, dict):
     raise ValueError(f"{directory}/{MSGPACK_FILE} does not hold a T5X state dict")
   return contents
@@ -301,21 +309,36 @@ def checkpoint_step(path: str) -> Optional[int]:
   return _orbax_step(directory)
 
 
-def load_prompt(path: str, name: str = PROMPT_PATH) -> np.ndarray:
-  """The prompt of a T5X prompt-tuning checkpoint (`target/encoder/prompt/prompt/prompt`),
-  as a float32 [length, embed] array."""
+def load_prompt(path: str, name: Optional[str] = None) -> np.ndarray:
+  """The prompt of a T5X prompt-tuning checkpoint (`target/encoder/prompt/prompt/prompt`), or
+  the `target` leaf `name`, as a float32 array.
+
+  Without `name`, a checkpoint that holds other prompt parameters too (a reparameterised method
+  such as Residual or SuperPos, or deep prompts) logs a warning: the raw prompt is not what the
+  encoder sees; `prompt_jax.t5x_compat.export_prompt` (or `prompt-jax export-prompt` for our own
+  runs) folds it."""
+  warn = name is None
+  name = PROMPT_PATH if name is None else name
   kind, directory = locate(path)
   if kind == "legacy":
     leaves = _legacy_target(directory, np.float32)
-    if name not in leaves:
-      prompts = sorted(k for k in leaves if _is_prompt(k))
-      raise ValueError(f"T5X checkpoint {directory!r} has no {name!r}; its prompt parameters "
-                       f"are {prompts or 'none'}")
+    names = list(leaves)
+  else:
+    shapes = _orbax_metadata(directory)
+    names = list(shapes)
+  if name not in names:
+    prompts = sorted(k for k in names if _is_prompt(k))
+    raise ValueError(f"T5X checkpoint {directory!r} has no {name!r}; its prompt parameters "
+                     f"are {prompts or 'none'}")
+  others = sorted(k for k in names if k != name and k.startswith("encoder/prompt/"))
+  if warn and others:
+    log.warning("T5X checkpoint %s holds %d prompt parameters besides %s (e.g. %s): the prompt "
+                "is reparameterised (Residual, SuperPos, deep prompts), so the raw prompt read "
+                "here is not what the encoder sees. Fold it with `python -m "
+                "prompt_jax.t5x_compat.export_prompt` (`prompt-jax export-prompt` for a "
+                "prompt_jax run directory).", directory, len(others), name, others[0])
+  if kind == "legacy":
     return leaves[name].read()
-  shapes = _orbax_metadata(directory)
-  if name not in shapes:
-    raise ValueError(f"T5X checkpoint {directory!r} has no {name!r}; its prompt parameters are "
-                     f"{sorted(k for k in shapes if _is_prompt(k)) or 'none'}")
   wanted = {name: jax.ShapeDtypeStruct(shapes[name], np.float32)}
   return np.asarray(_orbax_restore(directory, wanted, np.dtype(np.float32), None)[name])
 

@@ -12,17 +12,46 @@ class labels, SuperPos) can read it; generators that do not need it ignore it.
 `prompt_jax.models.t5`): it places the prompt in the embedded input (`prefix`,
 `prefix_after_bos` or `suffix`) and extends the attention mask. Its child is named `prompt`, so a
 plain prompt's parameter lives at `encoder/prompt/prompt/prompt` exactly as in T5X prompt tuning.
+
+Encoder length budget: prompt length + input length may not exceed `max_encoder_length`
+(`MAX_ENCODER_LENGTH` = 8192 tokens by default). T5's bucketed relative positions accept any
+length, so the bound is about memory: the encoder's attention scores grow with the square of the
+sequence, 8192^2 float32 scores are 256 MiB per head and example, and a typo such as
+PROMPT_LENGTH=100000 would ask for terabytes. The check runs when the model is first traced
+(`init_abstract`), before anything is allocated; raise `InputPrompt.max_encoder_length` (gin:
+`base.InputPrompt.max_encoder_length = 16384`) for genuinely longer inputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
 PLACEMENTS = ("prefix", "prefix_after_bos", "suffix")
+MAX_ENCODER_LENGTH = 8192
+
+
+def check_prompt_length(length, name: str = "PROMPT_LENGTH") -> int:
+  """`length` as an int; raises ValueError unless it is an integer >= 1 (bools are refused)."""
+  if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {length!r}")
+  return int(length)
+
+
+def check_encoder_length(prompt_length: int, input_length: int,
+                         max_encoder_length: int = MAX_ENCODER_LENGTH) -> None:
+  """Raise ValueError (naming all three numbers) when prompt + inputs exceed the encoder budget."""
+  if prompt_length + input_length > max_encoder_length:
+    raise ValueError(f"prompt length {prompt_length} + inputs length {input_length} = "
+                     f"{prompt_length + input_length} encoder tokens exceed the budget "
+                     f"max_encoder_length={max_encoder_length} (attention memory grows with its "
+                     "square; raise InputPrompt.max_encoder_length if this is intended)")
 
 
 def insert_prompt(prompt: Array, embedded: Array, input_tokens: Array, placement: str) -> Array:
@@ -86,15 +115,18 @@ class InputPrompt(nn.Module):
   Attributes:
     prompt: the generator (its parameters appear under `encoder/prompt/prompt/`).
     placement: where the prompt goes in the encoder input.
+    max_encoder_length: the encoder length budget (keyword only; see the module docstring).
   """
 
   prompt: nn.Module
   placement: str = "prefix"
+  max_encoder_length: int = dataclasses.field(default=MAX_ENCODER_LENGTH, kw_only=True)
 
   def __post_init__(self):
     if self.placement not in PLACEMENTS:
       raise ValueError(f"{type(self).__name__}.placement must be one of {PLACEMENTS}, "
                        f"got {self.placement!r}")
+    check_prompt_length(self.max_encoder_length, f"{type(self).__name__}.max_encoder_length")
     super().__post_init__()
 
   @property
@@ -106,6 +138,7 @@ class InputPrompt(nn.Module):
     """-> (embedded [b, p + l, d], mask [b, p + l])."""
     if prompt_ids is not None:
       raise ValueError(f"{type(self).__name__} holds one prompt; prompt_ids need a prompt bank")
+    check_encoder_length(self.length, input_tokens.shape[1], self.max_encoder_length)
     prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
     prompt = prompt.astype(embedded_inputs.dtype)
     embedded = insert_prompt(prompt, embedded_inputs, input_tokens, self.placement)

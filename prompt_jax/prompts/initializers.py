@@ -129,17 +129,77 @@ def from_string(text: str, vocabulary, population_size: int = 5000,
   return init
 
 
-def load_prompt_array(path: str) -> np.ndarray:
-  """A `[length, embed]` prompt from a `.npy` file, as float32."""
-  try:
-    array = np.load(path)
-  except FileNotFoundError as e:
-    raise ValueError(f"prompt file not found: {path!r}") from e
-  except ValueError as e:
-    raise ValueError(f"prompt file {path!r} is not a .npy array: {e}") from e
-  if array.ndim != 2:
-    raise ValueError(f"prompt file {path!r} must hold [length, embed], got shape {array.shape}")
+def _shape_label(ndim: int) -> str:
+  return {2: "prompt length, model emb_dim",
+          3: "number of prompts, prompt length, model emb_dim"}.get(ndim, "")
+
+
+def check_prompt_array(array, source: str, expected_shape: Optional[Sequence[int]] = None, *,
+                       allow_bank: bool = False) -> np.ndarray:
+  """A prompt array read from `source` (a file name, for messages), checked -> float32.
+
+  Raises ValueError naming `source` for: anything but a NumPy array, a non-floating dtype
+  (integers, bool, complex, objects), a rank other than 2 ([length, embed]; 3 for a bank's
+  [num_prompts, length, embed] when `allow_bank`), an empty dimension, a shape other than
+  `expected_shape`, and NaN or infinite values (how many, and where the first is)."""
+  if not isinstance(array, np.ndarray):
+    raise ValueError(f"prompt file {source!r} holds a {type(array).__name__}, not a .npy array")
+  if array.dtype.fields is not None or not jnp.issubdtype(array.dtype, jnp.floating):
+    raise ValueError(f"prompt file {source!r} has dtype {array.dtype}; a prompt must be floating "
+                     "point (e.g. float32)")
+  shape = tuple(int(n) for n in array.shape)
+  if expected_shape is not None:
+    expected = tuple(int(n) for n in expected_shape)
+    if shape != expected:
+      label = _shape_label(len(expected))
+      raise ValueError(f"prompt file {source!r} has shape {shape}, expected {expected}"
+                       + (f" ({label})" if label else ""))
+  else:
+    ranks = (2, 3) if allow_bank else (2,)
+    if array.ndim not in ranks:
+      what = "[length, embed] or a bank's [num_prompts, length, embed]" if allow_bank else (
+          "[length, embed]")
+      raise ValueError(f"prompt file {source!r} must hold {what}, got shape {shape}")
+  if 0 in shape:
+    raise ValueError(f"prompt file {source!r} has shape {shape}: a prompt needs at least one "
+                     "token and one embedding column")
+  finite = np.isfinite(array)
+  if not finite.all():
+    bad = int(array.size - np.count_nonzero(finite))
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise ValueError(f"prompt file {source!r} has {bad} non-finite value"
+                     f"{'s' if bad != 1 else ''} (NaN or inf); the first is "
+                     f"{array[first]} at index {list(first)}")
   return array.astype(np.float32)
+
+
+def read_npy(path: str) -> np.ndarray:
+  """`np.load(path)` of a `.npy` file (no pickles, no `.npz`) with one-line errors naming `path`;
+  the array itself is not checked (see `check_prompt_array`)."""
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"prompt file {path!r} does not exist") from e
+  except IsADirectoryError as e:
+    raise ValueError(f"prompt file {path!r} is a directory, not a .npy file") from e
+  if magic.startswith(b"PK\x03\x04"):
+    raise ValueError(f"prompt file {path!r} is a .npz archive, not a .npy array")
+  if magic != b"\x93NUMPY":
+    raise ValueError(f"prompt file {path!r} is not a .npy file (it lacks the .npy header; "
+                     f"first bytes {magic!r})")
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, EOFError, OSError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"prompt file {path!r} is not a readable .npy array ({reason})") from e
+
+
+def load_prompt_array(path: str, expected_shape: Optional[Sequence[int]] = None, *,
+                      allow_bank: bool = False) -> np.ndarray:
+  """A `[length, embed]` prompt from a `.npy` file, checked by `check_prompt_array`, as
+  float32."""
+  return check_prompt_array(read_npy(path), path, expected_shape, allow_bank=allow_bank)
 
 
 def from_array(path: str) -> PromptInit:
@@ -148,9 +208,6 @@ def from_array(path: str) -> PromptInit:
 
   def init(rng, shape, embedding_table=None):
     del rng, embedding_table
-    if tuple(array.shape) != tuple(shape):
-      raise ValueError(f"prompt file {path!r} has shape {tuple(array.shape)}, "
-                       f"expected {tuple(shape)} (prompt length, model emb_dim)")
-    return jnp.asarray(array)
+    return jnp.asarray(check_prompt_array(array, path, shape))
 
   return init

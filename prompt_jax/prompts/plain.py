@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from prompt_jax.prompts import initializers
+from prompt_jax.prompts.base import check_prompt_length
 
 
 class Prompt(nn.Module):
@@ -23,8 +24,7 @@ class Prompt(nn.Module):
   init_fn: Callable = initializers.uniform()
 
   def __post_init__(self):
-    if not isinstance(self.length, int) or self.length < 1:
-      raise ValueError(f"Prompt.length must be a positive integer, got {self.length!r}")
+    check_prompt_length(self.length, "PROMPT_LENGTH (Prompt.length)")
     super().__post_init__()
 
   @nn.compact
