@@ -72,7 +72,7 @@ class JaxPromptTuning:
     """Train on device-resident `batches`; returns seconds."""
     start = time.perf_counter()
     for batch in batches:
-      self.state, metrics = self.pt._train_step(self.state, self.frozen, batch, self.rng)  # pylint: disable=protected-access
+      self.state, metrics = self.pt.train_step_fn(self.state, self.frozen, batch, self.rng)  # pylint: disable=protected-access
     jax.block_until_ready(metrics["loss"])
     return time.perf_counter() - start
 

@@ -77,6 +77,22 @@ class PromptCheckpointManager:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
 
+  def restore_prompt_params(self, step: int, prompt_structs: Any, replicated: Any) -> Any:
+    """Only the prompt parameters of `step`, without knowing the training optimizer: the rest
+    of the saved state is read as its metadata describes it (replicated) and dropped.
+
+    `prompt_structs`: ShapeDtypeStructs with shardings of the prompt parameters; a saved prompt
+    of another shape is a ValueError naming both shapes."""
+    self.check_shapes(step, {"prompt_params": prompt_structs})
+    saved = self.manager.item_metadata(step)["state"]
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+        dict(getattr(saved, "tree", saved)), is_leaf=lambda x: hasattr(x, "shape"))
+    abstract["prompt_params"] = prompt_structs
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    return restored["state"]["prompt_params"]
+
   def restore_meta(self, step: int) -> dict:
     """Only the JSON metadata of `step` (data position, frozen checkpoint, config)."""
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

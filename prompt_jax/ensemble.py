@@ -1,7 +1,7 @@
 """Prompt ensembles (Lester et al. 2021, section 6): N prompts for one task on one frozen model.
 
 Training: a `PromptBank` holds the N prompts; `ReplicateAcrossPrompts` (the trainer's
-`batch_transform`) turns a batch of B examples into N*B rows, prompt-major (rows i*B .. i*B+B-1
+`batch_transforms`) turns a batch of B examples into N*B rows, prompt-major (rows i*B .. i*B+B-1
 carry prompt i), with `prompt_ids`; `per_prompt` gives every prompt its own optimizer state by
 vmapping an optax transformation over the leading prompt axis. With the mean-type loss
 normalisers (T5X's 'NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE')
@@ -29,54 +29,15 @@ from typing import Any, Hashable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import seqio
 
 from prompt_jax import evaluation
 from prompt_jax.data import pipeline
+from prompt_jax.optimizers import leading_size, per_prompt  # noqa: F401  (gin: optimizers.*)
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------- training
-
-
-def _leading_size(tree, what: str) -> int:
-  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None
-           for leaf in jax.tree_util.tree_leaves(tree)}
-  if len(sizes) != 1 or None in sizes:
-    paths = {jax.tree_util.keystr(p): np.shape(x)
-             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    raise ValueError(f"per_prompt needs every {what} leaf to have the same leading prompt axis "
-                     f"[num_prompts, ...]; got shapes {paths}")
-  return sizes.pop()
-
-
-def per_prompt(inner: optax.GradientTransformation,
-               rescale_gradients: bool = True) -> optax.GradientTransformation:
-  """`inner` applied to each prompt of a bank separately (vmapped over the leading axis).
-
-  Every trainable leaf must be [num_prompts, ...] (a `PromptBank`'s `prompts`). Adafactor's
-  update clipping, for instance, uses the RMS of the whole update, so one shared Adafactor over
-  [N, length, embed] would couple the prompts; vmapped, each prompt clips its own update.
-
-  `rescale_gradients` multiplies gradients by N, undoing the 1/N a mean-type loss normaliser
-  puts on each prompt's share of a replicated batch; set it False when the model's
-  `loss_normalizing_factor` is None or a constant (then the sum already is per-prompt exact).
-  """
-
-  def init(params):
-    _leading_size(params, "trainable parameter")
-    return jax.vmap(inner.init)(params)
-
-  def update(updates, state, params=None):
-    num_prompts = _leading_size(updates, "gradient")
-    if rescale_gradients:
-      updates = jax.tree_util.tree_map(lambda g: g * num_prompts, updates)
-    if params is None:
-      return jax.vmap(lambda u, s: inner.update(u, s))(updates, state)
-    return jax.vmap(inner.update)(updates, state, params)
-
-  return optax.GradientTransformation(init, update)
 
 
 def replicate_across_prompts(batch: Mapping[str, np.ndarray], num_prompts: int) -> dict:
@@ -93,7 +54,7 @@ def replicate_across_prompts(batch: Mapping[str, np.ndarray], num_prompts: int) 
 
 @dataclasses.dataclass(frozen=True)
 class ReplicateAcrossPrompts:
-  """`trainer.train(batch_transform=...)`: `replicate_across_prompts(batch, num_prompts)`."""
+  """`trainer.train(batch_transforms=[...])`: `replicate_across_prompts(batch, num_prompts)`."""
 
   num_prompts: int
 
@@ -142,13 +103,12 @@ def average_scores(scores: np.ndarray) -> np.ndarray:
 
 def num_prompts_of(trainer) -> int:
   """N, from the leading axis of the trainer's (bank) prompt parameters."""
-  return _leading_size(trainer.abstract_prompt, "trainable parameter")
+  return leading_size(trainer.abstract_prompt, "trainable parameter")
 
 
 def _all_prompt_outputs(trainer, prompt_params, frozen_params, ds, batch_size: int,
                         num_prompts: int, max_decode_length: int, kind: str):
   """(indices, [N, n] outputs) for one dataset; every example once per prompt, mixed batches."""
-  score = evaluation._jitted_score(trainer) if kind == "score" else None  # pylint: disable=protected-access
   indices, outputs = [], []
   for batch_indices, batch, real in evaluation._batches(ds, batch_size):  # pylint: disable=protected-access
     rows = replicate_across_prompts(batch, num_prompts)
@@ -156,11 +116,8 @@ def _all_prompt_outputs(trainer, prompt_params, frozen_params, ds, batch_size: i
       tokens = trainer.predict(prompt_params, frozen_params, rows, max_decode_length)
       out = tokens.reshape(num_prompts, batch_size, -1)[:, :real]
     else:
-      keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-              "decoder_loss_weights", "prompt_ids")
-      scores = score(prompt_params, frozen_params,
-                     trainer.shard_batch({k: rows[k] for k in keys if k in rows}))
-      out = np.asarray(scores).reshape(num_prompts, batch_size)[:, :real]
+      scores = trainer.score(prompt_params, frozen_params, rows)
+      out = scores.reshape(num_prompts, batch_size)[:, :real]
     indices.extend(batch_indices)
     outputs.append(out)
   if not outputs:

@@ -8,19 +8,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-import weakref
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
-import optax
 import seqio
 
 from prompt_jax import checkpoints
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
+from prompt_jax.metric_writer import MetricWriter
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 
 log = logging.getLogger(__name__)
@@ -44,48 +44,27 @@ def _stack(examples, batch_size):
   return pipeline.pad_batch(batch, batch_size)
 
 
-def make_predict_fn(trainer, prompt_params, frozen_params, batch_size: int,
+def make_predict_fn(programs, prompt_params, frozen_params, batch_size: int,
                     max_decode_length: int):
   """seqio `PredictFnCallable`: dataset -> [(index, token ids)] (greedy, KV cache)."""
   def predict_fn(ds, model_params: Optional[Any] = None):
     del model_params
     outputs = []
     for indices, batch, real in _batches(ds, batch_size):
-      tokens = trainer.predict(prompt_params, frozen_params, batch, max_decode_length)
+      tokens = programs.predict(prompt_params, frozen_params, batch, max_decode_length)
       outputs.extend((i, [int(t) for t in row]) for i, row in zip(indices, tokens[:real]))
     return outputs
   return predict_fn
 
 
-_SCORE_FNS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def _jitted_score(trainer):
-  """trainer's model `score_batch` (sum of target log-likelihoods), jitted once per trainer."""
-  if trainer not in _SCORE_FNS:
-    def score(prompt_params, frozen_params, batch):
-      params = params_lib.merge_params(prompt_params, frozen_params)
-      with trainer.partitioner.axis_rules():
-        return trainer.model.score_batch(params, batch)
-    _SCORE_FNS[trainer] = jax.jit(
-        score, in_shardings=(trainer.prompt_shardings, trainer.frozen_shardings, None),
-        out_shardings=trainer.partitioner.replicated())
-  return _SCORE_FNS[trainer]
-
-
-def make_score_fn(trainer, prompt_params, frozen_params, batch_size: int):
+def make_score_fn(programs, prompt_params, frozen_params, batch_size: int):
   """seqio `ScoreFnCallable`: dataset -> [(index, log-likelihood of the targets)]."""
-  score = _jitted_score(trainer)
-
   def score_fn(ds, model_params: Optional[Any] = None):
     del model_params
     outputs = []
     for indices, batch, real in _batches(ds, batch_size):
-      keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-              "decoder_loss_weights", "prompt_ids")
-      scores = score(prompt_params, frozen_params,
-                     trainer.shard_batch({k: batch[k] for k in keys if k in batch}))
-      outputs.extend(zip(indices, np.asarray(scores)[:real].tolist()))
+      scores = programs.score(prompt_params, frozen_params, batch)
+      outputs.extend(zip(indices, scores[:real].tolist()))
     return outputs
   return score_fn
 
@@ -112,7 +91,7 @@ def count_truncated(evaluator: seqio.Evaluator,
   return counts
 
 
-def evaluate(trainer, prompt_params, frozen_params, dataset_cfg: pipeline.DatasetConfig,
+def evaluate(programs, prompt_params, frozen_params, dataset_cfg: pipeline.DatasetConfig,
              max_decode_length: int, log_dir: Optional[str] = None,
              step: Optional[int] = None) -> dict[str, float]:
   """Metrics of every task in `dataset_cfg.mixture_or_task_name` on its eval split.
@@ -134,9 +113,9 @@ def evaluate(trainer, prompt_params, frozen_params, dataset_cfg: pipeline.Datase
     raise ValueError(f"{dataset_cfg.mixture_or_task_name!r} has no task with metrics and a "
                      f"{dataset_cfg.split!r} split to evaluate (its splits: {splits})")
   count_truncated(evaluator, dataset_cfg.task_feature_lengths)
-  predict_fn = make_predict_fn(trainer, prompt_params, frozen_params, dataset_cfg.batch_size,
+  predict_fn = make_predict_fn(programs, prompt_params, frozen_params, dataset_cfg.batch_size,
                                max_decode_length)
-  score_fn = make_score_fn(trainer, prompt_params, frozen_params, dataset_cfg.batch_size)
+  score_fn = make_score_fn(programs, prompt_params, frozen_params, dataset_cfg.batch_size)
   all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn,
                                       score_fn=score_fn, step=step)
   return flatten_metrics(all_metrics.result())
@@ -164,21 +143,21 @@ def format_metrics_table(scores: Mapping[str, float], title: str = "metric") -> 
 # --------------------------------------------------------------------- loading a trained prompt
 
 
-def prompt_params_from_array(trainer, prompt: np.ndarray):
+def prompt_params_from_array(programs, prompt: np.ndarray):
   """A prompt array (a [length, embed] `.npy` export, or a bank's [num_prompts, length, embed])
-  as the trainer's prompt parameter tree.
+  as the programs' prompt parameter tree.
 
   Only for methods whose trainable parameters are that one array (Lester et al.'s, a bank)."""
   prompt = np.asarray(prompt, np.float32)
-  shapes = params_lib.shapes(trainer.abstract_prompt)
+  shapes = params_lib.shapes(programs.abstract_prompt)
   if len(shapes) != 1 or next(iter(shapes.values())) != prompt.shape:
     raise ValueError(f"prompt array of shape {prompt.shape} does not fit the configured prompt "
                      f"parameters {shapes}; restore from MODEL_DIR instead")
-  tree = jax.tree_util.tree_map(lambda leaf: prompt.astype(leaf.dtype), trainer.abstract_prompt)
-  return checkpoints.device_put_tree(tree, trainer.prompt_shardings)
+  tree = jax.tree_util.tree_map(lambda leaf: prompt.astype(leaf.dtype), programs.abstract_prompt)
+  return checkpoints.device_put_tree(tree, programs.prompt_shardings)
 
 
-def load_prompt_params(trainer, frozen_params, *, model_dir: Optional[str] = None,
+def load_prompt_params(programs, frozen_params, *, model_dir: Optional[str] = None,
                        prompt_path: Optional[str] = None, step: Optional[int] = None,
                        seed: int = 0):
   """The prompt to evaluate and its step: from a `.npy` file, else MODEL_DIR's checkpoint
@@ -189,7 +168,7 @@ def load_prompt_params(trainer, frozen_params, *, model_dir: Optional[str] = Non
     match = re.search(r"prompt_(\d+)\.npy$", prompt_path)  # MODEL_DIR/prompts/prompt_<step>.npy
     step = step if step is not None else int(match.group(1)) if match else 0
     prompt = initializers.load_prompt_array(prompt_path, allow_bank=True)
-    return prompt_params_from_array(trainer, prompt), step
+    return prompt_params_from_array(programs, prompt), step
   if model_dir:
     if not os.path.isdir(model_dir):
       raise ValueError(f"MODEL_DIR {model_dir!r} does not exist (or is not a directory); "
@@ -203,31 +182,27 @@ def load_prompt_params(trainer, frozen_params, *, model_dir: Optional[str] = Non
       step = max(steps) if step is None else step
       if step not in steps:
         raise ValueError(f"no checkpoint for step {step} in {manager.directory}; have {steps}")
-      state, _ = manager.restore(step, trainer.abstract_state())
+      prompt = manager.restore_prompt_params(step, programs.prompt_structs(),
+                                             programs.partitioner.replicated())
     finally:
       manager.close()
-    return state.prompt_params, step
+    return prompt, step
   log.warning("neither MODEL_DIR nor PROMPT_PATH is set: evaluating an untrained prompt")
-  return trainer.init_state(frozen_params, jax.random.key(seed)).prompt_params, 0
+  return programs.init_prompt(frozen_params, jax.random.key(seed)), 0
 
 
-def build_trainer(model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetConfig,
-                  initial_checkpoint_path: Optional[str],
-                  optimizer: Optional[optax.GradientTransformation] = None,
-                  partitioner: Optional[Partitioner] = None,
-                  trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN, seed: int = 0):
-  """A `PromptTrainer` shaped like `dataset_cfg`'s batches and the frozen parameters."""
-  from prompt_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  lengths = dataset_cfg.task_feature_lengths
-  trainer = trainer_lib.PromptTrainer(
-      model, optimizer or trainer_lib.adafactor(), partitioner or Partitioner(),
-      lengths["inputs"], lengths["targets"], dataset_cfg.batch_size, trainable_pattern)
+def build_programs(model: EncoderDecoderModel, initial_checkpoint_path: Optional[str],
+                   partitioner: Optional[Partitioner] = None,
+                   trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
+                   seed: int = 0) -> tuple[PromptPrograms, Any]:
+  """The model's programs (no optimizer: nothing here trains) and its frozen parameters."""
+  programs = PromptPrograms(model, partitioner, trainable_pattern=trainable_pattern)
   if initial_checkpoint_path:
-    frozen = trainer.load_frozen_params(initial_checkpoint_path)
+    frozen = programs.load_frozen_params(initial_checkpoint_path)
   else:
     log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
-    frozen = trainer.random_frozen_params(jax.random.key(seed))
-  return trainer, frozen
+    frozen = programs.random_frozen_params(jax.random.key(seed))
+  return programs, frozen
 
 
 def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetConfig,
@@ -235,7 +210,6 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                    model_dir: Optional[str] = None, prompt_path: Optional[str] = None,
                    step: Optional[int] = None, output_dir: Optional[str] = None,
                    max_decode_length: Optional[int] = None,
-                   optimizer: Optional[optax.GradientTransformation] = None,
                    partitioner: Optional[Partitioner] = None,
                    trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
                    write_predictions: bool = True, seed: int = 0,
@@ -243,25 +217,24 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
   """`prompt-jax eval`: metrics of a trained prompt on `dataset_cfg`'s task and split.
 
   The prompt comes from `prompt_path` (a `.npy` export) or MODEL_DIR's checkpoint at `step`
-  (default: the latest; `optimizer` must match training's for the restore). Metrics go to
+  (default: the latest; only its prompt is read, so no optimizer is needed). Metrics go to
   TensorBoard under `<output_dir or model_dir>/eval_<split>`, predictions (with
   `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.
   `evaluate_fn` replaces `evaluate` (same arguments), e.g. `ensemble.evaluate_ensemble` for a
   prompt bank. Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
   """
   pipeline.check_vocabulary(dataset_cfg, model.config.vocab_size)
-  trainer, frozen = build_trainer(model, dataset_cfg, initial_checkpoint_path, optimizer,
-                                  partitioner, trainable_pattern, seed)
-  prompt, step = load_prompt_params(trainer, frozen, model_dir=model_dir,
+  programs, frozen = build_programs(model, initial_checkpoint_path, partitioner,
+                                   trainable_pattern, seed)
+  prompt, step = load_prompt_params(programs, frozen, model_dir=model_dir,
                                     prompt_path=prompt_path, step=step, seed=seed)
   out_dir = output_dir or model_dir
   log_dir = os.path.join(out_dir, f"eval_{dataset_cfg.split}") if out_dir else None
   scores = (evaluate_fn or evaluate)(
-      trainer, prompt, frozen, dataset_cfg,
+      programs, prompt, frozen, dataset_cfg,
       max_decode_length or dataset_cfg.task_feature_lengths["targets"],
       log_dir=log_dir if write_predictions else None, step=step)
   if log_dir:
-    from prompt_jax.metric_writer import MetricWriter  # pylint: disable=g-import-not-at-top
     writer = MetricWriter(out_dir, f"eval_{dataset_cfg.split}")
     writer.write(step, scores)
     writer.close()

@@ -13,7 +13,6 @@ import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-import optax
 import seqio
 
 from prompt_jax import evaluation
@@ -45,30 +44,31 @@ def encode_inputs(texts: Sequence[str], vocabulary: seqio.Vocabulary,
   return tokens
 
 
-def predict_tokens(trainer, prompt_params, frozen_params, encoder_input_tokens: np.ndarray,
-                   max_decode_length: int, prompt_ids: Optional[np.ndarray] = None) -> np.ndarray:
-  """Greedy decoding of [n, input_length] tokens in `trainer.batch_size` chunks -> [n, max]."""
+def predict_tokens(programs, prompt_params, frozen_params, encoder_input_tokens: np.ndarray,
+                   max_decode_length: int, prompt_ids: Optional[np.ndarray] = None, *,
+                   batch_size: int = 32) -> np.ndarray:
+  """Greedy decoding of [n, input_length] tokens in `batch_size` chunks -> [n, max]."""
   outputs = []
-  size = trainer.batch_size
+  size = batch_size
   for start in range(0, len(encoder_input_tokens), size):
     batch = {"encoder_input_tokens": encoder_input_tokens[start:start + size]}
     if prompt_ids is not None:
       batch["prompt_ids"] = np.asarray(prompt_ids[start:start + size], np.int32)
     batch, real = pipeline.pad_batch(batch, size)
-    outputs.append(trainer.predict(prompt_params, frozen_params, batch,
-                                   max_decode_length)[:real])
+    outputs.append(programs.predict(prompt_params, frozen_params, batch,
+                                    max_decode_length)[:real])
   if not outputs:
     return np.zeros((0, max_decode_length), np.int32)
   return np.concatenate(outputs)
 
 
-def predict_texts(trainer, prompt_params, frozen_params, texts: Sequence[str],
+def predict_texts(programs, prompt_params, frozen_params, texts: Sequence[str],
                   vocabulary: seqio.Vocabulary, input_length: int, max_decode_length: int,
-                  prompt_ids: Optional[np.ndarray] = None) -> list[str]:
-  """Texts in, decoded greedy predictions out (up to the first EOS)."""
+                  prompt_ids: Optional[np.ndarray] = None, *, batch_size: int = 32) -> list[str]:
+  """Texts in, decoded greedy predictions out (up to the first EOS), `batch_size` at a time."""
   tokens = encode_inputs(texts, vocabulary, input_length)
-  predicted = predict_tokens(trainer, prompt_params, frozen_params, tokens, max_decode_length,
-                             prompt_ids)
+  predicted = predict_tokens(programs, prompt_params, frozen_params, tokens, max_decode_length,
+                             prompt_ids, batch_size=batch_size)
   return [vocabulary.decode([int(t) for t in row]) for row in predicted]
 
 
@@ -175,8 +175,7 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
           task_module: Optional[str] = "tasks", vocabulary: Optional[seqio.Vocabulary] = None,
           input_length: int = 512, max_decode_length: int = 32, batch_size: int = 32,
           model_dir: Optional[str] = None, prompt_path: Optional[str] = None,
-          step: Optional[int] = None, optimizer: Optional[optax.GradientTransformation] = None,
-          partitioner: Optional[Partitioner] = None,
+          step: Optional[int] = None, partitioner: Optional[Partitioner] = None,
           trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
           seed: int = 0) -> dict[str, Any]:
   """Predict for every record of `inputs_path` (JSONL; needs `vocabulary`) or of `task`'s
@@ -186,15 +185,15 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
     raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
                      f"MIXTURE_OR_TASK_NAME; got {inputs_path!r} and {task!r}")
   check_output_path(output_path, inputs_path)  # before reading anything
-  shape_cfg = pipeline.DatasetConfig(
-      mixture_or_task_name=task or "(inputs file)", batch_size=batch_size, split=split,
-      task_feature_lengths={"inputs": input_length, "targets": max_decode_length},
-      shuffle=False, module=task_module)
   if task:
+    task_cfg = pipeline.DatasetConfig(
+        mixture_or_task_name=task, batch_size=batch_size, split=split,
+        task_feature_lengths={"inputs": input_length, "targets": max_decode_length},
+        shuffle=False, module=task_module)
     provider = pipeline.get_task_or_mixture(task, task_module)
-    pipeline.check_vocabulary(shape_cfg, model.config.vocab_size)
+    pipeline.check_vocabulary(task_cfg, model.config.vocab_size)
     vocabulary = provider.output_features["inputs"].vocabulary
-    records = list(task_records(shape_cfg))
+    records = list(task_records(task_cfg))
   else:
     if vocabulary is None:
       raise ValueError("infer from INPUTS_PATH needs the model's VOCABULARY, got None")
@@ -202,12 +201,13 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
     records = read_jsonl(inputs_path)
   if prompt_path:  # fail on a bad prompt file before the model is built
     initializers.load_prompt_array(prompt_path, allow_bank=True)
-  trainer, frozen = evaluation.build_trainer(model, shape_cfg, initial_checkpoint_path,
-                                             optimizer, partitioner, trainable_pattern, seed)
-  prompt, step = evaluation.load_prompt_params(trainer, frozen, model_dir=model_dir,
+  programs, frozen = evaluation.build_programs(model, initial_checkpoint_path, partitioner,
+                                               trainable_pattern, seed)
+  prompt, step = evaluation.load_prompt_params(programs, frozen, model_dir=model_dir,
                                                prompt_path=prompt_path, step=step, seed=seed)
-  predictions = predict_texts(trainer, prompt, frozen, [r["inputs"] for r in records],
-                              vocabulary, input_length, max_decode_length)
+  predictions = predict_texts(programs, prompt, frozen, [r["inputs"] for r in records],
+                              vocabulary, input_length, max_decode_length,
+                              batch_size=batch_size)
   count = write_jsonl((dict(r, prediction=p) for r, p in zip(records, predictions)),
                       output_path)
   print(f"wrote {count} predictions (prompt at step {step}) to {output_path}", flush=True)

@@ -27,16 +27,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-import optax
 import seqio
 
 from prompt_jax import evaluation, inference
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.bank import PromptBank
-from prompt_jax.trainer import PromptTrainer
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +89,14 @@ def group_by_length(prompts: Mapping[str, np.ndarray]) -> dict[int, list[str]]:
 # ------------------------------------------------------------------------------------ serving
 
 
-def _bank_trainer(model: EncoderDecoderModel, num_prompts: int, length: int, placement: str,
-                  input_length: int, max_decode_length: int, batch_size: int,
-                  partitioner: Partitioner) -> PromptTrainer:
+def _bank_programs(model: EncoderDecoderModel, num_prompts: int, length: int, placement: str,
+                   input_length: int, max_decode_length: int,
+                   partitioner: Partitioner) -> PromptPrograms:
+  """The programs of `model` with a bank of `num_prompts` prompts of `length` tokens."""
   bank = PromptBank(num_prompts=num_prompts, length=length, placement=placement)
   bank_model = dataclasses.replace(model, module=model.module.clone(prompt=bank))
-  return PromptTrainer(bank_model, optax.identity(), partitioner, input_length,
-                       max_decode_length, batch_size)
+  return PromptPrograms(bank_model, partitioner, input_length=input_length,
+                        target_length=max_decode_length)
 
 
 def check_records(records: Sequence[Mapping[str, Any]], tasks: Sequence[str],
@@ -131,23 +131,24 @@ def predict_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str,
   predictions: list[Optional[str]] = [None] * len(records)
   frozen = None
   for length, tasks in group_by_length(prompts).items():
-    trainer = _bank_trainer(model, len(tasks), length, placement, input_length,
-                            max_decode_length, batch_size, partitioner)
+    programs = _bank_programs(model, len(tasks), length, placement, input_length,
+                             max_decode_length, partitioner)
     if frozen is None:  # the frozen tree does not depend on the prompt: load it once
       if initial_checkpoint_path:
-        frozen = trainer.load_frozen_params(initial_checkpoint_path)
+        frozen = programs.load_frozen_params(initial_checkpoint_path)
       else:
         log.warning("no frozen checkpoint given: the frozen model is randomly initialised")
-        frozen = trainer.random_frozen_params(jax.random.key(seed))
+        frozen = programs.random_frozen_params(jax.random.key(seed))
     prompt_params = evaluation.prompt_params_from_array(
-        trainer, np.stack([prompts[t] for t in tasks]))
+        programs, np.stack([prompts[t] for t in tasks]))
     rows = [i for i, r in enumerate(records) if r["task"] in tasks]
     if not rows:
       continue
     ids = np.array([tasks.index(records[i]["task"]) for i in rows], np.int32)
-    texts = inference.predict_texts(trainer, prompt_params, frozen,
+    texts = inference.predict_texts(programs, prompt_params, frozen,
                                     [records[i]["inputs"] for i in rows], vocabulary,
-                                    input_length, max_decode_length, prompt_ids=ids)
+                                    input_length, max_decode_length, prompt_ids=ids,
+                                    batch_size=batch_size)
     for i, text in zip(rows, texts):
       predictions[i] = text
   return predictions  # type: ignore[return-value]

@@ -1,4 +1,8 @@
-"""Optimizers for the trainable (prompt) parameters, configured from gin.
+"""Every optimizer of the project, configured from gin (`optimizers.<name>`).
+
+`adafactor` (Lester et al.'s prompt-tuning defaults), `adamw` with a weight-decay mask,
+`per_prompt` (one optimizer state per prompt of a bank), `spt_optimizer` / `gate_adam` (SPT's
+weights and gates) and `warmup_cosine_adamw` (pretraining the small frozen models).
 
 `adamw` is decoupled-weight-decay Adam (Loshchilov & Hutter) whose weight decay can be limited to
 the parameters whose '/'-joined path matches a regex, e.g. SuperPos-Prompt decays its
@@ -15,6 +19,7 @@ import re
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import optax
 
 # SuperPos-Prompt: weight decay on the coefficients p' only (arXiv 2406.05279).
@@ -79,3 +84,76 @@ def adamw(learning_rate: float = 0.01, weight_decay: float = 1e-5, b1: float = 0
   if clipping_threshold is None:
     return optimizer
   return optax.chain(optax.clip_by_global_norm(clipping_threshold), optimizer)
+
+
+def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
+              clipping_threshold: float = 1.0, weight_decay_rate: float = 1e-5,
+              multiply_by_parameter_scale: bool = False) -> optax.GradientTransformation:
+  """Adafactor with Lester et al.'s prompt-tuning settings as defaults."""
+  return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
+                         clipping_threshold=clipping_threshold,
+                         weight_decay_rate=weight_decay_rate,
+                         multiply_by_parameter_scale=multiply_by_parameter_scale)
+
+
+def leading_size(tree, what: str) -> int:
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None
+           for leaf in jax.tree_util.tree_leaves(tree)}
+  if len(sizes) != 1 or None in sizes:
+    paths = {jax.tree_util.keystr(p): np.shape(x)
+             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    raise ValueError(f"per_prompt needs every {what} leaf to have the same leading prompt axis "
+                     f"[num_prompts, ...]; got shapes {paths}")
+  return sizes.pop()
+
+
+def per_prompt(inner: optax.GradientTransformation,
+               rescale_gradients: bool = True) -> optax.GradientTransformation:
+  """`inner` applied to each prompt of a bank separately (vmapped over the leading axis).
+
+  Every trainable leaf must be [num_prompts, ...] (a `PromptBank`'s `prompts`). Adafactor's
+  update clipping, for instance, uses the RMS of the whole update, so one shared Adafactor over
+  [N, length, embed] would couple the prompts; vmapped, each prompt clips its own update.
+
+  `rescale_gradients` multiplies gradients by N, undoing the 1/N a mean-type loss normaliser
+  puts on each prompt's share of a replicated batch; set it False when the model's
+  `loss_normalizing_factor` is None or a constant (then the sum already is per-prompt exact).
+  """
+
+  def init(params):
+    leading_size(params, "trainable parameter")
+    return jax.vmap(inner.init)(params)
+
+  def update(updates, state, params=None):
+    num_prompts = leading_size(updates, "gradient")
+    if rescale_gradients:
+      updates = jax.tree_util.tree_map(lambda g: g * num_prompts, updates)
+    if params is None:
+      return jax.vmap(lambda u, s: inner.update(u, s))(updates, state)
+    return jax.vmap(inner.update)(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
+
+
+def gate_adam(learning_rate: float = 0.05, b1: float = 0.5, b2: float = 0.999
+              ) -> optax.GradientTransformation:
+  """The gate optimizer: Adam with DARTS's betas (0.5, 0.999)."""
+  return optax.adam(learning_rate, b1=b1, b2=b2)
+
+
+def spt_optimizer(prompt_learning_rate: float = 0.3, generator_learning_rate: float = 3e-3
+                  ) -> optax.GradientTransformation:
+  """Weights optimizer: prompt tuning's Adafactor for free prompts, Adam for the generators."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "generator" if any(getattr(k, "key", None) == "generator" for k in path)
+        else "prompt", params)
+  return optax.multi_transform({"prompt": adafactor(prompt_learning_rate),
+                                "generator": optax.adam(generator_learning_rate)}, labels)
+
+
+def warmup_cosine_adamw(learning_rate: float, warmup_steps: int, steps: int):
+  """AdamW (weight decay 0.01) with linear warmup and cosine decay, global-norm clipped at 1."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate,
+                                                max(min(warmup_steps, steps - 1), 0), steps)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))

@@ -35,6 +35,7 @@ CHIPS = {
 }
 DEFAULT_CHIP = {"tpu": "v5e", "gpu": "h100", "cpu": None}
 _CHILD_ENV = "PROMPT_JAX_PLAN_CHILD"
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def parse_mesh(mesh: str) -> tuple[int, int]:
@@ -45,12 +46,17 @@ def parse_mesh(mesh: str) -> tuple[int, int]:
   return int(parts[0]), int(parts[1])
 
 
+def fake_device_flags(xla_flags: str, count: int) -> str:
+  """`xla_flags` (an XLA_FLAGS value) asking for `count` fake CPU devices instead of any count it
+  asked for before; its other flags are kept."""
+  kept = [f for f in xla_flags.split() if not f.startswith(f"{_DEVICE_COUNT_FLAG}=")]
+  return " ".join([*kept, f"{_DEVICE_COUNT_FLAG}={count}"])
+
+
 def _devices_for(platform: str, needed: int, argv: Sequence[str]):
-  """Real devices of `platform` if there are enough, else fake CPU devices (re-executing
-  `prompt-jax plan <argv>` in a fresh process when JAX already started with too few)."""
-  flag = f"--xla_force_host_platform_device_count={needed}"
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+  """Real devices of `platform` if there are enough, else fake CPU devices: when this process
+  has too few, `prompt-jax plan <argv>` runs again in a child process whose environment (only)
+  asks XLA for `needed` CPU devices."""
   import jax  # pylint: disable=g-import-not-at-top
   if platform != "cpu":
     try:
@@ -64,8 +70,10 @@ def _devices_for(platform: str, needed: int, argv: Sequence[str]):
     return cpus[:needed], platform != "cpu"
   if os.environ.get(_CHILD_ENV):
     raise RuntimeError(f"could not create {needed} fake CPU devices (have {len(cpus)})")
-  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
-  proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", "plan", *argv], env=env)
+  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), needed),
+             JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
+  proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", "plan", *argv], env=env,
+                        check=False)
   raise SystemExit(proc.returncode)
 
 
@@ -166,12 +174,13 @@ def build_plan(args, devices, fake: bool) -> dict:
   def data(ndim_shape):
     return jax.ShapeDtypeStruct(ndim_shape, jnp.int32,
                                 sharding=partitioner.data_sharding(len(ndim_shape)))
-  batch_structs = {k: data(v.shape) for k, v in pt.dummy_batch.items()}
+  shaped_batch = model.dummy_batch(batch, lengths["inputs"], lengths["targets"])
+  batch_structs = {k: data(v.shape) for k, v in shaped_batch.items()}
   rng = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=partitioner.replicated())
   start = time.perf_counter()
-  lowered = pt._train_step.lower(pt.abstract_state(), pt.frozen_structs(),  # pylint: disable=protected-access
-                                 batch_structs, rng)
+  lowered = pt.train_step_fn.lower(pt.abstract_state(), pt.frozen_structs(), batch_structs,
+                                   rng)
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
 
@@ -188,7 +197,7 @@ def build_plan(args, devices, fake: bool) -> dict:
 
   module = model.module
   encoder_length = jax.eval_shape(
-      lambda: module.apply({"params": {}}, pt.dummy_batch["encoder_input_tokens"],
+      lambda: module.apply({"params": {}}, shaped_batch["encoder_input_tokens"],
                            method=module.encoder_mask)).shape[1]
   weights = matmul_weights(pt.abstract_frozen, model.config.logits_via_embedding)
   flops = analytic_flops(weights, model.config, batch, encoder_length, lengths["targets"])

@@ -15,20 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from prompt_jax import checkpoints
+from prompt_jax import checkpoints, optimizers
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 
 log = logging.getLogger(__name__)
-
-
-def _optimizer(learning_rate: float, warmup_steps: int, steps: int):
-  """AdamW (weight decay 0.01) with linear warmup and cosine decay, global-norm clipped at 1."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate,
-                                                max(min(warmup_steps, steps - 1), 0), steps)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
 
 
 def _train_phase(model, optimizer, params, opt_state, dataset_cfg, first_step, steps, seed,
@@ -128,7 +121,8 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
                                                    keep=checkpoint_keep)
     restored_step = manager.latest_step() or 0
   if restored_step:
-    optimizer = _optimizer(learning_rate, warmup_steps, train_steps)  # any phase: same tree
+    # Any phase: the optimizer state has the same tree.
+    optimizer = optimizers.warmup_cosine_adamw(learning_rate, warmup_steps, train_steps)
     abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": optimizer.init(p)}, params)
     state, meta = manager.restore(restored_step, abstract)
     if meta["run"] != run:
@@ -145,7 +139,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
     key = "loss" if label == "pretrain" else "lm_adaptation_loss"
     first_step = min(max(restored_step - offset, 0), steps)
     if first_step < steps:
-      optimizer = _optimizer(learning_rate, warmup, steps)
+      optimizer = optimizers.warmup_cosine_adamw(learning_rate, warmup, steps)
       if first_step == 0:
         opt_state = optimizer.init(params)
 

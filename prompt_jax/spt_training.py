@@ -47,7 +47,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from prompt_jax import checkpoints, trainer
+from prompt_jax import checkpoints, optimizers, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -62,23 +62,6 @@ _HASH_BUCKETS = 10000
 
 
 # ------------------------------------------------------------------------------- optimizers
-
-
-def gate_adam(learning_rate: float = 0.05, b1: float = 0.5, b2: float = 0.999
-              ) -> optax.GradientTransformation:
-  """The gate optimizer: Adam with DARTS's betas (0.5, 0.999)."""
-  return optax.adam(learning_rate, b1=b1, b2=b2)
-
-
-def spt_optimizer(prompt_learning_rate: float = 0.3, generator_learning_rate: float = 3e-3
-                  ) -> optax.GradientTransformation:
-  """Weights optimizer: prompt tuning's Adafactor for free prompts, Adam for the generators."""
-  def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "generator" if any(getattr(k, "key", None) == "generator" for k in path)
-        else "prompt", params)
-  return optax.multi_transform({"prompt": trainer.adafactor(prompt_learning_rate),
-                                "generator": optax.adam(generator_learning_rate)}, labels)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -307,8 +290,8 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
     raise ValueError(f"SPT held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
   if search_steps < 1:
     raise ValueError(f"SPT search_steps must be >= 1, got {search_steps}")
-  optimizer = optimizer or spt_optimizer()
-  gate_optimizer = gate_optimizer or gate_adam()
+  optimizer = optimizer or optimizers.spt_optimizer()
+  gate_optimizer = gate_optimizer or optimizers.gate_adam()
   partitioner = partitioner or Partitioner()
   lengths = train_dataset_cfg.task_feature_lengths
   search_dir = os.path.join(model_dir, "search")

@@ -9,37 +9,41 @@ the grid; each cell is one `prompt-jax train` run with
                 LEARNING_RATE, SEED, MODEL_DIR = <sweep_dir>/<cell name>
 
 Modes (`--mode`):
-  local     run the cells one after another in this process; a cell whose summary.json exists
-            is finished and skipped, so an interrupted sweep resumes where it stopped (and a
-            half-trained cell resumes from its own checkpoint);
+  local     run the cells one after another, each in its own `python -m prompt_jax.cli train`
+            process (no gin or JAX state is shared between cells); a cell whose summary.json
+            exists is finished and skipped, so an interrupted sweep resumes where it stopped (and
+            a half-trained cell resumes from its own checkpoint);
   commands  write one job command per cell to <sweep_dir>/commands.sh (e.g. Cloud TPU VMs,
             via `command_template`) and run nothing;
   collect   only gather results.
 Every mode ends by writing <sweep_dir>/results.csv (one row per cell: its configured values,
-parameter count and final metrics, or status 'pending'/'failed') and the plots
-score_vs_parameters.png (per method; Lester et al. Fig. 1), score_vs_prompt_length.png (per
-size; Fig. 3a) and score_vs_initializer.png (per size; Fig. 3b). Each plot fixes the axes it does
-not show at `SweepConfig.reference` (default: each axis' first value) and averages the seeds
-(error bars: standard deviation).
+parameter count and final metrics from its summary.json and sweep_cell.json, or status
+'pending'/'failed') and the plots of `prompt_jax.sweep_plots`.
+
+This process never touches gin's registry: the sweep file is parsed, and a size's parameter count
+is taken from its gin config, in short-lived child processes (`python -m prompt_jax.sweep`).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
 import itertools
 import json
 import logging
-import math
 import os
+import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 import traceback
 from typing import Any, Mapping, Optional, Sequence
 
-import gin
+from prompt_jax import preemption
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,8 @@ class SweepConfig:
     base_gin_files: gin files every cell includes after the size and method files
       (e.g. ['runs/prompt_finetune.gin']).
     sizes: {name: {'gin_files': [...], 'bindings': [...], 'parameters': int}}; 'parameters'
-      (frozen model size for the plots) is optional: local cells count it from the config.
+      (frozen model size for the plots) is optional: a local sweep counts it from the gin
+      config of the size's first cell it trains (`count_parameters`).
     methods: {name: {'gin_files': [...], 'bindings': [...]}}, e.g. prompt_tuning ->
       ['prompts/uniform.gin'].
     initializers: {name: {'gin_files': [...], 'bindings': [...]}}, included after the method
@@ -153,6 +158,11 @@ class Cell:
     return ([f"--gin_file={f}" for f in self.gin_files]
             + [f"--gin_bindings={b}" for b in self.bindings])
 
+  def train_command(self, search_paths: Sequence[str] = ()) -> list[str]:
+    """The cell's `prompt-jax train` as this Python's `python -m prompt_jax.cli train ...`."""
+    flags = [f"--gin_search_paths={','.join(search_paths)}"] if search_paths else []
+    return [sys.executable, "-m", "prompt_jax.cli", "train", *self.train_argv(), *flags]
+
 
 def _substitute(texts: Sequence[str], cfg: SweepConfig) -> tuple[str, ...]:
   out = []
@@ -194,43 +204,178 @@ def expand(cfg: SweepConfig) -> list[Cell]:
   return cells
 
 
-def _frozen_parameter_count() -> Optional[int]:
-  """Parameters of the gin-configured T5 (without prompt), from shapes only."""
+# ------------------------------------------------------------------------ child processes
+
+# The directory holding the prompt_jax package: children import the same code as this process.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_env(**overrides: str) -> dict[str, str]:
+  """This process's environment plus `overrides`; a source checkout's prompt_jax goes first on
+  PYTHONPATH (an installed one is found anyway)."""
+  env = dict(os.environ, **overrides)
+  paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  if _PACKAGE_ROOT not in paths and os.path.basename(_PACKAGE_ROOT) not in (
+      "site-packages", "dist-packages"):
+    env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])
+  return env
+
+
+def _last_line(text: str) -> str:
+  """The last non-empty line of `text` (progress bars end lines with \\r), stripped."""
+  lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def _error_text(line: str) -> str:
+  """A child's last stderr line without the CLI's 'error: ' prefix."""
+  return line[len("error: "):] if line.startswith("error: ") else line
+
+
+def _ask_child(command: str, spec: Mapping[str, Any], **env: str) -> Any:
+  """Run `python -m prompt_jax.sweep <command> <spec as JSON>` and return the JSON value it
+  prints last; ValueError with its error line when it fails."""
+  proc = subprocess.run([sys.executable, "-m", "prompt_jax.sweep", command, json.dumps(spec)],
+                        capture_output=True, text=True, env=_child_env(**env), check=False)
+  if proc.returncode:
+    raise ValueError(_error_text(_last_line(proc.stderr))
+                     or f"`python -m prompt_jax.sweep {command}` exited with {proc.returncode}")
+  return json.loads(_last_line(proc.stdout))
+
+
+def load_sweep_config(gin_files: Sequence[str], bindings: Sequence[str],
+                      search_paths: Sequence[str]) -> SweepConfig:
+  """The SweepConfig of the sweep's gin files and bindings, parsed in a child process (gin's
+  registry of this process is left alone)."""
+  fields = _ask_child("config", {"gin_files": list(gin_files), "bindings": list(bindings),
+                                 "search_paths": list(search_paths)})
+  return SweepConfig(**fields)
+
+
+def count_parameters(cell: Cell, search_paths: Sequence[str] = ()) -> Optional[int]:
+  """Frozen parameters of the T5 that `cell`'s gin config builds (from shapes, in a child process
+  on the CPU, so that an accelerator stays free); None (logged) when that fails."""
+  try:
+    return _ask_child("parameters", {"gin_files": list(cell.gin_files),
+                                     "bindings": list(cell.bindings),
+                                     "search_paths": list(search_paths)}, JAX_PLATFORMS="cpu")
+  except ValueError as e:
+    log.warning("could not count the parameters of cell %s's model: %s", cell.name, e)
+    return None
+
+
+def _parse_sweep_config(gin_files, bindings, search_paths) -> dict:
+  """In a child: the SweepConfig's fields as JSON data."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.configure_gin(gin_files, bindings, search_paths, roots=["sweep.SweepConfig"])
+  fields = dataclasses.asdict(gin.get_configurable(SweepConfig)())
+  try:
+    json.dumps(fields)
+  except TypeError as e:
+    raise ValueError(f"SweepConfig values must be strings, numbers, lists and dicts: {e}") from e
+  return fields
+
+
+def _frozen_parameter_count(gin_files, bindings, search_paths) -> int:
+  """In a child: parameters of the gin-configured T5 (without prompt), from shapes only."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
   from prompt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from prompt_jax.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
-  try:
-    config = gin.get_configurable(t5.T5Config)()
-  except Exception:  # pylint: disable=broad-except
-    log.warning("could not build the cell's T5Config to count parameters", exc_info=True)
-    return None
+  gin_utils.configure_gin(gin_files, bindings, search_paths, roots=["t5.T5Config"])
+  config = gin.get_configurable(t5.T5Config)()
   model = encoder_decoder.EncoderDecoderModel(t5.Transformer(config))
   return params_lib.count(model.init_abstract(model.dummy_batch(1, 8, 4)))
 
 
-def run_cell(cell: Cell, search_paths: Sequence[str] = ()) -> dict:
-  """Train one cell in this process; writes <model_dir>/summary.json and sweep_cell.json."""
-  from prompt_jax import gin_utils, trainer  # pylint: disable=g-import-not-at-top
-  os.makedirs(cell.model_dir, exist_ok=True)
-  gin.clear_config()
+_CHILD_COMMANDS = {"config": _parse_sweep_config, "parameters": _frozen_parameter_count}
+
+
+def child_main(argv: Sequence[str]) -> int:
+  """`python -m prompt_jax.sweep config|parameters SPEC_JSON`: print the answer as JSON; on an
+  error print 'error: ...' to stderr and return 1."""
+  if len(argv) != 2 or argv[0] not in _CHILD_COMMANDS:
+    print(f"error: usage: python -m prompt_jax.sweep {{{'|'.join(_CHILD_COMMANDS)}}} SPEC_JSON, "
+          f"got {list(argv)}", file=sys.stderr)
+    return 2
   try:
-    start = time.perf_counter()
-    summary = gin_utils.run_configured(trainer.train, cell.gin_files, cell.bindings,
-                                       search_paths)
-    gin_utils.print_summary(summary)
-    info = {"values": dict(cell.values), "seconds": time.perf_counter() - start,
-            "parameters": _frozen_parameter_count(), "gin_files": list(cell.gin_files),
-            "bindings": list(cell.bindings)}
-  finally:
-    gin.clear_config()
-  with open(os.path.join(cell.model_dir, "sweep_cell.json"), "w") as f:
-    json.dump(info, f, indent=2)
-  return summary
+    result = _CHILD_COMMANDS[argv[0]](**json.loads(argv[1]))
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get("PROMPT_JAX_TRACEBACK"):
+      traceback.print_exc()
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    print(f"error: {text}", file=sys.stderr)
+    return 1
+  print(json.dumps(result), flush=True)
+  return 0
 
 
-def _gfile():
-  """tf.io.gfile: local paths and gs:// alike (the sweep dir of a TPU sweep is a bucket)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
+# ------------------------------------------------------------------------------ the cells
+
+
+class CellFailed(RuntimeError):
+  """A cell's `prompt-jax train` process failed: its exit code and last stderr line."""
+
+  def __init__(self, cell: Cell, exit_code: int, last_line: str):
+    self.cell, self.exit_code, self.last_line = cell, exit_code, last_line
+    how = (f"was killed by {signal.Signals(-exit_code).name}" if exit_code < 0
+           else f"exited with code {exit_code}")
+    super().__init__(f"cell {cell.name} {how}: {_error_text(last_line) or '(no stderr)'}")
+
+
+def _verbosity_flags() -> list[str]:
+  """--verbosity for the children when this process logs more than the default (warning)."""
+  level = logging.getLogger().getEffectiveLevel()
+  if level <= logging.DEBUG:
+    return ["--verbosity=debug"]
+  return ["--verbosity=info"] if level <= logging.INFO else []
+
+
+def _tee_stderr(proc: subprocess.Popen) -> str:
+  """Copy the child's stderr to ours as it arrives (progress bars included); its last line."""
+  decoder = codecs.getincrementaldecoder("utf-8")("replace")
+  tail = ""
+  for chunk in iter(lambda: proc.stderr.read1(1 << 16), b""):
+    text = decoder.decode(chunk)
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    tail = (tail + text)[-(1 << 14):]
+  return _last_line(tail + decoder.decode(b"", final=True))
+
+
+def run_cell(cell: Cell, search_paths: Sequence[str] = ()) -> float:
+  """Train `cell` in its own `python -m prompt_jax.cli train` process (stdout and stderr pass
+  through); returns its wall seconds. Raises CellFailed when the process fails and
+  `preemption.Preempted` when it stopped on a signal after saving (exit code 75)."""
+  command = cell.train_command(search_paths) + _verbosity_flags()
+  sys.stdout.flush()
+  start = time.perf_counter()
+  proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=_child_env())
+  try:
+    last_line = _tee_stderr(proc)
+    exit_code = proc.wait()
+  except KeyboardInterrupt:
+    # Ctrl-C reached the cell's process too: it saves a checkpoint and stops (pass on what it
+    # says meanwhile); a second Ctrl-C stops it at once.
+    try:
+      _tee_stderr(proc)
+      proc.wait()
+    except KeyboardInterrupt:
+      proc.kill()
+      proc.wait()
+    raise
+  seconds = time.perf_counter() - start
+  if exit_code == preemption.EXIT_CODE:
+    raise preemption.Preempted(f"cell {cell.name} stopped on a signal after saving a checkpoint; "
+                               "rerun the same sweep command to continue")
+  if exit_code:
+    raise CellFailed(cell, exit_code, last_line)
+  if not cell.finished():
+    raise CellFailed(cell, exit_code, f"it wrote no {cell.summary_path}")
+  return seconds
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -241,6 +386,31 @@ def _read_json(path: str) -> Optional[dict]:
       return json.load(f)
   except ValueError:
     return None
+
+
+def _write_json(path: str, value: Any) -> None:
+  _gfile().makedirs(os.path.dirname(path))
+  with _gfile().GFile(path, "w") as f:
+    json.dump(value, f, indent=2)
+
+
+def _gfile():
+  """tf.io.gfile: local paths and gs:// alike (the sweep dir of a TPU sweep is a bucket)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _recorded_parameters(cfg: SweepConfig, cells: Sequence[Cell], size: str) -> Optional[int]:
+  """A size's frozen parameter count: SweepConfig.sizes[size]['parameters'], else one recorded in
+  a sweep_cell.json of that size, else None."""
+  if cfg.sizes[size].get("parameters") is not None:
+    return int(cfg.sizes[size]["parameters"])
+  for cell in cells:
+    if cell.values["size"] == size:
+      info = _read_json(os.path.join(cell.model_dir, "sweep_cell.json")) or {}
+      if info.get("parameters") is not None:
+        return int(info["parameters"])
+  return None
 
 
 def collect(cfg: SweepConfig, cells: Sequence[Cell]) -> list[dict]:
@@ -274,112 +444,6 @@ def collect(cfg: SweepConfig, cells: Sequence[Cell]) -> list[dict]:
   return rows
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  mean = sum(values) / len(values)
-  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-
-
-def _series(rows, cfg: SweepConfig, x_axis: str, line_axis: str, key: str = "score"):
-  """{line value: [(x value, mean `key`, std)]} with the other axes at the reference values;
-  seeds are averaged. `key`: 'score' (trained prompt) or 'score_untrained'."""
-  ref = cfg.reference_values()
-  fixed = [a for a in AXES if a not in (x_axis, line_axis, "seed")]
-  series: dict[Any, list] = {}
-  for line in cfg.axis_values()[line_axis]:
-    points = []
-    for x in cfg.axis_values()[x_axis]:
-      scores = [r[key] for r in rows if r["status"] == "finished" and r[key] is not None
-                and r[line_axis] == line and r[x_axis] == x
-                and all(r[a] == ref[a] for a in fixed)]
-      if scores:
-        points.append((x, *_mean_std(scores)))
-    if points:
-      series[line] = points
-  return series
-
-
-def _parameter_label(count: float) -> str:
-  """1083136 -> '1.1M', 11e9 -> '11B': tick labels for the model-size axis."""
-  for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-    if count >= scale:
-      value = count / scale
-      return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
-  return f"{count:g}"
-
-
-def plot(cfg: SweepConfig, rows: Sequence[dict]) -> list[str]:
-  """Write the three PNGs (skipping a plot with no finished cells); returns their paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  ref = cfg.reference_values()
-  parameters = {}
-  for r in rows:
-    if r["parameters"]:
-      parameters[r["size"]] = float(r["parameters"])
-  written = []
-
-  def fixed_note(*shown):
-    return ", ".join(f"{a}={ref[a]}" for a in AXES if a not in shown + ("seed",))
-
-  specs = [("score_vs_parameters.png", "size", "method", "model parameters"),
-           ("score_vs_prompt_length.png", "prompt_length", "size", "prompt length"),
-           ("score_vs_initializer.png", "initializer", "size", "prompt initialisation")]
-  for filename, x_axis, line_axis, xlabel in specs:
-    def placed(key, x_axis=x_axis, line_axis=line_axis):
-      series = _series(rows, cfg, x_axis, line_axis, key)
-      if x_axis == "size":
-        series = {k: [(parameters[x], m, s) for x, m, s in pts if x in parameters]
-                  for k, pts in series.items()}
-      return {k: v for k, v in series.items() if v}
-
-    series, untrained = placed("score"), placed("score_untrained")
-    if not series:
-      continue
-    fig, ax = plt.subplots(figsize=(6, 4))
-    categorical = x_axis == "initializer"
-
-    def xs_of(points, categorical=categorical):
-      xs = [p[0] for p in points]
-      return [cfg.axis_values()["initializer"].index(x) for x in xs] if categorical else xs
-
-    for line, points in series.items():
-      bars = ax.errorbar(xs_of(points), [p[1] for p in points], yerr=[p[2] for p in points],
-                         marker="o", capsize=3, label=str(line))
-      if line in untrained:  # the starting point: trained == untrained means nothing was learnt
-        ax.plot(xs_of(untrained[line]), [p[1] for p in untrained[line]], linestyle="--",
-                alpha=0.6, color=bars.lines[0].get_color(), label=f"{line}, untrained prompt")
-    low, high = ax.get_ylim()
-    if high - low < 10:  # keep equal scores from looking like a trend
-      middle = (low + high) / 2
-      ax.set_ylim(middle - 5, middle + 5)
-    if x_axis == "size":
-      ax.set_xscale("log")
-      ticks = sorted({p[0] for pts in series.values() for p in pts})
-      ax.set_xticks(ticks, [_parameter_label(t) for t in ticks])
-      ax.minorticks_off()
-    if x_axis == "prompt_length" and min(cfg.axis_values()["prompt_length"]) > 0:
-      ax.set_xscale("log")
-      ticks = cfg.axis_values()["prompt_length"]
-      ax.set_xticks(ticks, [str(t) for t in ticks])
-      ax.minorticks_off()
-    if categorical:
-      names = cfg.axis_values()["initializer"]
-      ax.set_xticks(range(len(names)), names)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"validation {cfg.metric}")
-    ax.set_title(f"{cfg.name}: {fixed_note(x_axis, line_axis)}", fontsize=9)
-    ax.legend(title=line_axis, fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(cfg.sweep_dir, filename)
-    with _gfile().GFile(path, "wb") as f:
-      fig.savefig(f, dpi=100, format="png")
-    plt.close(fig)
-    written.append(path)
-  return written
-
-
 def write_commands(cfg: SweepConfig, cells: Sequence[Cell]) -> str:
   """<sweep_dir>/commands.sh: one job line per unfinished cell."""
   lines = ["#!/bin/sh", f"# {cfg.name}: {len(cells)} cells; finished cells are omitted."]
@@ -394,18 +458,6 @@ def write_commands(cfg: SweepConfig, cells: Sequence[Cell]) -> str:
   with _gfile().GFile(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   return path
-
-
-def load_sweep_config(gin_files: Sequence[str], bindings: Sequence[str],
-                      search_paths: Sequence[str]) -> SweepConfig:
-  """Parse the sweep's gin files and build its SweepConfig (gin is cleared afterwards)."""
-  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  try:
-    gin_utils.configure_gin(gin_files, bindings, search_paths, roots=["sweep.SweepConfig"])
-    return gin.get_configurable(SweepConfig)()
-  finally:
-    gin.clear_config()
 
 
 def _text(value) -> str:
@@ -426,6 +478,41 @@ def select(cells: Sequence[Cell], selections: Sequence[str]) -> list[Cell]:
   return chosen
 
 
+def run_local(cfg: SweepConfig, cells: Sequence[Cell], search_paths: Sequence[str] = (),
+              stop_on_error: bool = False, max_cells: Optional[int] = None) -> None:
+  """Train the unfinished `cells` (at most `max_cells`) one process after another; each
+  finished one gets <model_dir>/sweep_cell.json, each failed one sweep_error.json."""
+  parameters: dict[str, Optional[int]] = {}
+  ran = 0
+  for i, cell in enumerate(cells, 1):
+    if cell.finished():
+      continue
+    if max_cells is not None and ran >= max_cells:
+      break
+    print(f"\n=== cell {i}/{len(cells)}: {cell.name}", flush=True)
+    error_path = os.path.join(cell.model_dir, "sweep_error.json")
+    try:
+      seconds = run_cell(cell, search_paths)
+    except CellFailed as e:
+      if stop_on_error:
+        raise
+      _write_json(error_path, {"exit_code": e.exit_code, "error": e.last_line,
+                               "command": cell.train_command(search_paths)})
+      print(f"{e}\n(recorded in {error_path}; the sweep goes on)", file=sys.stderr, flush=True)
+    else:
+      if _gfile().exists(error_path):
+        _gfile().remove(error_path)
+      size = cell.values["size"]
+      if parameters.get(size) is None:
+        parameters[size] = (_recorded_parameters(cfg, cells, size)
+                            or count_parameters(cell, search_paths))
+      _write_json(os.path.join(cell.model_dir, "sweep_cell.json"), {
+          "values": dict(cell.values), "seconds": seconds, "parameters": parameters[size],
+          "gin_files": list(cell.gin_files), "bindings": list(cell.bindings)})
+    ran += 1
+    collect(cfg, cells)  # keep results.csv current while the sweep runs
+
+
 def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
         stop_on_error: bool = False, max_cells: Optional[int] = None,
         selections: Sequence[str] = ()) -> list[dict]:
@@ -439,30 +526,10 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   if mode == "commands":
     print(f"wrote {write_commands(cfg, cells)}", flush=True)
   elif mode == "local":
-    ran = 0
-    for i, cell in enumerate(cells, 1):
-      if cell.finished():
-        continue
-      if max_cells is not None and ran >= max_cells:
-        break
-      print(f"\n=== cell {i}/{len(cells)}: {cell.name}", flush=True)
-      error_path = os.path.join(cell.model_dir, "sweep_error.json")
-      try:
-        run_cell(cell, search_paths)
-        if os.path.exists(error_path):
-          os.remove(error_path)
-      except Exception as e:  # pylint: disable=broad-except
-        if stop_on_error:
-          raise
-        os.makedirs(cell.model_dir, exist_ok=True)
-        with open(error_path, "w") as f:
-          json.dump({"error": f"{type(e).__name__}: {e}",
-                     "traceback": traceback.format_exc()}, f, indent=2)
-        print(f"cell {cell.name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-      ran += 1
-      collect(cfg, cells)  # keep results.csv current while the sweep runs
+    run_local(cfg, cells, search_paths, stop_on_error, max_cells)
   rows = collect(cfg, cells)
-  paths = plot(cfg, rows)
+  from prompt_jax import sweep_plots  # pylint: disable=g-import-not-at-top
+  paths = sweep_plots.plot(cfg, rows)
   finished = sum(r["status"] == "finished" for r in rows)
   print(f"sweep {cfg.name}: {finished}/{len(rows)} cells finished; wrote "
         f"{os.path.join(cfg.sweep_dir, 'results.csv')}" + "".join(f", {p}" for p in paths),
@@ -484,3 +551,10 @@ def main(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     cfg = dataclasses.replace(cfg, bindings=tuple(cfg.bindings) + tuple(cell_bindings))
   rows = run(cfg, mode, search_paths, stop_on_error, max_cells, select)
   return 0 if all(r["status"] != "failed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+  # Run the functions of the importable prompt_jax.sweep (whose SweepConfig the gin files
+  # register), not of this __main__ copy.
+  from prompt_jax import sweep as _sweep  # pylint: disable=g-import-self
+  sys.exit(_sweep.child_main(sys.argv[1:]))

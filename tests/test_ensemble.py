@@ -272,7 +272,8 @@ def test_ensemble_evaluation_equals_per_prompt_runs_and_a_vote_by_hand(frozen):
   per_prompt = []
   for i in range(num_prompts):
     texts = inference.predict_texts(plain, _plain_params(prompts[i]), frozen,
-                                    [r["inputs"] for r in records], vocabulary, 64, 16)
+                                    [r["inputs"] for r in records], vocabulary, 64, 16,
+                                    batch_size=100)
     per_prompt.append(texts)
     accuracy = 100 * np.mean([p == t for p, t in zip(texts, targets)])
     assert scores[f"prompt_{i}/accuracy"] == pytest.approx(accuracy)
@@ -394,3 +395,35 @@ def test_prompt_jax_eval_scores_a_trained_bank_like_training_did(tmp_path):
   assert set(result["metrics"]) == set(trained)
   for name, value in trained.items():
     assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_ensemble_replication_and_length_bucketing_compose_in_one_run(tmp_path):
+  """Both transforms in one run: the bank sees N*B rows trimmed to a bucket, and trains like the
+  untrimmed replicated run (trailing padding is masked)."""
+  from prompt_jax.data import bucketing  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def record(batch):
+    seen.append({k: np.shape(v) for k, v in batch.items()})
+    return batch
+
+  def run(name, transforms):
+    cfg = pipeline.DatasetConfig("demo_sentiment", LENGTHS, batch_size=4)
+    return trainer.train(
+        model=_bank_model(2), model_dir=str(tmp_path / name), train_steps=3,
+        train_dataset_cfg=cfg, initial_checkpoint_path=DEMO_CHECKPOINT,
+        optimizer=ensemble.per_prompt(trainer.adafactor()), checkpoint_every_steps=3,
+        log_every_steps=1, batch_transforms=transforms)
+
+  full = run("full", [ensemble.ReplicateAcrossPrompts(2), record])
+  full_shapes, seen[:] = list(seen), []
+  trimmed = run("trimmed", [ensemble.ReplicateAcrossPrompts(2),
+                            lambda b: bucketing.trim_to_bucket(b, buckets=(40, 48, 56, 64)),
+                            record])
+  assert full_shapes[0]["encoder_input_tokens"] == (8, 64)
+  assert seen[0]["prompt_ids"] == (8,)
+  assert all(s["encoder_input_tokens"][0] == 8 and s["encoder_input_tokens"][1] < 64
+             for s in seen), seen
+  assert trimmed["train"]["loss"] == pytest.approx(full["train"]["loss"], abs=1e-5)
+  np.testing.assert_allclose(np.load(tmp_path / "trimmed" / "prompts" / "prompt_3.npy"),
+                             np.load(tmp_path / "full" / "prompts" / "prompt_3.npy"), atol=1e-4)

@@ -61,7 +61,7 @@ def _validation_examples(name):
 @pytest.fixture(scope="module")
 def restored(trained_run):
   """(trainer, frozen params, prompt params, step) restored from the run's MODEL_DIR."""
-  pt, frozen = evaluation.build_trainer(_model(), _cfg(TASK), DEMO_CHECKPOINT)
+  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
   prompt, step = evaluation.load_prompt_params(pt, frozen, model_dir=trained_run[0])
   return pt, frozen, prompt, step
 

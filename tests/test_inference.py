@@ -16,7 +16,6 @@ import seqio
 
 import tasks  # noqa: F401  (registers the GLUE tasks)
 from prompt_jax import evaluation, inference
-from prompt_jax.data import pipeline
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
@@ -76,10 +75,10 @@ def test_cli_infer_writes_the_in_process_predictions(tmp_path, prompt_file):
   lines = [json.loads(line) for line in output.read_text().splitlines()]
   assert [(r["id"], r["inputs"]) for r in lines] == list(enumerate(texts))
 
-  cfg = pipeline.DatasetConfig("(inputs)", {"inputs": 64, "targets": 12}, batch_size=2)
-  pt, frozen = evaluation.build_trainer(_model(), cfg, DEMO_CHECKPOINT)
+  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
   prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
-  expected = inference.predict_texts(pt, prompt, frozen, texts, seqio.ByteVocabulary(), 64, 12)
+  expected = inference.predict_texts(pt, prompt, frozen, texts, seqio.ByteVocabulary(), 64, 12,
+                                     batch_size=2)
   assert [r["prediction"] for r in lines] == expected
   # The shipped model was pretrained on "sentiment: ..." inputs.
   assert expected[0] == "negative"

@@ -89,3 +89,67 @@ def test_bad_mesh_is_a_one_line_error(capsys):
   assert "--mesh must be DATAxMODEL" in capsys.readouterr().err
   with pytest.raises(ValueError, match="got '0x2'"):
     plan.parse_mesh("0x2")
+
+
+# ------------------------------------------------------------- no process-wide side effects
+
+
+def test_fake_devices_are_asked_for_in_the_child_environment_only(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  monkeypatch.delenv(plan._CHILD_ENV, raising=False)
+  started = {}
+
+  def run(command, env, check):
+    started.update(command=command, env=env)
+    return subprocess.CompletedProcess(command, 0)
+
+  monkeypatch.setattr(plan.subprocess, "run", run)
+  with pytest.raises(SystemExit) as stop:
+    plan._devices_for("cpu", 64, ["--mesh=8x8"])
+  assert stop.value.code == 0
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"  # this process: unchanged
+  assert started["env"]["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
+                                         "--xla_force_host_platform_device_count=64")
+  assert started["env"]["JAX_PLATFORMS"] == "cpu"
+  assert started["command"][1:] == ["-m", "prompt_jax.cli", "plan", "--mesh=8x8"]
+  assert plan.fake_device_flags("--xla_force_host_platform_device_count=2 --a", 8) == (
+      "--a --xla_force_host_platform_device_count=8")
+
+
+def test_importing_prompt_jax_data_imports_no_tensorflow():
+  """The package once hid the GPUs from TensorFlow at import time; now importing it does
+  nothing (`pipeline.host_only_tensorflow` runs when a pipeline is built)."""
+  proc = subprocess.run(
+      [sys.executable, "-c", "import sys, prompt_jax.data; print('tensorflow' in sys.modules)"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "False"
+
+
+def test_host_only_tensorflow_hides_gpus_when_a_pipeline_starts(monkeypatch):
+  import tensorflow as tf
+
+  from prompt_jax.data import pipeline
+  visible, hidden = ["GPU:0"], []
+
+  def set_visible_devices(devices, kind):
+    hidden.append((devices, kind))
+    visible.clear()
+
+  monkeypatch.setattr(tf.config, "get_visible_devices",
+                      lambda kind=None: list(visible) if kind == "GPU" else [])
+  monkeypatch.setattr(tf.config, "set_visible_devices", set_visible_devices)
+  pipeline.host_only_tensorflow()
+  pipeline.host_only_tensorflow()  # idempotent: no GPU is visible any more
+  assert hidden == [([], "GPU")]
+  visible.append("GPU:0")
+  pipeline.get_task_or_mixture("demo_sentiment", "prompt_jax.data.synthetic")
+  assert hidden == [([], "GPU")] * 2
+
+  def too_late(devices, kind):
+    raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+  visible.append("GPU:0")
+  monkeypatch.setattr(tf.config, "set_visible_devices", too_late)
+  with pytest.warns(RuntimeWarning, match="may use GPU memory beside JAX"):
+    pipeline.host_only_tensorflow()

@@ -94,8 +94,8 @@ SCRIPT = textwrap.dedent("""
       batch_structs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                sharding=meshes['4x2'].data_sharding(2))
                        for k, v in pt.dummy_batch.items()}
-      compiled = pt._train_step.lower(pt.abstract_state(), pt.frozen_structs(), batch_structs,
-                                      rng).compile()
+      compiled = pt.train_step_fn.lower(pt.abstract_state(), pt.frozen_structs(),
+                                        batch_structs, rng).compile()
       out['remat'][policy] = {
           'loss': float(loss),
           'grad': np.asarray(jax.tree_util.tree_leaves(grad)[0]).tolist(),

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from flax.linen import unbox
 
-from prompt_jax import cli, spt_training
+from prompt_jax import cli, optimizers, spt_training
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
@@ -144,7 +144,7 @@ def test_top_k_selection_is_deterministic_with_ties_by_layer():
 
 def _search(mode_batch=4):
   model = EncoderDecoderModel(_spt_module())
-  search = spt_training.SptSearch(model, spt_training.spt_optimizer(), spt_training.gate_adam(),
+  search = spt_training.SptSearch(model, optimizers.spt_optimizer(), optimizers.gate_adam(),
                                   Partitioner(), 9, 4, mode_batch)
   frozen = search.random_frozen_params(jax.random.key(0))
   state = search.init_state(frozen, jax.random.key(1))
@@ -201,7 +201,7 @@ def test_held_out_split_partitions_the_training_examples():
 def test_spt_search_rejects_a_non_spt_prompt():
   model = EncoderDecoderModel(t5.Transformer(CONFIG, InputPrompt(Prompt(P))))
   with pytest.raises(ValueError, match="SelectivePrompt with hard=False, got InputPrompt"):
-    spt_training.SptSearch(model, spt_training.spt_optimizer(), spt_training.gate_adam(),
+    spt_training.SptSearch(model, optimizers.spt_optimizer(), optimizers.gate_adam(),
                            Partitioner(), 9, 4, 4)
 
 

@@ -1,4 +1,5 @@
-"""`prompt-jax sweep`: a 2x2 grid on the tiny demo model, end to end, resumed, collected."""
+"""`prompt-jax sweep`: a 2x2 grid on the tiny demo model, end to end, resumed, collected; each
+cell in its own process, failures recorded."""
 
 import csv
 import dataclasses
@@ -6,9 +7,10 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
-from prompt_jax import cli, sweep
+from prompt_jax import cli, sweep, sweep_plots
 
 # sweeps/tiny_demo.gin: tiny model x 1 method x {random, class_label} x prompt lengths {2, 10}.
 CELL_BINDINGS = ["--cell_binding=TRAIN_STEPS = 2",
@@ -22,16 +24,13 @@ def _read_csv(path):
 
 
 @pytest.fixture
-def compilation_cache(tmp_path):
-  """Cells with equal shapes reuse compiled steps (halves this test's time)."""
-  import jax
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+def compilation_cache(tmp_path, monkeypatch):
+  """Cells with equal shapes reuse compiled steps: every cell's process shares one XLA cache
+  (the test session's when conftest set one, else this test's)."""
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def test_expand_orders_files_and_bindings(tmp_path):
@@ -104,7 +103,67 @@ def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
     assert os.path.getmtime(tmp_path / cell / "summary.json") == mtime
 
 
+# Two cells bind the same macros differently (TRAIN_STEPS through their method, PROMPT_LENGTH
+# through the grid); no eval, and the size's parameter count given, to keep it short.
+ISOLATION_SWEEP = """
+from __gin__ import dynamic_registration
+from prompt_jax import sweep
+
+include 'sweeps/tiny_demo.gin'
+
+sweep.SweepConfig.sizes = {
+    'tiny': {'gin_files': ['models/t5_1_1_tiny.gin'], 'parameters': 246784,
+             'bindings': ["INITIAL_CHECKPOINT_PATH = 'builtin:demo_t5_tiny.npz'"]}}
+sweep.SweepConfig.methods = {
+    'one_step': {'gin_files': ['prompts/uniform.gin'], 'bindings': ['TRAIN_STEPS = 1']},
+    'three_steps': {'gin_files': ['prompts/uniform.gin'], 'bindings': ['TRAIN_STEPS = 3']}}
+sweep.SweepConfig.initializers = {'random': {'gin_files': ['sweeps/initializers/random.gin']}}
+sweep.SweepConfig.exclude = [{'method': 'one_step', 'prompt_length': 10},
+                             {'method': 'three_steps', 'prompt_length': 2}]
+"""
+
+
+def test_each_local_cell_sees_its_own_bindings(tmp_path, compilation_cache):
+  (tmp_path / "isolation.gin").write_text(ISOLATION_SWEEP)
+  sweep_dir = tmp_path / "sweep"
+  argv = [f"--gin_file={tmp_path / 'isolation.gin'}", f"--sweep_dir={sweep_dir}",
+          "--stop_on_error", "--cell_binding=trainer.train.eval_dataset_cfg = None",
+          "--cell_binding=trainer.train.log_every_steps = 1"]
+  assert cli.main(["sweep", *argv]) == 0
+  rows = {r["method"]: r for r in _read_csv(sweep_dir / "results.csv")}
+  assert sorted(rows) == ["one_step", "three_steps"]
+  for method, steps, length in (("one_step", 1, 2), ("three_steps", 3, 10)):
+    cell_dir = sweep_dir / rows[method]["cell"]
+    assert rows[method]["status"] == "finished" and int(rows[method]["steps"]) == steps
+    assert json.loads((cell_dir / "summary.json").read_text())["step"] == steps
+    assert np.load(cell_dir / "prompts" / f"prompt_{steps}.npy").shape == (length, 64)
+    info = json.loads((cell_dir / "sweep_cell.json").read_text())
+    assert info["values"]["prompt_length"] == length and info["parameters"] == 246_784
+    assert info["bindings"][-5:-3] == [f"TRAIN_STEPS = {steps}", f"PROMPT_LENGTH = {length}"]
+
+
+def test_failed_cells_report_exit_code_and_last_stderr_line(tmp_path, capsys):
+  """A cell whose process fails is recorded and the sweep goes on; --stop_on_error stops."""
+  argv = ["--gin_file=sweeps/tiny_demo.gin", f"--sweep_dir={tmp_path}",
+          "--select=initializer=random", "--cell_binding=TRAIN_STEPS = 0"]
+  assert cli.main(["sweep", *argv]) == 1
+  rows = _read_csv(tmp_path / "results.csv")
+  assert [r["status"] for r in rows] == ["failed", "failed"]
+  message = "TRAIN_STEPS must be an integer >= 1, got 0"
+  for r in rows:
+    error = json.loads((tmp_path / r["cell"] / "sweep_error.json").read_text())
+    assert error["exit_code"] == 1 and error["error"].startswith(f"error: {message}")
+    assert error["command"][1:4] == ["-m", "prompt_jax.cli", "train"]
+  err = capsys.readouterr().err
+  assert err.count(f"exited with code 1: {message}") == 2 and "the sweep goes on" in err
+
+  assert cli.main(["sweep", *argv, "--stop_on_error"]) == 1
+  err = capsys.readouterr().err
+  assert f"error: cell {rows[0]['cell']} exited with code 1: {message}" in err
+  assert rows[1]["cell"] not in err  # stopped before the second cell
+
+
 @pytest.mark.parametrize("count, label", [(1_083_136, "1.1M"), (20_949_504, "21M"),
                                           (247_424, "247k"), (11_135_332_352, "11B"), (12, "12")])
 def test_parameter_tick_labels(count, label):
-  assert sweep._parameter_label(count) == label
+  assert sweep_plots.parameter_label(count) == label

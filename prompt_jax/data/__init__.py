@@ -1,6 +1,5 @@
-"""Input pipelines: seqio tasks to batched numpy arrays in T5X's feature names."""
+"""Input pipelines: seqio tasks to batched numpy arrays in T5X's feature names.
 
-import tensorflow as tf
-
-# The input pipeline runs on the host; keep TensorFlow off any accelerator JAX uses.
-tf.config.set_visible_devices([], "GPU")
+Importing this package changes nothing process-wide: `pipeline.host_only_tensorflow()` keeps
+TensorFlow off the accelerators when a pipeline is first built.
+"""

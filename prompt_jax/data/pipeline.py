@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import logging
+import warnings
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
@@ -77,8 +78,27 @@ def closest_names(name: str, known, n: int = 5) -> list[str]:
   return list(dict.fromkeys(close + containing))[:n]
 
 
+def host_only_tensorflow() -> None:
+  """Hide the GPUs from TensorFlow, which only runs the input pipeline on the host, so that it
+  allocates no accelerator memory beside JAX. Idempotent: a no-op once no GPU is visible to it.
+  When TensorFlow has already initialised its GPUs it is too late: a warning (once) says so."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.config.get_visible_devices("GPU"):
+    return
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError as e:
+    warnings.warn(f"TensorFlow initialised its GPUs before the input pipeline could hide them, "
+                  f"so it may use GPU memory beside JAX: {e}", RuntimeWarning, stacklevel=2)
+
+
 def get_task_or_mixture(name: str, module: Optional[str] = None):
-  """The registered seqio Task or Mixture called `name`; unknown names list the closest ones."""
+  """The registered seqio Task or Mixture called `name`; unknown names list the closest ones.
+
+  Every input pipeline (`get_dataset`, `count_truncated`, evaluation's and inference's datasets)
+  starts here, so this is where TensorFlow is kept off the accelerators (`host_only_tensorflow`).
+  """
+  host_only_tensorflow()
   import_task_module(module)
   if not isinstance(name, str) or not name:
     raise ValueError(f"MIXTURE_OR_TASK_NAME must be a task or mixture name, got {name!r}")
