@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import checkpoints, preemption, run_dir
+from prompt_jax import checkpoints, evaluation, preemption, run_dir
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.metric_writer import MetricWriter
@@ -37,7 +37,8 @@ Array = jax.Array
 
 
 class TrainingDivergedError(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+  """A step's loss or updated prompt became NaN or infinite; nothing of it was saved and the
+  last good checkpoint is left as it was."""
 
 
 class PromptTrainer(PromptPrograms):
@@ -210,9 +211,7 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
   else:
     _recreate_missing_exports(trainer, manager, frozen_params, model_dir, state, latest)
 
-  if evaluate_fn is None:
-    from prompt_jax import evaluation  # pylint: disable=g-import-not-at-top
-    evaluate_fn = evaluation.evaluate
+  evaluate_fn = evaluate_fn or evaluation.evaluate
   decode_length = max_decode_length or lengths["targets"]
   summary: dict[str, Any] = {"model_dir": model_dir}
   eval_writer = MetricWriter(model_dir, "eval") if eval_dataset_cfg else None
@@ -236,8 +235,10 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
       summary["eval_untrained"] = run_eval("untrained prompt", 0)
       if jax.process_index() == 0:
         run_dir.write_json(untrained_path, summary["eval_untrained"])
-    elif run_dir.read_json(untrained_path) is not None:
-      summary["eval_untrained"] = run_dir.read_json(untrained_path)
+    else:
+      untrained = run_dir.read_json(untrained_path)
+      if untrained is not None:
+        summary["eval_untrained"] = untrained
 
   def save(step: int, metrics: Mapping[str, float]):
     saved = manager.save(step, state, dict(meta, data_position=step,
