@@ -19,10 +19,10 @@ from typing import Any, Mapping, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from prompt_jax import params as params_lib
 from prompt_jax import run_dir
 
 log = logging.getLogger(__name__)
@@ -196,16 +196,7 @@ def _as_dict(tree: Any) -> dict:
 def all_finite(tree: Any) -> bool:
   """True when every floating leaf of `tree` is finite; reduced on the devices, so it works for
   arrays sharded across hosts."""
-  leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree)
-            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)]
-  if not leaves:
-    return True
-  return bool(_all_finite(leaves))
-
-
-@jax.jit
-def _all_finite(leaves):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+  return bool(jax.jit(params_lib.tree_all_finite)(tree))
 
 
 def _first_line(error: BaseException) -> str:

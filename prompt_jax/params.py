@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 DEFAULT_TRAINABLE_PATTERN = r"(^|/)prompt(/|$)"
 
@@ -52,3 +53,10 @@ def count(tree) -> int:
 
 def shapes(tree) -> dict[str, tuple]:
   return {k: tuple(v.shape) for k, v in _flat(tree).items()}
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+  """A scalar bool: every floating leaf of `tree` is finite (traceable: use inside jit)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -48,13 +48,6 @@ class TrainState:
   opt_state: Any
 
 
-def tree_all_finite(tree) -> Array:
-  """A scalar bool: every floating leaf of `tree` is finite (traced; for use inside jit)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def _frozen_dtype(frozen_dtype: Optional[str]):
   try:
     dtype = None if frozen_dtype is None else jnp.dtype(frozen_dtype)
@@ -218,7 +211,7 @@ class PromptPrograms:
     prompt_params = optax.apply_updates(state.prompt_params, updates)
     # Checked on the device: the loss before the update and the prompt after it. A finite loss
     # with an update that overflows the prompt must not be saved as "good".
-    prompt_finite = tree_all_finite(prompt_params)
+    prompt_finite = params_lib.tree_all_finite(prompt_params)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), prompt_finite=prompt_finite,
                    all_finite=jnp.isfinite(metrics["loss"]) & prompt_finite)
     return TrainState(step=state.step + 1, prompt_params=prompt_params,
