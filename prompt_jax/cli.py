@@ -1,11 +1,13 @@
 """`prompt-jax <command>`: every command's flags and the start-up; the work is in the library.
 
 Each command's argparse parser is built here, from the standard library only, so `--help` is
-instant; the library's entry points take the parsed values. Gin commands take T5X's flags:
-`--gin_file` (repeatable), `--gin_bindings` (repeatable), `--gin.NAME=VALUE` (shorthand for a
-binding) and `--gin_search_paths` (comma-separated); `prompt_jax.gin_utils` checks them before
-anything heavy is imported. Errors print one line, `error: ...`; set PROMPT_JAX_TRACEBACK=1 for
-the full traceback. TensorFlow's and gin's start-up messages show with --verbosity=info or debug.
+instant; the library's entry points take the parsed values and built objects. Gin commands take
+T5X's flags: `--gin_file` (repeatable), `--gin_bindings` (repeatable), `--gin.NAME=VALUE`
+(shorthand for a binding) and `--gin_search_paths` (comma-separated). Only this module parses gin,
+through its helper `prompt_jax.gin_utils`, which checks the flags before anything heavy is
+imported. Each gin command names the function it configures (`GIN_COMMANDS`); no gin macro
+chooses it. Errors print one line, `error: ...`; set PROMPT_JAX_TRACEBACK=1 for the full
+traceback. TensorFlow's and gin's start-up messages show with --verbosity=info or debug.
 """
 
 from __future__ import annotations
@@ -22,25 +24,61 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from prompt_jax import preemption
 
-# Gin commands: command -> (module, gin-configured function).
-GIN_COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("prompt_jax.trainer", "train"),
-    "pretrain": ("prompt_jax.pretrain", "pretrain"),
-    "eval": ("prompt_jax.evaluation", "run_evaluation"),
-    "infer": ("prompt_jax.inference", "infer"),
+
+class GinCommand(NamedTuple):
+  """A command that calls one gin-configured library function.
+
+  Attributes:
+    module, function: what it calls, e.g. 'prompt_jax.trainer', 'train'.
+    not_empty: macros that must be set (not None or '').
+    elsewhere: (selector or '%MACRO', command): a config that configures the selector (or binds
+      the macro) belongs to that command; this one refuses it, naming the command to run.
+    required: (selector, hint) when the config must configure the function itself.
+  """
+
+  module: str
+  function: str
+  not_empty: tuple[str, ...] = ()
+  elsewhere: tuple[tuple[str, str], ...] = ()
+  required: Optional[tuple[str, str]] = None
+
+  @property
+  def root(self) -> str:
+    """The gin selector of the function, e.g. 'trainer.train'."""
+    return f"{self.module.rsplit('.', 1)[-1]}.{self.function}"
+
+
+GIN_COMMANDS: dict[str, GinCommand] = {
+    # runs/spt.gin includes runs/prompt_finetune.gin, so it configures trainer.train too:
+    # `train` refuses it (and the TRAIN_FN macro that used to route it) instead of running it.
+    "train": GinCommand("prompt_jax.trainer", "train", not_empty=("MODEL_DIR",),
+                        elsewhere=(("spt_training.train_spt", "spt"), ("%TRAIN_FN", "spt"),
+                                   ("multitask_training.train_multitask", "multitask"))),
+    "spt": GinCommand("prompt_jax.spt_training", "train_spt", not_empty=("MODEL_DIR",),
+                      required=("spt_training.train_spt", "include runs/spt.gin (or its "
+                                "spt_training.train_spt block, see docs/spt.md)")),
+    "multitask": GinCommand("prompt_jax.multitask_training", "train_multitask",
+                            not_empty=("MODEL_DIR",),
+                            required=("multitask_training.train_multitask",
+                                      "include runs/multitask.gin (see docs/multitask.md)")),
+    "pretrain": GinCommand("prompt_jax.pretrain", "pretrain"),
+    "eval": GinCommand("prompt_jax.evaluation", "run_evaluation"),
+    "infer": GinCommand("prompt_jax.inference", "infer"),
 }
 # Every command and its line in `prompt-jax --help`.
 COMMANDS: dict[str, str] = {
     "train": "prompt-tune a frozen T5 (gin configures trainer.train)",
+    "spt": "Selective Prompt Tuning: search gated layers, keep the top K, re-train them (gin)",
+    "multitask": "multi-task prompt tuning: a prompt per task of a seqio mixture, one run (gin)",
     "pretrain": "train a small T5 from scratch to serve as a frozen model (gin)",
     "eval": "score a trained prompt on a task's eval split (gin)",
     "infer": "predictions as JSONL: one task (gin) or several tasks in mixed batches",
     "sweep": "a scale-ablation grid of training runs, its results table and plots (gin)",
-    "plan": "per-device memory and FLOPs of a train step on a mesh, without weights (gin)",
+    "plan": "per-device memory and FLOPs of the programs on a mesh or TPU slice, no weights (gin)",
     "convert": "frozen checkpoints to Orbax; prompts between .npy, PEFT and T5X",
     "export-prompt": "fold a trained prompt of any method into .npy and PEFT files (gin)",
     "infer-multitask": "multi-task serving (the same as `prompt-jax infer --inputs=...`)",
@@ -50,7 +88,7 @@ VERBOSITIES = ("debug", "info", "warning", "error")
 # The same as prompt_jax.interop.convert.PROMPT_FORMATS, prompt_jax.plan.CHIPS and
 # prompt_jax.prompts.base placements (tests/test_cli_errors.py checks), without importing them.
 PROMPT_FORMATS = ("npy", "peft", "t5x")
-CHIPS = ("a100", "h100", "v4", "v5e", "v5p")
+CHIPS = ("a100", "h100", "v4", "v5e", "v5p", "v6e")
 PLACEMENTS = ("prefix", "prefix_after_bos", "suffix")
 
 
@@ -92,8 +130,22 @@ DESCRIPTIONS = {
 Prompt-tune a frozen T5. The gin files configure trainer.train: the model (models/*.gin), the
 prompt method (prompts/*.gin) and the run (runs/prompt_finetune.gin: task, steps, batch size,
 optimizer). MODEL_DIR receives the checkpoints, prompts/prompt_<step>.npy exports, TensorBoard
-events and summary.json; a run resumes from MODEL_DIR's latest checkpoint. A gin file may replace
-trainer.train with TRAIN_FN = @... (e.g. runs/spt.gin).""",
+events and summary.json; a run resumes from MODEL_DIR's latest checkpoint. Selective Prompt
+Tuning (runs/spt.gin) has its own command, `prompt-jax spt`.""",
+    "spt": """\
+Selective Prompt Tuning (SPT / SPT-DARTS) in one run; the gin files configure
+spt_training.train_spt (runs/spt.gin, or a models/ file, prompts/spt.gin, runs/prompt_finetune.gin
+and runs/spt.gin's spt_training.train_spt block). Phase 1 (MODEL_DIR/search) learns a gate per
+candidate layer, the top SPT_NUM_LAYERS layers are kept (printed, and written to
+MODEL_DIR/search/selection.json), phase 2 (MODEL_DIR/retrain) re-trains them; rerunning the
+same command resumes either phase.""",
+    "multitask": """\
+Multi-task prompt tuning: one prompt per task of a seqio mixture, trained in one run; the gin
+files configure multitask_training.train_multitask (runs/multitask.gin, optionally followed by
+prompts/multitask_shared.gin or prompts/mpt.gin). Batches mix the tasks at the mixture's rates
+and every prompt trains as it would alone on its task's examples; MODEL_DIR/tasks.json maps
+prompt indices to tasks, prompts/<task>.npy and prompts/peft/<task>/ are the tasks' prompts,
+evaluation reports every task and the mixture average (docs/multitask.md).""",
     "pretrain": """\
 Train a small T5 from scratch (every parameter) to serve as a frozen model; the gin files
 configure pretrain.pretrain (runs/pretrain_*.gin) and OUTPUT_PATH receives the .npz.""",
@@ -118,10 +170,14 @@ sizes, methods, initialisers, prompt lengths, learning rates, seeds); each cell 
 <sweep_dir>/results.csv and the plots score_vs_parameters.png, score_vs_prompt_length.png and
 score_vs_initializer.png. Finished cells are skipped, so an interrupted sweep resumes.""",
     "plan": """\
-What one train step costs per device, without allocating a weight: the training gin config is
-compiled ahead of time on a (data, model) mesh of DATA x MODEL devices (fake CPU devices when
-the machine has fewer); printed are the per-device bytes of the compiled step, the parameter
-counts and the FLOPs per step (XLA's and the analytic count).""",
+What the programs of the training gin config (train step; with --topology also the eval step,
+score and predict) cost per device, without allocating a weight: they are compiled ahead of time
+on a (data, model) mesh of DATA x MODEL devices. With --topology=v5e:2x4 (v4:2x2x2, v5p:2x2x1,
+v6e:2x4, v5e:4x4, ...) the devices are that TPU slice's and the compiler is the TPU compiler
+(libtpu: pip install -e ".[tpu]"; no TPU needed): its bytes, its fit or its out-of-memory error
+(exit 1). Without it: this machine's devices, or fake CPU devices, which is NOT a TPU plan.
+Printed: per-device argument, output, temporary and code bytes, peak, fit, FLOPs and the time at
+the chip's peak, and the parameter counts; --max_batch searches the largest batch that fits.""",
     "convert": """\
 Frozen weights into our Orbax format, and prompts between formats: `npy` (a [length, embed]
 .npy file), `peft` (a PEFT PROMPT_TUNING adapter directory) and `t5x` (a T5X checkpoint).
@@ -145,6 +201,14 @@ EXAMPLES = {
     --gin_file=prompts/class_labels.gin --gin_file=runs/prompt_finetune.gin \\
     --gin.MODEL_DIR="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME="'taskless_glue_sst2_v002'" \\
     --gin.INITIAL_CHECKPOINT_PATH="'/path/to/frozen/checkpoint'" --gin.TRAIN_STEPS=1000""",
+    "spt": """\
+  prompt-jax spt --gin_file=runs/spt.gin --gin.MODEL_DIR="'/tmp/spt'"
+  prompt-jax spt --gin_file=runs/spt.gin --gin.MODEL_DIR="'/tmp/spt'" \\
+    --gin.SPT_SEARCH_MODE="'joint'" --gin.SPT_NUM_LAYERS=2 --gin.SPT_SEARCH_STEPS=200""",
+    "multitask": """\
+  prompt-jax multitask --gin_file=runs/multitask.gin --gin.MODEL_DIR="'/tmp/multitask'"
+  prompt-jax multitask --gin_file=runs/multitask.gin --gin_file=prompts/mpt.gin \
+    --gin.MODEL_DIR="'/tmp/multitask_mpt'\"""",
     "pretrain": """\
   prompt-jax pretrain --gin_file=runs/pretrain_demo.gin --gin.OUTPUT_PATH="'/tmp/tiny.npz'\"""",
     "eval": """\
@@ -165,9 +229,10 @@ EXAMPLES = {
   prompt-jax sweep --gin_file=sweeps/tiny_demo.gin --sweep_dir=/tmp/sweep_tiny \\
     --select=prompt_length=2 --cell_binding='TRAIN_STEPS = 5'""",
     "plan": """\
-  prompt-jax plan --gin_file=runs/demo.gin --mesh=4x2 --platform=tpu
-  prompt-jax plan --gin_file=runs/scale_xxl.gin --mesh=2x4 --platform=tpu --chip=v5e \\
-    --json=/tmp/plan.json""",
+  prompt-jax plan --gin_file=runs/scale_xxl.gin --mesh=2x4 --topology=v5e:2x4 --json=/tmp/plan.json
+  prompt-jax plan --gin_file=models/t5_1_1_lm_adapted_base.gin --gin_file=runs/scale.gin \\
+    --mesh=4x2 --topology=v4:2x2x2 --programs=train --max_batch
+  prompt-jax plan --gin_file=runs/demo.gin --mesh=4x2 --platform=tpu   (fake CPU devices)""",
     "convert": """\
   prompt-jax convert hf-to-orbax HF_DIR OUT_DIR
   prompt-jax convert t5x-to-orbax T5X_CHECKPOINT OUT_DIR --config t5_1_1_base [--set emb_dim=4]
@@ -253,6 +318,11 @@ def _add_multitask_flags(parser: argparse.ArgumentParser, required: bool = True,
                      help="lines per batch, of any tasks (default 32)")
   group.add_argument("--placement", default="prefix", choices=PLACEMENTS, metavar="PLACE",
                      help="where the prompts go: prefix (default), prefix_after_bos or suffix")
+  group.add_argument("--decode", default="greedy", metavar="SPEC",
+                     help="greedy (default), 'beam_search(num_decodes=4, alpha=0.6)' or "
+                          "'temperature_sample(temperature=0.7, topk=40, seed=1)'")
+  group.add_argument("--return_all_decodes", action="store_true",
+                     help="also write every decode and its score per line, best first")
 
 
 MULTITASK_USAGE = ("{prog} --inputs=IN.jsonl --output=OUT.jsonl --prompt=TASK=PATH ...\n"
@@ -274,7 +344,7 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
   """The parser of `prompt-jax <command>` (`prog`: its name in messages)."""
   if command not in COMMANDS:
     raise UsageError(_unknown_command(command))
-  if command in ("train", "pretrain", "eval"):
+  if command in ("train", "spt", "multitask", "pretrain", "eval"):
     parser = _new(command, prog, GIN_USAGE)
     _add_gin_flags(parser)
   elif command == "infer":
@@ -307,16 +377,27 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
                              "(repeatable), e.g. --cell_binding='TRAIN_STEPS = 5'")
   elif command == "plan":
     parser = _new(command, prog, GIN_USAGE.replace(
-        "[--verbosity=LEVEL]", "--mesh=DATAxMODEL\n       [--platform=cpu|gpu|tpu] "
+        "[--verbosity=LEVEL]", "--mesh=DATAxMODEL\n       [--topology=GEN:GRID] "
+        "[--programs=train,eval,score,predict] [--max_batch]\n       [--platform=cpu|gpu|tpu] "
         "[--chip=CHIP] [--json=FILE] [--verbosity=LEVEL]"))
     _add_gin_flags(parser, "gin configuration (the training config)")
     parser.add_argument("--mesh", required=True, metavar="DATAxMODEL",
                         help="the (data, model) mesh, e.g. 4x2 (required)")
+    parser.add_argument("--topology", default=None, metavar="GEN:GRID",
+                        help="a TPU slice compiled for by the TPU compiler (needs libtpu), e.g. "
+                             "v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:2x4, v5e:4x4; DATA x MODEL must "
+                             "be its chip count")
+    parser.add_argument("--programs", default=None, metavar="LIST",
+                        help="comma-separated subset of train,eval,score,predict (default: all "
+                             "four with --topology, else train)")
+    parser.add_argument("--max_batch", action="store_true",
+                        help="also search (doubling, then bisection over compiles) the largest "
+                             "global batch whose train step fits (needs --topology)")
     parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"),
-                        help="the platform planned for (default cpu)")
+                        help="without --topology: the platform planned for (default cpu)")
     parser.add_argument("--chip", default=None, choices=CHIPS,
-                        help="accelerator whose memory and peak FLOP/s the plan is compared "
-                             "with (default: v5e for tpu, h100 for gpu)")
+                        help="without --topology: accelerator whose memory and peak FLOP/s the "
+                             "plan is compared with (default: v5e for tpu, h100 for gpu)")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the numbers to this JSON file")
   elif command == "export-prompt":
@@ -338,6 +419,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
                         help="the frozen checkpoint (default: the one the run recorded)")
     parser.add_argument("--format", choices=("both", "npy", "peft"), default="both",
                         help="what to write (default both)")
+    parser.add_argument("--t5x_checkpoint", metavar="DIR",
+                        help="fold the prompt of a T5X prompt-tuning checkpoint_<step> instead "
+                             "of a prompt_jax run (writes --output; no t5x needed)")
   else:  # convert; its sub-commands take --verbosity
     parser = _new(command, prog, "{prog} {{hf-to-orbax,t5x-to-orbax,prompt}} ...")
     _add_convert_commands(parser)
@@ -503,35 +587,69 @@ def _initialize_distributed() -> None:
   distributed.maybe_initialize()  # multi-host runs: before anything touches the devices
 
 
-def run_gin_command(function: Callable, argv: Sequence[str]):
-  """The gin-configured `function` as a gin command with T5X flags `argv`; its result."""
+def print_summary(summary: dict) -> None:
+  """The final result table of a training run."""
+  before, after = summary.get("eval_untrained"), summary.get("eval_trained")
+  if after:
+    print("\nvalidation metric        untrained prompt   trained prompt")
+    for name in sorted(after):
+      b = f"{before[name]:16.2f}" if before and name in before else f"{'-':>16}"
+      print(f"{name:24} {b}   {after[name]:14.2f}")
+  train = summary.get("train") or {}
+  if "loss" in train:
+    ce = f" (cross-entropy {train['cross_ent_loss']:.4f})" if "cross_ent_loss" in train else ""
+    print(f"final training loss {train['loss']:.4f}{ce} at step {summary.get('step')}; "
+          f"run directory {summary.get('model_dir')}")
+
+
+def _check_gin(command: str, args: argparse.Namespace) -> None:
+  """A gin command's static checks (milliseconds, nothing heavy imported): the config is this
+  command's, then `gin_utils.check_config`."""
   from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  args = parse("train", argv, prog=f"prompt-jax {function.__name__}")
-  configure_output(args.verbosity)
+  spec = GIN_COMMANDS[command]
+  if not args.gin_file:
+    raise ValueError(f"no --gin_file given (see prompt-jax {command} --help)")
+  config = gin_utils.read_config(args.gin_file, args.gin_bindings, args.search_paths)
+  gin_utils.check_command(config, command, elsewhere=dict(spec.elsewhere),
+                          required=spec.required)
+  gin_utils.check_config(config, roots=[spec.root], not_empty=spec.not_empty)
+
+
+def _run_gin(command: str, args: argparse.Namespace, function: Optional[Callable] = None):
+  """Check, configure gin and call the command's function (`function`: already imported); its
+  result, whose summary table is printed when it is a dict."""
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  spec = GIN_COMMANDS[command]
+  _check_gin(command, args)
+  _initialize_distributed()
+  if function is None:
+    function = getattr(_import(command, spec.module), spec.function)
   result = gin_utils.run_configured(function, args.gin_file, args.gin_bindings,
-                                    args.search_paths)
+                                    args.search_paths, roots=[spec.root],
+                                    not_empty=spec.not_empty)
   if isinstance(result, dict):
-    gin_utils.print_summary(result)
+    print_summary(result)
   return result
 
 
-def _run_gin(command: str, args: argparse.Namespace) -> int:
-  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  module_name, function_name = GIN_COMMANDS[command]
-  gin_utils.check(args.gin_file, args.gin_bindings, args.search_paths,
-                  **gin_utils.command_checks(module_name, function_name))
-  _initialize_distributed()
-  function = getattr(_import(command, module_name), function_name)
-  result = gin_utils.run_configured(function, args.gin_file, args.gin_bindings,
-                                    args.search_paths)
-  if isinstance(result, dict):
-    gin_utils.print_summary(result)
-  return 0
+def run_gin_command(function: Callable, argv: Sequence[str]):
+  """The gin command whose function is `function` (e.g. evaluation.run_evaluation for `eval`),
+  run with T5X flags `argv`; its result."""
+  commands = [c for c, spec in GIN_COMMANDS.items()
+              if (spec.module, spec.function) == (function.__module__, function.__name__)]
+  if not commands:
+    known = ", ".join(f"{c}: {spec.module}.{spec.function}" for c, spec in GIN_COMMANDS.items())
+    raise ValueError(f"{function.__module__}.{function.__name__} is no gin command's function "
+                     f"({known})")
+  args = parse(commands[0], argv)
+  configure_output(args.verbosity)
+  return _run_gin(commands[0], args, function)
 
 
 def _run(command: str, args: argparse.Namespace) -> int:
   if command in GIN_COMMANDS:
-    return _run_gin(command, args)
+    _run_gin(command, args)
+    return 0
   if command == "infer-multitask":
     if "://" not in args.inputs and not os.path.isfile(args.inputs):
       raise FileNotFoundError(f"--inputs {args.inputs!r} does not exist")
@@ -541,30 +659,92 @@ def _run(command: str, args: argparse.Namespace) -> int:
         inputs=args.inputs, output=args.output, prompts=args.prompt, checkpoint=args.checkpoint,
         model=args.model, vocabulary=args.vocabulary, input_length=args.input_length,
         max_decode_length=args.max_decode_length, batch_size=args.batch_size,
-        placement=args.placement) or 0)
+        placement=args.placement, decode=args.decode,
+        return_all_decodes=args.return_all_decodes) or 0)
   _initialize_distributed()
   if command == "plan":
+    # The plan compiles trainer.train's programs: gin is parsed here, the library gets objects.
+    from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
     plan = _import(command, "prompt_jax.plan")
-    return int(plan.main(gin_files=args.gin_file, gin_bindings=args.gin_bindings,
-                         search_paths=args.search_paths, mesh=args.mesh,
-                         platform=args.platform, chip=args.chip, json_path=args.json) or 0)
+    request = plan.request(mesh=args.mesh, topology=args.topology, platform=args.platform,
+                           chip=args.chip, programs=args.programs, max_batch=args.max_batch)
+    checks = {"roots": ["trainer.train"], "optional": ["MODEL_DIR", "MIXTURE_OR_TASK_NAME"],
+              "extra_bindings": [f"NUM_PARTITIONS = {request.model}"]}
+    gin_utils.check(args.gin_file, args.gin_bindings, args.search_paths, **checks)
+    again = [*(f"--gin_file={f}" for f in args.gin_file),  # for a child with fake CPU devices
+             *(f"--gin_bindings={b}" for b in args.gin_bindings),
+             f"--gin_search_paths={','.join(args.search_paths)}", f"--mesh={args.mesh}",
+             f"--platform={args.platform}", *([f"--chip={args.chip}"] if args.chip else []),
+             *([f"--programs={args.programs}"] if args.programs else []),
+             *([f"--json={args.json}"] if args.json else [])]
+    target = plan.target(request, again)
+    import gin  # pylint: disable=g-import-not-at-top
+    gin_utils.configure_gin(args.gin_file, args.gin_bindings, args.search_paths, **checks)
+    for macro, value in (("MODEL_DIR", "None"), ("MIXTURE_OR_TASK_NAME", "'plan_only'")):
+      try:  # the plan reads and writes no data: fill what a run would require
+        bound = gin.query_parameter(f"%{macro}")
+      except ValueError:
+        bound = gin.REQUIRED
+      if bound is gin.REQUIRED or repr(bound) == repr(gin.REQUIRED):
+        gin.parse_config(f"{macro} = {value}")
+    with contextlib.suppress(ValueError, KeyError):  # only its axis rules are used: build it
+      gin.bind_parameter("partitioning.Partitioner.num_partitions", 1)  # on any device count
+    from prompt_jax import trainer  # pylint: disable=g-import-not-at-top
+    bound = gin.get_bindings(trainer.train)
+    data_cfg = bound["train_dataset_cfg"]
+    lengths = data_cfg.task_feature_lengths
+    return int(plan.main(
+        model=bound["model"], target=target, batch_size=data_cfg.batch_size,
+        input_length=lengths["inputs"], target_length=lengths["targets"],
+        optimizer=bound.get("optimizer"),
+        logical_axis_rules=getattr(bound.get("partitioner"), "logical_axis_rules", None),
+        trainable_pattern=bound.get("trainable_pattern"), frozen_dtype=bound.get("frozen_dtype"),
+        programs=request.programs, max_batch=request.max_batch, json_path=args.json) or 0)
   if command == "sweep":
-    sweep = _import(command, "prompt_jax.sweep")
-    return int(sweep.main(gin_files=args.gin_file, gin_bindings=args.gin_bindings,
-                          search_paths=args.search_paths, mode=args.mode,
-                          sweep_dir=args.sweep_dir, max_cells=args.max_cells,
-                          stop_on_error=args.stop_on_error, select=args.select,
-                          cell_bindings=args.cell_binding) or 0)
+    return _run_sweep(args)
   if command == "export-prompt":
-    export = _import(command, "prompt_jax.export")
-    return int(export.main(gin_files=args.gin_file, gin_bindings=args.gin_bindings,
-                           search_paths=args.search_paths, model_dir=args.model_dir,
-                           step=args.step, output=args.output, peft_dir=args.peft_dir,
-                           base_model_name_or_path=args.base_model_name_or_path,
-                           initial_checkpoint_path=args.initial_checkpoint_path,
-                           fmt=args.format) or 0)
+    return _run_export(args)
   convert = _import(command, "prompt_jax.interop.convert")
   return int(convert.main(args) or 0)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+  """`prompt-jax sweep`: the SweepConfig of the sweep's gin file (`--sweep_dir` overrides its
+  sweep_dir) and a parameter counter for its sizes, both parsing gin in child processes."""
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  sweep = _import("sweep", "prompt_jax.sweep")
+  bindings = list(args.gin_bindings)
+  if args.sweep_dir:
+    bindings.append(f"sweep.SweepConfig.sweep_dir = {args.sweep_dir!r}")
+  cfg = gin_utils.sweep_config(args.gin_file, bindings, args.search_paths)
+
+  def count_parameters(cell) -> int:
+    return gin_utils.frozen_parameter_count(cell.gin_files, cell.bindings, args.search_paths)
+
+  return int(sweep.main(cfg, search_paths=args.search_paths, mode=args.mode,
+                        max_cells=args.max_cells, stop_on_error=args.stop_on_error,
+                        select=args.select, cell_bindings=args.cell_binding,
+                        count_parameters=count_parameters) or 0)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+  """`prompt-jax export-prompt`: the run's model (and gin MODEL_DIR) from its gin files."""
+  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  export = _import("export-prompt", "prompt_jax.export")
+  model, gin_model_dir = gin_utils.model_from_gin(args.gin_file, args.gin_bindings,
+                                                  args.search_paths)
+  if args.t5x_checkpoint:
+    if not args.output:
+      raise ValueError("--t5x_checkpoint needs --output=FILE.npy")
+    t5x_export = _import("export-prompt", "prompt_jax.t5x_compat.export_prompt")
+    prompt = t5x_export.export_t5x_prompt(model, args.t5x_checkpoint)
+    print(f"wrote {export.save_npy(prompt, args.output)} {prompt.shape}")
+    return 0
+  return int(export.main(model, args.model_dir or gin_model_dir, step=args.step,
+                         output=args.output, peft_dir=args.peft_dir,
+                         base_model_name_or_path=args.base_model_name_or_path,
+                         initial_checkpoint_path=args.initial_checkpoint_path,
+                         fmt=args.format) or 0)
 
 
 def package_version() -> str:

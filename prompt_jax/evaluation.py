@@ -1,10 +1,12 @@
-"""Validation metrics: a seqio task's eval split, decoded greedily with the KV cache (or scored
-label by label for `_rank` tasks), measured by the task's own metric functions through
+"""Validation metrics: a seqio task's eval split, decoded with the KV cache (greedily by default;
+`decoding` chooses beam search or sampling, whose best decode is the prediction) or scored label
+by label for `_rank` tasks, measured by the task's own metric functions through
 `seqio.Evaluator`; and `run_evaluation`, the gin entry point of `prompt-jax eval`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -15,6 +17,7 @@ import numpy as np
 import seqio
 
 from prompt_jax import checkpoints
+from prompt_jax import decoding as decoding_lib
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.metric_writer import MetricWriter
@@ -45,13 +48,17 @@ def _stack(examples, batch_size):
 
 
 def make_predict_fn(programs, prompt_params, frozen_params, batch_size: int,
-                    max_decode_length: int):
-  """seqio `PredictFnCallable`: dataset -> [(index, token ids)] (greedy, KV cache)."""
+                    max_decode_length: int, decoding: Optional[Any] = None):
+  """seqio `PredictFnCallable`: dataset -> [(index, token ids)] with the KV cache: the best
+  decode of `decoding` (a `prompt_jax.decoding` object; None is greedy)."""
+  decoding = decoding_lib.resolve(decoding)
+
   def predict_fn(ds, model_params: Optional[Any] = None):
     del model_params
     outputs = []
     for indices, batch, real in _batches(ds, batch_size):
-      tokens = programs.predict(prompt_params, frozen_params, batch, max_decode_length)
+      tokens = programs.predict(prompt_params, frozen_params, batch, max_decode_length,
+                                decoding)
       outputs.extend((i, [int(t) for t in row]) for i, row in zip(indices, tokens[:real]))
     return outputs
   return predict_fn
@@ -93,8 +100,9 @@ def count_truncated(evaluator: seqio.Evaluator,
 
 def evaluate(programs, prompt_params, frozen_params, dataset_cfg: pipeline.DatasetConfig,
              max_decode_length: int, log_dir: Optional[str] = None,
-             step: Optional[int] = None) -> dict[str, float]:
-  """Metrics of every task in `dataset_cfg.mixture_or_task_name` on its eval split.
+             step: Optional[int] = None, decoding: Optional[Any] = None) -> dict[str, float]:
+  """Metrics of every task in `dataset_cfg.mixture_or_task_name` on its eval split; generative
+  tasks are decoded with `decoding` (None: greedy) and scored on its best decode.
 
   Keys are `<metric>` for a single task and `<task>/<metric>` for a mixture. With `log_dir`,
   seqio's JSONLogger writes every input, target and prediction there (`<task>-<step>.jsonl`).
@@ -114,7 +122,7 @@ def evaluate(programs, prompt_params, frozen_params, dataset_cfg: pipeline.Datas
                      f"{dataset_cfg.split!r} split to evaluate (its splits: {splits})")
   count_truncated(evaluator, dataset_cfg.task_feature_lengths)
   predict_fn = make_predict_fn(programs, prompt_params, frozen_params, dataset_cfg.batch_size,
-                               max_decode_length)
+                               max_decode_length, decoding)
   score_fn = make_score_fn(programs, prompt_params, frozen_params, dataset_cfg.batch_size)
   all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn,
                                       score_fn=score_fn, step=step)
@@ -213,7 +221,8 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                    partitioner: Optional[Partitioner] = None,
                    trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
                    write_predictions: bool = True, seed: int = 0,
-                   evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
+                   evaluate_fn: Optional[Callable] = None,
+                   decoding: Optional[Any] = None) -> dict[str, Any]:
   """`prompt-jax eval`: metrics of a trained prompt on `dataset_cfg`'s task and split.
 
   The prompt comes from `prompt_path` (a `.npy` export) or MODEL_DIR's checkpoint at `step`
@@ -221,24 +230,38 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
   TensorBoard under `<output_dir or model_dir>/eval_<split>`, predictions (with
   `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.
   `evaluate_fn` replaces `evaluate` (same arguments), e.g. `ensemble.evaluate_ensemble` for a
-  prompt bank. Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
+  prompt bank. `decoding` (gin: `DECODE_FN`, a `prompt_jax.decoding` object; None or `Greedy()`
+  is greedy) decodes generative tasks; an `evaluate_fn` gets it only if it takes a `decoding`
+  argument (one that does not supports greedy only).
+  Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
   """
   pipeline.check_vocabulary(dataset_cfg, model.config.vocab_size)
+  decoding = decoding_lib.resolve(decoding)
+  evaluate_fn = evaluate_fn or evaluate
+  extra = {}
+  if "decoding" in inspect.signature(evaluate_fn).parameters:
+    extra["decoding"] = decoding
+  elif decoding != decoding_lib.Greedy():
+    raise ValueError(f"DECODE_FN {decoding!r}: evaluate_fn "
+                     f"{getattr(evaluate_fn, '__name__', evaluate_fn)} decodes greedily only; "
+                     "use DECODE_FN = @decoding.Greedy()")
   programs, frozen = build_programs(model, initial_checkpoint_path, partitioner,
                                    trainable_pattern, seed)
   prompt, step = load_prompt_params(programs, frozen, model_dir=model_dir,
                                     prompt_path=prompt_path, step=step, seed=seed)
   out_dir = output_dir or model_dir
   log_dir = os.path.join(out_dir, f"eval_{dataset_cfg.split}") if out_dir else None
-  scores = (evaluate_fn or evaluate)(
+  scores = evaluate_fn(
       programs, prompt, frozen, dataset_cfg,
       max_decode_length or dataset_cfg.task_feature_lengths["targets"],
-      log_dir=log_dir if write_predictions else None, step=step)
+      log_dir=log_dir if write_predictions else None, step=step, **extra)
   if log_dir:
     writer = MetricWriter(out_dir, f"eval_{dataset_cfg.split}")
     writer.write(step, scores)
     writer.close()
-  print(f"\n{dataset_cfg.mixture_or_task_name} ({dataset_cfg.split}), prompt at step {step}")
+  decoded_with = "" if decoding == decoding_lib.Greedy() else f", decoded with {decoding}"
+  print(f"\n{dataset_cfg.mixture_or_task_name} ({dataset_cfg.split}), prompt at step {step}"
+        f"{decoded_with}")
   print(format_metrics_table(scores), flush=True)
   return {"metrics": scores, "step": step, "task": dataset_cfg.mixture_or_task_name,
           "split": dataset_cfg.split}

@@ -10,13 +10,14 @@ training: the folded array is exactly what the encoder sees, so it serves with a
       [--base_model_name_or_path=google/t5-base-lm-adapt] [--format=both|npy|peft]
 
 The gin files are the run's model and prompt files (they say which method made the prompt);
-the frozen checkpoint comes from the run's metadata unless `--initial_checkpoint_path` is given.
+the command line builds the model from them and hands it to `main`, which parses no gin. The
+frozen checkpoint comes from the run's metadata unless `--initial_checkpoint_path` is given.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -24,11 +25,6 @@ import orbax.checkpoint as ocp
 
 from prompt_jax import checkpoints
 from prompt_jax import params as params_lib
-
-
-def configured_model(model):
-  """Identity; gin binds `model = %MODEL` so that the CLI can build the run's model."""
-  return model
 
 
 def load_trained_prompt(model_dir: str, step: Optional[int] = None):
@@ -59,11 +55,14 @@ def load_trained_prompt(model_dir: str, step: Optional[int] = None):
 
 
 def fold_prompt(model, prompt_params: Mapping, frozen_params: Mapping) -> np.ndarray:
-  """The prompt as the encoder sees it, [length, embed] float32 (via `Transformer.export_prompt`).
-  Only `token_embedder/embedding` of the frozen parameters is read."""
+  """The prompt as the encoder sees it, [length, embed] float32 (via
+  `prompt_jax.prompts.base.export_prompt`). Only `token_embedder/embedding` of the frozen
+  parameters is read."""
+  from prompt_jax.prompts import base as prompts_base  # pylint: disable=g-import-not-at-top
+
   frozen = {"token_embedder": {"embedding": frozen_params["token_embedder"]["embedding"]}}
   params = params_lib.merge_params(prompt_params, frozen)
-  folded = model.module.apply({"params": params}, method=model.module.export_prompt)
+  folded = prompts_base.export_prompt(model.module.prompt, params)
   if folded is None:
     raise ValueError("the configured model has no prompt (is a prompt gin file given?)")
   return np.asarray(folded, dtype=np.float32)
@@ -94,35 +93,14 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: Optio
   return peft.save_prompt(prompt, directory, **kwargs)
 
 
-def _model_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-                    search_paths: Sequence[str] = ()):
-  """The run's model (gin MODEL) and gin MODEL_DIR (None if unset)."""
-  import gin  # pylint: disable=g-import-not-at-top
-
-  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.configure_gin(gin_files, gin_bindings, search_paths, roots=["%MODEL"],
-                          optional=["MODEL_DIR"])
-  gin.parse_config(["from __gin__ import dynamic_registration",
-                    "from prompt_jax import export",
-                    "export.configured_model.model = %MODEL"])
-  try:
-    model_dir = gin.query_parameter("%MODEL_DIR")
-  except ValueError:
-    model_dir = None
-  return gin.get_configurable(configured_model)(), model_dir
-
-
-def main(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-         search_paths: Sequence[str] = (), model_dir: Optional[str] = None,
-         step: Optional[int] = None, output: Optional[str] = None,
-         peft_dir: Optional[str] = None, base_model_name_or_path: Optional[str] = None,
+def main(model, model_dir: Optional[str], *, step: Optional[int] = None,
+         output: Optional[str] = None, peft_dir: Optional[str] = None,
+         base_model_name_or_path: Optional[str] = None,
          initial_checkpoint_path: Optional[str] = None, fmt: str = "both") -> int:
-  """`prompt-jax export-prompt`: fold the prompt of the run in `model_dir` (default gin
-  MODEL_DIR) at `step` and write it as `fmt` ('both', 'npy' or 'peft')."""
+  """`prompt-jax export-prompt`: fold the prompt that `model` (the run's model, e.g. from its
+  gin files) trained in `model_dir` at `step` and write it as `fmt` ('both', 'npy' or 'peft')."""
   if fmt not in ("both", "npy", "peft"):
     raise ValueError(f"--format must be both, npy or peft, got {fmt!r}")
-  model, gin_model_dir = _model_from_gin(gin_files, gin_bindings, search_paths)
-  model_dir = model_dir or gin_model_dir
   if not model_dir:
     raise ValueError("no run directory: pass --model_dir=/path/to/run")
   prompt, step = export_prompt(model, model_dir, step, initial_checkpoint_path)

@@ -1,13 +1,20 @@
-"""Gin for prompt-jax's commands: files and bindings in, one-line errors naming the bad value out.
+"""The command line's gin: files and bindings in, one-line errors naming the bad value out.
+
+Only `prompt_jax.cli` imports this module (tests/test_import_graph.py checks): library modules
+take built objects (a model, a SweepConfig, ...) and never parse gin themselves.
 
 `configure_gin` reads the gin files and bindings twice. First `check` reads them with gin's own
 parser without executing their imports (nothing heavy is imported, it takes milliseconds): a
 missing file (with the search paths), a syntax error (file and line), a string value without its
 inner quotes, a macro binding no config uses (with the closest macro), a `%gin.REQUIRED` macro
-left unset and ill-typed well-known T5X macros (TRAIN_STEPS, BATCH_SIZE, LEARNING_RATE, ...) are
-ValueErrors. Then gin parses them for real, one binding at a time so that its own errors (an
-unknown configurable or parameter) name the binding. `run_configured` is a gin command
-(`prompt-jax train|pretrain|eval|infer`) after flag parsing.
+left unset, ill-typed well-known T5X macros (TRAIN_STEPS, BATCH_SIZE, LEARNING_RATE, ...) and a
+config meant for another command (`check_command`) are ValueErrors. Then gin parses them for
+real, one binding at a time so that its own errors (an unknown configurable or parameter) name
+the binding. `run_configured` calls a gin command's function (`prompt-jax train|spt|pretrain|
+eval|infer`) after flag parsing; `model_from_gin`, `sweep_config` and `frozen_parameter_count`
+build what `export-prompt` and `sweep` hand to the library, the last two in short-lived child
+processes (`python -m prompt_jax.gin_utils config|parameters SPEC_JSON`) so that this process's
+gin registry is left alone.
 
 Nothing here imports prompt_jax.cli or anything heavy at import time.
 """
@@ -17,15 +24,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tokenize
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 # Macros that code reads with gin.query_parameter (not through a %reference).
-CODE_MACROS = ("TRAIN_FN", "MODEL_DIR")
+CODE_MACROS = ("MODEL_DIR",)
 
 
 def _is_int(value) -> bool:
@@ -295,10 +306,22 @@ def _flag_example(name: str) -> str:
   return f"--gin.{name}=VALUE"
 
 
+def _matching_configurables(config: StaticConfig, scoped_selector: str) -> list[str]:
+  """The configured selectors that `scoped_selector` names ('train_spt',
+  'spt_training.train_spt' and 'prompt_jax.spt_training.train_spt' name each other)."""
+  selector = scoped_selector.rsplit("/", 1)[-1].split(".")
+  keys = []
+  for key in config.configurables:
+    parts = key.split(".")
+    shorter = min(len(parts), len(selector))
+    if parts[-shorter:] == selector[-shorter:]:
+      keys.append(key)
+  return keys
+
+
 def reachable_macros(config: StaticConfig, roots: Optional[Sequence[str]]) -> set[str]:
   """Macros the roots use, directly or through references: a root is a configurable's selector
-  ('trainer.train'), a macro ('%MODEL') or a macro used only if set ('%TRAIN_FN?'). All
-  referenced macros when `roots` is None."""
+  ('trainer.train') or a macro ('%MODEL'). All referenced macros when `roots` is None."""
   if roots is None:
     return set(config.references)
   found: set[str] = set()
@@ -306,19 +329,13 @@ def reachable_macros(config: StaticConfig, roots: Optional[Sequence[str]]) -> se
   stack: list[Any] = []
 
   def add_configurable(scoped_selector: str):
-    selector = scoped_selector.rsplit("/", 1)[-1].split(".")
-    for key, values in config.configurables.items():
-      parts = key.split(".")
-      shorter = min(len(parts), len(selector))
-      if key not in visited and parts[-shorter:] == selector[-shorter:]:
+    for key in _matching_configurables(config, scoped_selector):
+      if key not in visited:
         visited.add(key)
-        stack.extend(values)
+        stack.extend(config.configurables[key])
 
   for root in roots:
-    if root.endswith("?"):
-      if root[1:-1] in config.macros:
-        stack.append(_Macro(root[1:-1]))
-    elif root.startswith("%"):
+    if root.startswith("%"):
       stack.append(_Macro(root[1:]))
     else:
       add_configurable(root)
@@ -453,59 +470,156 @@ def configure_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
   return config
 
 
-def command_checks(module: str, function: str) -> dict[str, Any]:
-  """`check`/`configure_gin` keyword arguments for the gin command that calls
-  `module.function` (e.g. 'prompt_jax.trainer', 'train')."""
-  root = f"{module.rsplit('.', 1)[-1]}.{function}"
-  if function == "train":
-    # A gin file may replace trainer.train by TRAIN_FN (e.g. runs/spt.gin).
-    return {"roots": [root, "%TRAIN_FN?"], "not_empty": ["MODEL_DIR"]}
-  return {"roots": [root]}
-
-
-def train_function_override(function: Callable) -> Callable:
-  """For `train`: the function bound to the gin macro TRAIN_FN when the config defines one
-  (e.g. `TRAIN_FN = @spt_training.train_spt`), else `function` itself."""
-  import gin  # pylint: disable=g-import-not-at-top
-  if function.__name__ != "train":
-    return function
-  try:
-    reference = gin.query_parameter("%TRAIN_FN")
-  except ValueError:
-    return function
-  configurable = getattr(reference, "configurable", None)
-  if configurable is None:
-    raise ValueError(f"TRAIN_FN must be a function reference such as "
-                     f"@spt_training.train_spt, got {reference!r}")
-  return configurable.wrapped
+def check_command(config: StaticConfig, command: str, *,
+                  elsewhere: Optional[Mapping[str, str]] = None,
+                  required: Optional[tuple[str, str]] = None) -> None:
+  """ValueError when the config belongs to another command: `elsewhere` maps a configurable's
+  selector, or a '%MACRO' the config binds, to the command that runs it (`prompt-jax train`
+  given runs/spt.gin: run `prompt-jax spt`); `required` = (selector, hint): the command's
+  function, which the config must configure (for a function without useful defaults)."""
+  for name, other in (elsewhere or {}).items():
+    if name.startswith("%"):
+      definition = config.macros.get(name[1:])
+      if definition is None:
+        continue
+      user = any(macro == name[1:] for macro, _ in config.user_macros)
+      raise ValueError(f"gin macro {name[1:]} ({definition.where}) no longer chooses what "
+                       f"`prompt-jax {command}` runs: run `prompt-jax {other}` with the same "
+                       f"flags{' without that binding' if user else ''}")
+    if _matching_configurables(config, name):
+      raise ValueError(f"the gin config configures {name}, which `prompt-jax {command}` does "
+                       f"not run: run `prompt-jax {other}` with the same flags")
+  if required is not None and config.complete:
+    selector, hint = required
+    if not _matching_configurables(config, selector):
+      raise ValueError(f"the gin config does not configure {selector}, which `prompt-jax "
+                       f"{command}` runs; {hint}")
 
 
 def run_configured(function: Callable, gin_files: Sequence[str],
-                   gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = ()):
-  """Configure gin and call the gin-configured `function` (or TRAIN_FN); its result."""
+                   gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = (), *,
+                   roots: Optional[Sequence[str]] = None, not_empty: Iterable[str] = ()):
+  """Configure gin (`configure_gin` with `roots` and `not_empty`) and call the gin-configured
+  `function`; its result. A `not_empty` macro that gin leaves unset, None or '' is an error."""
   import gin  # pylint: disable=g-import-not-at-top
-  configure_gin(gin_files, gin_bindings, search_paths,
-                **command_checks(function.__module__, function.__name__))
-  if function.__name__ == "train":
+  not_empty = list(not_empty)
+  configure_gin(gin_files, gin_bindings, search_paths, roots=roots, not_empty=not_empty)
+  for name in not_empty:
     try:
-      model_dir = gin.query_parameter("%MODEL_DIR")
+      value = gin.query_parameter(f"%{name}")
     except ValueError:
-      model_dir = None
-    if not model_dir:
-      raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
-  return gin.get_configurable(train_function_override(function))()
+      value = None
+    if value in (None, "") or value is gin.REQUIRED:
+      raise ValueError(f"{name} is not set; pass {_flag_example(name)}")
+  return gin.get_configurable(function)()
 
 
-def print_summary(summary: dict) -> None:
-  """The final result table of a training run."""
-  before, after = summary.get("eval_untrained"), summary.get("eval_trained")
-  if after:
-    print("\nvalidation metric        untrained prompt   trained prompt")
-    for name in sorted(after):
-      b = f"{before[name]:16.2f}" if before and name in before else f"{'-':>16}"
-      print(f"{name:24} {b}   {after[name]:14.2f}")
-  train = summary.get("train") or {}
-  if "loss" in train:
-    ce = f" (cross-entropy {train['cross_ent_loss']:.4f})" if "cross_ent_loss" in train else ""
-    print(f"final training loss {train['loss']:.4f}{ce} at step {summary.get('step')}; "
-          f"run directory {summary.get('model_dir')}")
+# ------------------------------------------------------- objects the library is handed
+
+
+def configured_model(model):
+  """Identity; `model_from_gin` binds `model = %MODEL` to build a run's model."""
+  return model
+
+
+def model_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+                   search_paths: Sequence[str] = ()) -> tuple[Any, Optional[str]]:
+  """The model a run's gin files build (gin MODEL) and gin MODEL_DIR (None if unset)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  configure_gin(gin_files, gin_bindings, search_paths, roots=["%MODEL"],
+                optional=["MODEL_DIR"])
+  gin.parse_config(["from __gin__ import dynamic_registration",
+                    "from prompt_jax import gin_utils",
+                    "gin_utils.configured_model.model = %MODEL"])
+  try:
+    model_dir = gin.query_parameter("%MODEL_DIR")
+  except ValueError:
+    model_dir = None
+  return gin.get_configurable(configured_model)(), model_dir
+
+
+def _sweep_config_fields(gin_files, bindings, search_paths) -> dict:
+  """In a child: the gin-configured SweepConfig's fields as JSON data."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from prompt_jax import sweep  # pylint: disable=g-import-not-at-top
+  configure_gin(gin_files, bindings, search_paths, roots=["sweep.SweepConfig"])
+  fields = dataclasses.asdict(gin.get_configurable(sweep.SweepConfig)())
+  try:
+    json.dumps(fields)
+  except TypeError as e:
+    raise ValueError(f"SweepConfig values must be strings, numbers, lists and dicts: {e}") from e
+  return fields
+
+
+def _frozen_parameters(gin_files, bindings, search_paths) -> int:
+  """In a child: parameters of the gin-configured T5 (without prompt), from shapes only."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from prompt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from prompt_jax.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
+  configure_gin(gin_files, bindings, search_paths, roots=["t5.T5Config"])
+  config = gin.get_configurable(t5.T5Config)()
+  model = encoder_decoder.EncoderDecoderModel(t5.Transformer(config))
+  return params_lib.count(model.init_abstract(model.dummy_batch(1, 8, 4)))
+
+
+_CHILD_COMMANDS = {"config": _sweep_config_fields, "parameters": _frozen_parameters}
+
+
+def _ask_child(command: str, spec: Mapping[str, Any], **env: str) -> Any:
+  """Run `python -m prompt_jax.gin_utils <command> <spec as JSON>` and return the JSON value it
+  prints last; ValueError with its error line when it fails."""
+  from prompt_jax import sweep  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, "-m", "prompt_jax.gin_utils", command,
+                         json.dumps(spec)], capture_output=True, text=True,
+                        env=sweep.child_env(**env), check=False)
+  if proc.returncode:
+    line = sweep.last_line(proc.stderr)
+    raise ValueError((line[len("error: "):] if line.startswith("error: ") else line)
+                     or f"`python -m prompt_jax.gin_utils {command}` exited with "
+                        f"{proc.returncode}")
+  return json.loads(sweep.last_line(proc.stdout))
+
+
+def sweep_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                 search_paths: Sequence[str] = ()):
+  """The `sweep.SweepConfig` of a sweep's gin files and bindings, parsed in a child process
+  (this process's gin registry is left alone)."""
+  from prompt_jax import sweep  # pylint: disable=g-import-not-at-top
+  return sweep.SweepConfig(**_ask_child("config", {
+      "gin_files": list(gin_files), "bindings": list(bindings),
+      "search_paths": list(search_paths)}))
+
+
+def frozen_parameter_count(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                           search_paths: Sequence[str] = ()) -> int:
+  """Frozen parameters of the T5 that the gin files and bindings build, from shapes, in a child
+  process on the CPU (an accelerator stays free, the gin registry untouched)."""
+  return _ask_child("parameters", {"gin_files": list(gin_files), "bindings": list(bindings),
+                                   "search_paths": list(search_paths)}, JAX_PLATFORMS="cpu")
+
+
+def child_main(argv: Sequence[str]) -> int:
+  """`python -m prompt_jax.gin_utils config|parameters SPEC_JSON`: print the answer as JSON; on
+  an error print 'error: ...' to stderr and return 1."""
+  if len(argv) != 2 or argv[0] not in _CHILD_COMMANDS:
+    print(f"error: usage: python -m prompt_jax.gin_utils {{{'|'.join(_CHILD_COMMANDS)}}} "
+          f"SPEC_JSON, got {list(argv)}", file=sys.stderr)
+    return 2
+  try:
+    result = _CHILD_COMMANDS[argv[0]](**json.loads(argv[1]))
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get("PROMPT_JAX_TRACEBACK"):
+      traceback.print_exc()
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    print(f"error: {text}", file=sys.stderr)
+    return 1
+  print(json.dumps(result), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  # The functions of the importable prompt_jax.gin_utils, not of this __main__ copy.
+  from prompt_jax import gin_utils as _gin_utils  # pylint: disable=g-import-self
+  sys.exit(_gin_utils.child_main(sys.argv[1:]))

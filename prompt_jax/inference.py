@@ -1,8 +1,12 @@
-"""`prompt-jax infer`: greedy predictions of a trained prompt, written as JSONL.
+"""`prompt-jax infer`: predictions of a trained prompt, written as JSONL.
 
 Inputs are either a JSONL file of `{"inputs": "<text>", ...}` lines (other fields are copied to
-the output) or a seqio task split (`{"inputs", "targets", "prediction"}` per example).
-`predict_texts` is the plain function to route other front ends to (e.g. multi-task serving).
+the output) or a seqio task split (`{"inputs", "targets", "prediction"}` per example). Decoding
+is greedy unless `decoding` (gin: `DECODE_FN`) says otherwise (`prompt_jax.decoding`: beam
+search, sampling); `prediction` is the best decode, and `return_all_decodes` also writes every
+decode, best first, with its score (`predictions`, `scores`).
+`predict_texts` / `predict_decodes` are the plain functions to route other front ends to (e.g.
+multi-task serving).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import seqio
 
+from prompt_jax import decoding as decoding_lib
 from prompt_jax import evaluation
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
@@ -46,30 +51,66 @@ def encode_inputs(texts: Sequence[str], vocabulary: seqio.Vocabulary,
 
 def predict_tokens(programs, prompt_params, frozen_params, encoder_input_tokens: np.ndarray,
                    max_decode_length: int, prompt_ids: Optional[np.ndarray] = None, *,
-                   batch_size: int = 32) -> np.ndarray:
-  """Greedy decoding of [n, input_length] tokens in `batch_size` chunks -> [n, max]."""
-  outputs = []
+                   batch_size: int = 32, decoding: Optional[Any] = None,
+                   return_scores: bool = False):
+  """Decoding (`decoding`, default greedy) of [n, input_length] tokens in `batch_size` chunks
+  -> the best decodes [n, max]; with `return_scores`, (every decode [n, k, max], scores [n, k]),
+  best first (k = the decoding's `num_decodes`)."""
+  decoding = decoding_lib.resolve(decoding)
+  tokens, scores = [], []
   size = batch_size
   for start in range(0, len(encoder_input_tokens), size):
     batch = {"encoder_input_tokens": encoder_input_tokens[start:start + size]}
     if prompt_ids is not None:
       batch["prompt_ids"] = np.asarray(prompt_ids[start:start + size], np.int32)
     batch, real = pipeline.pad_batch(batch, size)
-    outputs.append(programs.predict(prompt_params, frozen_params, batch,
-                                    max_decode_length)[:real])
-  if not outputs:
-    return np.zeros((0, max_decode_length), np.int32)
-  return np.concatenate(outputs)
+    out, score = programs.predict(prompt_params, frozen_params, batch, max_decode_length,
+                                  decoding, return_scores=True)
+    tokens.append(out[:real])
+    scores.append(score[:real])
+  if not tokens:
+    k = getattr(decoding, "num_decodes", 1)
+    tokens, scores = [np.zeros((0, k, max_decode_length), np.int32)], [np.zeros((0, k))]
+  tokens, scores = np.concatenate(tokens), np.concatenate(scores)
+  return (tokens, scores) if return_scores else tokens[:, 0]
+
+
+def predict_decodes(programs, prompt_params, frozen_params, texts: Sequence[str],
+                    vocabulary: seqio.Vocabulary, input_length: int, max_decode_length: int,
+                    prompt_ids: Optional[np.ndarray] = None, *, batch_size: int = 32,
+                    decoding: Optional[Any] = None) -> list[list[tuple[str, float]]]:
+  """Texts in; per text, every decode of `decoding` (text up to the first EOS, score), best
+  first. Empty beam slots (a search space smaller than the beam) are left out."""
+  tokens = encode_inputs(texts, vocabulary, input_length)
+  predicted, scores = predict_tokens(programs, prompt_params, frozen_params, tokens,
+                                     max_decode_length, prompt_ids, batch_size=batch_size,
+                                     decoding=decoding, return_scores=True)
+  return [[(vocabulary.decode([int(t) for t in row]), float(score))
+           for row, score in zip(rows, row_scores) if np.isfinite(score)]
+          for rows, row_scores in zip(predicted, scores)]
 
 
 def predict_texts(programs, prompt_params, frozen_params, texts: Sequence[str],
                   vocabulary: seqio.Vocabulary, input_length: int, max_decode_length: int,
-                  prompt_ids: Optional[np.ndarray] = None, *, batch_size: int = 32) -> list[str]:
-  """Texts in, decoded greedy predictions out (up to the first EOS), `batch_size` at a time."""
+                  prompt_ids: Optional[np.ndarray] = None, *, batch_size: int = 32,
+                  decoding: Optional[Any] = None) -> list[str]:
+  """Texts in, the best decode of `decoding` (default greedy) out (up to the first EOS),
+  `batch_size` at a time."""
   tokens = encode_inputs(texts, vocabulary, input_length)
   predicted = predict_tokens(programs, prompt_params, frozen_params, tokens, max_decode_length,
-                             prompt_ids, batch_size=batch_size)
+                             prompt_ids, batch_size=batch_size, decoding=decoding)
   return [vocabulary.decode([int(t) for t in row]) for row in predicted]
+
+
+def decode_fields(decodes: Sequence[tuple[str, float]],
+                  return_all_decodes: bool) -> dict[str, Any]:
+  """The output fields of one input: `prediction` (the best decode), and with
+  `return_all_decodes` also `predictions` and `scores` (every decode, best first)."""
+  fields: dict[str, Any] = {"prediction": decodes[0][0] if decodes else ""}
+  if return_all_decodes:
+    fields["predictions"] = [text for text, _ in decodes]
+    fields["scores"] = [score for _, score in decodes]
+  return fields
 
 
 def read_jsonl_lines(path: str, required: Sequence[str] = ("inputs",)
@@ -177,10 +218,14 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
           model_dir: Optional[str] = None, prompt_path: Optional[str] = None,
           step: Optional[int] = None, partitioner: Optional[Partitioner] = None,
           trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
-          seed: int = 0) -> dict[str, Any]:
+          seed: int = 0, decoding: Optional[Any] = None,
+          return_all_decodes: bool = False) -> dict[str, Any]:
   """Predict for every record of `inputs_path` (JSONL; needs `vocabulary`) or of `task`'s
   `split` (the task's own vocabulary), and write `output_path`: JSONL, one line per input with
-  `prediction` added. The prompt is loaded as in `prompt-jax eval`."""
+  `prediction` added (the best decode of `decoding`, default greedy; with `return_all_decodes`
+  also `predictions` and `scores`, every decode best first). The prompt is loaded as in
+  `prompt-jax eval`."""
+  decoding = decoding_lib.resolve(decoding)
   if bool(inputs_path) == bool(task):
     raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
                      f"MIXTURE_OR_TASK_NAME; got {inputs_path!r} and {task!r}")
@@ -205,10 +250,10 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
                                                trainable_pattern, seed)
   prompt, step = evaluation.load_prompt_params(programs, frozen, model_dir=model_dir,
                                                prompt_path=prompt_path, step=step, seed=seed)
-  predictions = predict_texts(programs, prompt, frozen, [r["inputs"] for r in records],
-                              vocabulary, input_length, max_decode_length,
-                              batch_size=batch_size)
-  count = write_jsonl((dict(r, prediction=p) for r, p in zip(records, predictions)),
-                      output_path)
+  decodes = predict_decodes(programs, prompt, frozen, [r["inputs"] for r in records],
+                            vocabulary, input_length, max_decode_length, batch_size=batch_size,
+                            decoding=decoding)
+  count = write_jsonl((dict(r, **decode_fields(d, return_all_decodes))
+                       for r, d in zip(records, decodes)), output_path)
   print(f"wrote {count} predictions (prompt at step {step}) to {output_path}", flush=True)
   return {"output_path": output_path, "count": count, "step": step}

@@ -63,3 +63,45 @@ def loss_and_metrics(logits: Array, targets: Array, weights: Optional[Array], z_
       "token_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(real), 1.0),
       "nonpadding_tokens": jnp.sum(real),
   }
+
+
+def grouped_loss_and_metrics(logits: Array, targets: Array, weights: Optional[Array],
+                             groups: Array, num_groups: int, z_loss: float,
+                             loss_normalizing_factor: Union[None, float, str]):
+  """The sum over groups of each group's own normalised loss, as if each group's rows were a
+  batch of their own (multi-task training: a group is a task).
+
+  logits [b, t, v], targets [b, t], weights [b, t] or None, groups [b] ints in [0, num_groups).
+  Returns (scalar loss = sum_g loss_g, metrics with `group_loss` [num_groups] and
+  `group_present` [num_groups] bool); an absent group contributes 0.
+  """
+  token_loss, token_z_loss = cross_entropy_with_z_loss(logits, targets, z_loss)
+  one_hot = jax.nn.one_hot(groups, num_groups, dtype=jnp.float32)  # [b, g]
+  rows = jnp.sum(one_hot, axis=0)  # [g]
+  _, weights = normalizing_factor_and_weights(loss_normalizing_factor, targets, weights)
+  if loss_normalizing_factor is None or isinstance(loss_normalizing_factor, (int, float)):
+    factor = None if loss_normalizing_factor is None else jnp.full(
+        (num_groups,), float(loss_normalizing_factor), jnp.float32)
+  elif loss_normalizing_factor == "NUM_REAL_TARGET_TOKENS":
+    factor = jnp.einsum("bg,bt->g", one_hot, weights)
+  elif loss_normalizing_factor == "NUM_TOTAL_TARGET_TOKENS":
+    factor = rows * targets.shape[1]
+  else:  # AVERAGE_PER_SEQUENCE: weights are already per sequence
+    factor = rows
+  group_loss = jnp.einsum("bg,bt->g", one_hot, token_loss * weights)
+  group_z = jnp.einsum("bg,bt->g", one_hot, token_z_loss * weights)
+  if factor is not None:
+    safe = jnp.where(factor > 0, factor, 1.0)
+    group_loss, group_z = group_loss / safe, group_z / safe
+  loss, z = jnp.sum(group_loss), jnp.sum(group_z)
+  real = (targets > 0).astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
+  return loss, {
+      "loss": loss,
+      "z_loss": z,
+      "cross_ent_loss": loss - z,
+      "token_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(real), 1.0),
+      "nonpadding_tokens": jnp.sum(real),
+      "group_loss": group_loss,
+      "group_present": rows > 0,
+  }

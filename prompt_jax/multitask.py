@@ -1,7 +1,9 @@
 """Multi-task serving: one frozen model, a prompt per task, every request line in mixed batches.
 
 Input: JSONL lines `{"task": "<name>", "inputs": "<text>", ...}` (other fields are copied to the
-output, which adds `prediction`). Prompts: `{task: source}` where a source is
+output, which adds `prediction`: the best decode of `decoding`, greedy by default, or beam search
+/ sampling from `prompt_jax.decoding`; `return_all_decodes` adds `predictions` and `scores`, every
+decode best first). Prompts: `{task: source}` where a source is
   - a `.npy` file holding [length, embed] (our `prompts/prompt_<step>.npy` exports, released
     prompts), or `<file>.npy#<i>` for row i of a prompt bank's [N, length, embed] export;
   - a PEFT prompt-tuning adapter directory (`adapter_config.json` + safetensors);
@@ -29,6 +31,7 @@ import jax
 import numpy as np
 import seqio
 
+from prompt_jax import decoding as decoding_lib
 from prompt_jax import evaluation, inference
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -123,12 +126,30 @@ def predict_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str,
                       vocabulary: seqio.Vocabulary, *, input_length: int = 512,
                       max_decode_length: int = 32, batch_size: int = 32,
                       placement: str = "prefix", partitioner: Optional[Partitioner] = None,
-                      seed: int = 0) -> list[str]:
-  """One prediction per record (`{'task', 'inputs'}`), in order; records of all tasks with
-  prompts of one length share batches (`prompt_ids` select each line's prompt)."""
+                      seed: int = 0, decoding: Optional[Any] = None) -> list[str]:
+  """One prediction (the best decode of `decoding`, default greedy) per record
+  (`{'task', 'inputs'}`), in order; records of all tasks with prompts of one length share
+  batches (`prompt_ids` select each line's prompt)."""
+  decodes = decode_multitask(model, records, prompts, initial_checkpoint_path, vocabulary,
+                             input_length=input_length, max_decode_length=max_decode_length,
+                             batch_size=batch_size, placement=placement,
+                             partitioner=partitioner, seed=seed, decoding=decoding)
+  return [d[0][0] if d else "" for d in decodes]
+
+
+def decode_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str, Any]],
+                     prompts: Mapping[str, np.ndarray], initial_checkpoint_path: Optional[str],
+                     vocabulary: seqio.Vocabulary, *, input_length: int = 512,
+                     max_decode_length: int = 32, batch_size: int = 32,
+                     placement: str = "prefix", partitioner: Optional[Partitioner] = None,
+                     seed: int = 0, decoding: Optional[Any] = None
+                     ) -> list[list[tuple[str, float]]]:
+  """`predict_multitask` with every decode: per record, [(text, score), ...] best first (every
+  beam or sample of a line uses that line's prompt)."""
   check_records(records, list(prompts))
+  decoding = decoding_lib.resolve(decoding)
   partitioner = partitioner or Partitioner()
-  predictions: list[Optional[str]] = [None] * len(records)
+  predictions: list[Optional[list[tuple[str, float]]]] = [None] * len(records)
   frozen = None
   for length, tasks in group_by_length(prompts).items():
     programs = _bank_programs(model, len(tasks), length, placement, input_length,
@@ -145,12 +166,12 @@ def predict_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str,
     if not rows:
       continue
     ids = np.array([tasks.index(records[i]["task"]) for i in rows], np.int32)
-    texts = inference.predict_texts(programs, prompt_params, frozen,
-                                    [records[i]["inputs"] for i in rows], vocabulary,
-                                    input_length, max_decode_length, prompt_ids=ids,
-                                    batch_size=batch_size)
-    for i, text in zip(rows, texts):
-      predictions[i] = text
+    decodes = inference.predict_decodes(programs, prompt_params, frozen,
+                                        [records[i]["inputs"] for i in rows], vocabulary,
+                                        input_length, max_decode_length, prompt_ids=ids,
+                                        batch_size=batch_size, decoding=decoding)
+    for i, decoded in zip(rows, decodes):
+      predictions[i] = decoded
   return predictions  # type: ignore[return-value]
 
 
@@ -159,13 +180,17 @@ def infer_multitask(*, model: EncoderDecoderModel, inputs_path: str, output_path
                     initial_checkpoint_path: Optional[str] = None, input_length: int = 512,
                     max_decode_length: int = 32, batch_size: int = 32,
                     placement: str = "prefix", partitioner: Optional[Partitioner] = None,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, decoding: Optional[Any] = None,
+                    return_all_decodes: bool = False) -> dict[str, Any]:
   """Answer every `{task, inputs}` line of `inputs_path` with its task's prompt (sources in
-  `prompts`, see the module docstring) and write JSONL with `prediction` to `output_path`.
+  `prompts`, see the module docstring) and write JSONL with `prediction` to `output_path`
+  (the best decode of `decoding`, default greedy; `return_all_decodes` adds `predictions` and
+  `scores`).
 
   `model` is any `EncoderDecoderModel`; its prompt hook is replaced by the banks."""
   if not prompts:
     raise ValueError("infer-multitask needs at least one task prompt, got none")
+  decoding = decoding_lib.resolve(decoding)
   inference.check_output_path(output_path, inputs_path, "--output", "--inputs")  # before reading
   inference.check_model_vocabulary(vocabulary, model.config.vocab_size, "--vocabulary")
   loaded = {task: load_prompt(source) for task, source in prompts.items()}
@@ -181,12 +206,13 @@ def infer_multitask(*, model: EncoderDecoderModel, inputs_path: str, output_path
   numbered = inference.read_jsonl_lines(inputs_path, ("inputs",))
   records = [record for _, record in numbered]
   check_records(records, list(loaded), inputs_path, [number for number, _ in numbered])
-  predictions = predict_multitask(model, records, loaded, initial_checkpoint_path, vocabulary,
-                                  input_length=input_length,
-                                  max_decode_length=max_decode_length, batch_size=batch_size,
-                                  placement=placement, partitioner=partitioner, seed=seed)
-  count = inference.write_jsonl((dict(r, prediction=p) for r, p in zip(records, predictions)),
-                                output_path)
+  decodes = decode_multitask(model, records, loaded, initial_checkpoint_path, vocabulary,
+                             input_length=input_length, max_decode_length=max_decode_length,
+                             batch_size=batch_size, placement=placement,
+                             partitioner=partitioner, seed=seed, decoding=decoding)
+  count = inference.write_jsonl(
+      (dict(r, **inference.decode_fields(d, return_all_decodes)) for r, d in zip(records, decodes)),
+      output_path)
   groups = group_by_length(loaded)
   print(f"wrote {count} predictions for {len(loaded)} tasks ({len(groups)} prompt bank"
         f"{'s' if len(groups) != 1 else ''}) to {output_path}", flush=True)
@@ -208,10 +234,13 @@ def _vocabulary(spec: str) -> seqio.Vocabulary:
 
 def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkpoint: str,
          model: str = "tiny", vocabulary: str = "byte", input_length: int = 512,
-         max_decode_length: int = 32, batch_size: int = 32, placement: str = "prefix") -> int:
+         max_decode_length: int = 32, batch_size: int = 32, placement: str = "prefix",
+         decode: str = "greedy", return_all_decodes: bool = False) -> int:
   """`prompt-jax infer-multitask` (and `prompt-jax infer --inputs=...`): `prompts` are
   (task, source) pairs; `model` a T5 preset name (prompt_jax.models.t5), `vocabulary` 'byte' or
-  a SentencePiece model file."""
+  a SentencePiece model file; `decode` a decoding spec for `prompt_jax.decoding.parse`
+  ('greedy', 'beam_search(num_decodes=4, alpha=0.6)', 'temperature_sample(topk=40, seed=1)')."""
+  decoding = decoding_lib.parse(decode)
   by_task = dict(prompts)
   if len(by_task) != len(prompts):
     raise ValueError(f"--prompt names a task twice: {[t for t, _ in prompts]}")
@@ -219,5 +248,6 @@ def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkp
   infer_multitask(model=frozen_model, inputs_path=inputs, output_path=output, prompts=by_task,
                   vocabulary=_vocabulary(vocabulary), initial_checkpoint_path=checkpoint,
                   input_length=input_length, max_decode_length=max_decode_length,
-                  batch_size=batch_size, placement=placement)
+                  batch_size=batch_size, placement=placement, decoding=decoding,
+                  return_all_decodes=return_all_decodes)
   return 0

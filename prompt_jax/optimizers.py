@@ -1,7 +1,8 @@
 """Every optimizer of the project, configured from gin (`optimizers.<name>`).
 
 `adafactor` (Lester et al.'s prompt-tuning defaults), `adamw` with a weight-decay mask,
-`per_prompt` (one optimizer state per prompt of a bank), `spt_optimizer` / `gate_adam` (SPT's
+`per_prompt` (one optimizer state per prompt of a bank), `per_task` (multi-task prompts: per-task
+rows and shared leaves), `spt_optimizer` / `gate_adam` (SPT's
 weights and gates) and `warmup_cosine_adamw` (pretraining the small frozen models).
 
 `adamw` is decoupled-weight-decay Adam (Loshchilov & Hutter) whose weight decay can be limited to
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import flax
 import jax
 import numpy as np
 import optax
@@ -131,6 +133,46 @@ def per_prompt(inner: optax.GradientTransformation,
     if params is None:
       return jax.vmap(lambda u, s: inner.update(u, s))(updates, state)
     return jax.vmap(inner.update)(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
+
+
+def per_task(inner: optax.GradientTransformation, task_paths) -> optax.GradientTransformation:
+  """Multi-task prompts: `inner` per task for the per-task leaves, `inner` once for the rest.
+
+  `task_paths`: the '/'-joined paths of the trainable leaves that hold one row per task
+  ([num_tasks, ...], e.g. a bank's `prompts`); every task row gets its own `inner` state
+  (`per_prompt`, no gradient rescaling: the multi-task loss is normalised per task). The other
+  leaves (a shared prompt) get one `inner` state. The state is {'tasks': ..., 'shared': ...};
+  `state['tasks']` leaves all lead with the task axis.
+  """
+  task_paths = frozenset(task_paths)
+  per_row = per_prompt(inner, rescale_gradients=False)
+
+  def split(tree):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+    parts = ({k: v for k, v in flat.items() if k in task_paths},
+             {k: v for k, v in flat.items() if k not in task_paths})
+    return tuple(flax.traverse_util.unflatten_dict(p, sep="/") if p else {} for p in parts)
+
+  def merge(tasks, shared):
+    flat = {**flax.traverse_util.flatten_dict(tasks, sep="/"),
+            **flax.traverse_util.flatten_dict(shared, sep="/")}
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+  def init(params):
+    tasks, shared = split(params)
+    if not tasks:
+      raise ValueError("per_task found none of the per-task leaves "
+                       f"{sorted(task_paths)} among the trainable parameters")
+    return {"tasks": per_row.init(tasks), "shared": inner.init(shared)}
+
+  def update(updates, state, params=None):
+    task_updates, shared_updates = split(updates)
+    task_params, shared_params = split(params) if params is not None else (None, None)
+    task_updates, task_state = per_row.update(task_updates, state["tasks"], task_params)
+    shared_updates, shared_state = inner.update(shared_updates, state["shared"], shared_params)
+    return merge(task_updates, shared_updates), {"tasks": task_state, "shared": shared_state}
 
   return optax.GradientTransformation(init, update)
 

@@ -60,3 +60,14 @@ def tree_all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_same_shapes(tree: Any, reference: Any, what: str = "parameters") -> None:
+  """Raise ValueError naming the first path whose presence or shape in `tree` differs from
+  `reference` (both parameter trees)."""
+  got, want = shapes(tree), shapes(reference)
+  for path in sorted(got.keys() | want.keys()):
+    if got.get(path) != want.get(path):
+      raise ValueError(f"{what}: {path} has shape {got.get(path)}, expected {want.get(path)}"
+                       if path in got and path in want else
+                       f"{what}: {path} is {'missing' if path in want else 'unexpected'}")

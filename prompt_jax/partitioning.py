@@ -1,8 +1,17 @@
 """Mesh, logical axis rules and shardings: the one place that decides how arrays are laid out.
 
-Every parameter is created with logical axis names (`vocab`, `embed`, `heads`, `joined_kv`, `mlp`,
-`relpos_buckets`, `prompt`, `prompt_embed`, ...); the rules here map them onto the mesh axes
-(`data`, `model`), as T5X's partitioner does.
+Every parameter is created with logical axis names; the rules here map them onto the mesh axes
+(`data`, `model`), as T5X's partitioner does:
+
+  * the frozen T5's axes (`vocab`, `embed`, `heads`, `joined_kv`, `mlp`, `relpos_buckets`, ...):
+    T5X's standard 1-D model-parallel rules, `T5X_LOGICAL_AXIS_RULES`;
+  * the prompt axes: declared by the prompt files that create them (`LOGICAL_AXIS_RULES` in
+    `prompt_jax/prompts/*.py`, collected by `prompt_jax.prompts.logical_axis_rules()`), all
+    replicated. This file names no prompt method; a new method brings its own rules.
+
+A logical name that no rule names is replicated (flax's `logical_to_mesh_axes` leaves such a
+dimension unsharded), so an axis only needs a rule here to be *split*; a prompt hook defined
+outside `prompt_jax/prompts` works without one.
 """
 
 from __future__ import annotations
@@ -15,11 +24,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from prompt_jax import prompts
+
 LogicalAxisRules = Sequence[tuple[str, Optional[str]]]
 
-# T5X's `standard_logical_axis_rules()` for 1-D model parallelism, plus the prompt axes, which
-# are replicated: a prompt is tiny and every device needs all of it.
-STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
+# T5X's `standard_logical_axis_rules()` for 1-D model parallelism.
+T5X_LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("batch", "data"),
     ("vocab", "model"),
     ("embed", None),
@@ -33,16 +43,19 @@ STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("layers", None),
     ("stack", None),
     ("mlp_activations", None),
-    ("prompt", None),
-    ("prompt_embed", None),
-    ("prompts", None),
-    ("superpos_basis", None),
-    ("prompt_mlp", None),
 )
 
 
-def standard_logical_axis_rules() -> tuple[tuple[str, Optional[str]], ...]:
-  return STANDARD_LOGICAL_AXIS_RULES
+def standard_logical_axis_rules(additional_rules: Optional[LogicalAxisRules] = None
+                                ) -> tuple[tuple[str, Optional[str]], ...]:
+  """T5X's rules for the frozen model, then the prompt axes' rules, then `additional_rules`
+  (as T5X's function of this name; gin: `logical_axis_rules =
+  @partitioning.standard_logical_axis_rules()`)."""
+  return (T5X_LOGICAL_AXIS_RULES + prompts.logical_axis_rules()
+          + tuple(tuple(rule) for rule in additional_rules or ()))
+
+
+STANDARD_LOGICAL_AXIS_RULES = standard_logical_axis_rules()
 
 
 @dataclasses.dataclass(frozen=True)

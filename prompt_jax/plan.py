@@ -1,41 +1,152 @@
-"""`prompt-jax plan`: what one train step costs per device, without allocating a weight.
+"""`prompt-jax plan`: what the programs of a prompt-tuning run cost per device, without a weight.
 
-    prompt-jax plan --gin_file=runs/scale_xxl.gin --mesh=2x4 [--platform tpu|gpu|cpu]
+    prompt-jax plan --gin_file=runs/scale_xxl.gin --mesh=2x4 --topology=v5e:2x4
+    prompt-jax plan --gin_file=runs/demo.gin --mesh=4x2 --platform=tpu     (not a TPU plan)
 
-reads the training gin config (model, prompt, batch size, feature lengths, optimizer, axis rules,
-`frozen_dtype`), builds the step on a (data, model) mesh of DATA x MODEL devices, and lowers and
-compiles it ahead of time from `jax.ShapeDtypeStruct`s that carry their `NamedSharding`s. When
-the machine has fewer devices of the platform than the mesh needs, the step is compiled for fake
-CPU devices (`--xla_force_host_platform_device_count`); the byte counts are then those of the XLA
-CPU compiler, a close but not exact stand-in for the TPU/GPU compiler (see docs/scale.md).
+The training config (the command line parses its gin and passes the objects in) gives the model,
+batch, feature lengths, optimizer, axis rules and `frozen_dtype`; the programs of
+`PromptPrograms` (train step, eval step, score, predict) are lowered on a (data, model) mesh from
+`jax.ShapeDtypeStruct`s that carry their `NamedSharding`s and compiled ahead of time.
 
-Printed: per-device bytes of the compiled step (arguments, outputs, temporaries), parameter
-counts (frozen / trainable), and FLOPs per step, from XLA's cost analysis and from the analytic
-prompt-tuning count 4 x (encoder matmul weights x encoder tokens + (decoder matmul weights +
-logits weights) x decoder tokens) plus the attention-score FLOPs.
+With `--topology` (e.g. `v5e:2x4`, `v4:2x2x2`, `v5p:2x2x1`, `v6e:2x4`, `v5e:4x4`) the devices
+are those of that TPU slice as libtpu describes it (`jax.experimental.topologies`), on any host,
+with no TPU attached, and the compiler is the TPU compiler: its memory analysis is what the slice
+would allocate, and a program that does not fit is its own RESOURCE_EXHAUSTED error (as in
+MaxText's `train_compile.py`). libtpu is the optional extra `pip install -e ".[tpu]"`.
+
+Without `--topology` the devices are the machine's own of `--platform` when there are enough,
+else fake CPU devices (`--xla_force_host_platform_device_count`, in a child process): then the
+byte counts are the XLA *CPU* compiler's, not a TPU plan (docs/scale.md shows how far apart).
+
+Printed per program and device: argument, output, temporary and generated-code bytes, the
+compiler's peak, whether it fits the chip, XLA's FLOPs and the time they take at the chip's peak;
+for the train step also the analytic prompt-tuning count 4 x (encoder matmul weights x encoder
+tokens + (decoder matmul weights + logits weights) x decoder tokens) plus attention scores.
+`--max_batch` searches (doubling, then bisection) for the largest global batch whose train step
+the TPU compiler fits.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from importlib import metadata
+from typing import Any, Optional, Sequence
 
-# Per-chip memory and peak dense bf16 FLOP/s of common accelerators (methods.md section 5).
+# Per-chip HBM (GiB, nominal) and peak dense bf16 FLOP/s of common accelerators. For TPUs the
+# fit is judged by the TPU compiler itself (its usable HBM is a little less: see `usable_hbm`).
 CHIPS = {
     "v4": (32, 275e12),
     "v5e": (16, 197e12),
     "v5p": (95, 459e12),
+    "v6e": (32, 918e12),
     "h100": (80, 989e12),
     "a100": (80, 312e12),
 }
 DEFAULT_CHIP = {"tpu": "v5e", "gpu": "h100", "cpu": None}
+PROGRAMS = ("train", "eval", "score", "predict")
 _CHILD_ENV = "PROMPT_JAX_PLAN_CHILD"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+MAX_BATCH_LIMIT = 1 << 16  # --max_batch stops doubling here
+
+
+# ------------------------------------------------------------------------------ TPU topologies
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  """How libtpu and Cloud TPU describe a generation's slices (libtpu's topology names are
+  `<generation>:<grid>`, e.g. v5e:2x4, v5p:2x2x1)."""
+
+  chip_config: str  # 'megacore': one device per chip (both TensorCores); 'default': one core
+  ndim: int  # 2-D (v5e, v6e) or 3-D (v4, v5p) torus
+  cloud_name: str  # Cloud TPU accelerator type prefix
+  cores_in_cloud_name: int  # v4-8 and v5p-8 count TensorCores (4 chips); v5litepod-8 chips
+
+
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("megacore", 3, "v4", 2),
+    "v5e": TpuGeneration("default", 2, "v5litepod", 1),
+    "v5p": TpuGeneration("megacore", 3, "v5p", 2),
+    "v6e": TpuGeneration("default", 2, "v6e", 1),
+}
+# v5e and v6e slices of up to 8 chips exist as one host (1x1, 2x2, 2x4); larger slices, and
+# every v4 and v5p slice, have 4 chips (2x2x1) per host.
+_SINGLE_HOST_2D = {(1, 1), (2, 2), (2, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice: generation ('v5e') and chip grid ((2, 4))."""
+
+  generation: str
+  dims: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    return f"{self.generation}:{'x'.join(map(str, self.dims))}"
+
+  @property
+  def chips(self) -> int:
+    n = 1
+    for d in self.dims:
+      n *= d
+    return n
+
+  @property
+  def chips_per_host_bounds(self) -> tuple[int, int, int]:
+    if TPU_GENERATIONS[self.generation].ndim == 2 and self.dims in _SINGLE_HOST_2D:
+      return (*self.dims, 1)
+    return (2, 2, 1)
+
+  @property
+  def hosts(self) -> int:
+    per_host = 1
+    for d in self.chips_per_host_bounds:
+      per_host *= d
+    return self.chips // per_host
+
+  @property
+  def accelerator_type(self) -> str:
+    """The Cloud TPU name of the slice, e.g. v5litepod-8, v4-16."""
+    g = TPU_GENERATIONS[self.generation]
+    return f"{g.cloud_name}-{self.chips * g.cores_in_cloud_name}"
+
+  @property
+  def hbm_gib(self) -> float:
+    return CHIPS[self.generation][0]
+
+  @property
+  def peak_flops(self) -> float:
+    return CHIPS[self.generation][1]
+
+
+def parse_topology(topology: str) -> Topology:
+  """'v5e:2x4' -> Topology('v5e', (2, 4)); a one-line ValueError naming what is wrong."""
+  generation, sep, grid = topology.strip().lower().partition(":")
+  if not sep or generation not in TPU_GENERATIONS:
+    raise ValueError(f"--topology must be GENERATION:GRID with GENERATION one of "
+                     f"{', '.join(TPU_GENERATIONS)}, e.g. v5e:2x4 or v4:2x2x2; got {topology!r}")
+  parts = grid.split("x")
+  ndim = TPU_GENERATIONS[generation].ndim
+  example = "2x4 or 4x4" if ndim == 2 else "2x2x1 or 2x2x4"
+  if len(parts) != ndim or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"--topology {topology!r}: a {generation} slice is a {ndim}-D grid of "
+                     f"chips, e.g. {generation}:{example}")
+  dims = tuple(int(p) for p in parts)
+  result = Topology(generation, dims)
+  if not (ndim == 2 and dims in _SINGLE_HOST_2D):
+    bounds = result.chips_per_host_bounds
+    if any(d % b for d, b in zip(dims, bounds)):
+      raise ValueError(f"--topology {topology!r}: a multi-host {generation} slice has "
+                       f"{'x'.join(map(str, bounds[:ndim]))} chips per host, so its grid must "
+                       f"be a multiple of that, e.g. {generation}:{example}")
+  return result
 
 
 def parse_mesh(mesh: str) -> tuple[int, int]:
@@ -44,6 +155,112 @@ def parse_mesh(mesh: str) -> tuple[int, int]:
   if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
     raise ValueError(f"--mesh must be DATAxMODEL with positive integers, e.g. 4x2; got {mesh!r}")
   return int(parts[0]), int(parts[1])
+
+
+def parse_programs(programs: Optional[str], topology: Optional[Topology]) -> tuple[str, ...]:
+  """'train,predict' -> ('train', 'predict'); None -> all programs for a TPU topology, else the
+  train step alone (a fake-CPU compile is slow and only a stand-in)."""
+  if programs is None:
+    return PROGRAMS if topology is not None else ("train",)
+  names = tuple(p.strip() for p in programs.split(",") if p.strip())
+  unknown = [p for p in names if p not in PROGRAMS]
+  if not names or unknown:
+    raise ValueError(f"--programs must be a comma-separated subset of {','.join(PROGRAMS)}; "
+                     f"got {programs!r}")
+  return tuple(p for p in PROGRAMS if p in names)
+
+
+def check_libtpu() -> str:
+  """The installed libtpu version when it is the one the installed jax asks for; else a
+  ValueError (one line) saying what to install."""
+  import jax  # pylint: disable=g-import-not-at-top
+  install = f'pip install "jax[tpu]=={jax.__version__}"'
+  try:
+    have = metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    raise ValueError(f"--topology needs the TPU compiler (libtpu), which is not installed; "
+                     f"{install} (or pip install -e \".[tpu]\")") from None
+  wanted = [r.split(";")[0].strip() for r in metadata.requires("jax") or []
+            if r.replace(" ", "").startswith("libtpu") and "tpu" in r.split(";", 1)[-1]]
+  if wanted and not _satisfies(have, wanted[0]):
+    raise ValueError(f"libtpu {have} does not match jax {jax.__version__}, which needs "
+                     f"{wanted[0]}; {install}")
+  return have
+
+
+def _satisfies(version: str, requirement: str) -> bool:
+  """Whether `version` meets a requirement such as 'libtpu==0.0.42.*'."""
+  try:
+    from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+  except ImportError:
+    match = re.fullmatch(r"libtpu\s*==\s*([\w.]+?)(\.\*)?", requirement.strip())
+    if not match:
+      return True
+    want = match.group(1)
+    return version == want or (bool(match.group(2)) and version.startswith(want + "."))
+
+
+def tpu_devices(topology: Topology) -> list:
+  """The compile-only devices of a TPU slice (libtpu's description, no TPU needed)."""
+  check_libtpu()
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if "JAX_PLATFORMS" not in os.environ:
+    # The plan runs nothing: without this jax would also try to open this host's TPU runtime.
+    jax.config.update("jax_platforms", "cpu")
+  # libtpu reads these when it starts; set (for that moment only) what it would otherwise
+  # complain about on a host that is no TPU VM, and let it load beside a process that holds
+  # this host's TPU (a training run, or a test process): the plan only compiles.
+  defaults = {"TPU_ACCELERATOR_TYPE": topology.accelerator_type,
+              "TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "1",
+              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  added = [k for k in defaults if k not in os.environ]
+  os.environ.update({k: defaults[k] for k in added})
+  try:
+    devices = topologies.get_topology_desc(
+        topology_name=topology.name,
+        platform="tpu", chip_config_name=TPU_GENERATIONS[topology.generation].chip_config,
+        chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=1).devices
+  finally:
+    for k in added:
+      os.environ.pop(k, None)
+  return list(devices)
+
+
+def mesh_ordered(devices: Sequence[Any], data: int, model: int) -> list:
+  """`devices` in the order that makes a (data, model) grid follow the chips' torus (as
+  `mesh_utils.create_device_mesh` lays it out), flattened; the given order if it cannot."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  try:
+    return list(mesh_utils.create_device_mesh((data, model), list(devices)).reshape(-1))
+  except (ValueError, NotImplementedError, AssertionError, KeyError):
+    return list(devices)
+
+
+_HBM_MESSAGE = re.compile(r"available HBM \(([\d.]+)([KMGT])\)")
+
+
+def usable_hbm(device) -> Optional[float]:
+  """Bytes of HBM the TPU compiler lets one program of `device`'s chip use, read from its own
+  out-of-memory message for a program far too large (about a second); None if not found."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  sharding = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
+  x = jax.ShapeDtypeStruct((1 << 20,), jnp.float32, sharding=sharding)
+  try:  # 512 GiB of temporaries
+    jax.jit(lambda x: jnp.cumsum(jnp.broadcast_to(x, (1 << 17, 1 << 20)), 0).sum(0)).lower(
+        x).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    match = _HBM_MESSAGE.search(str(e))
+    if match:
+      return float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024
+  return None
+
+
+# --------------------------------------------------------------------- fake CPU devices (no TPU)
 
 
 def fake_device_flags(xla_flags: str, count: int) -> str:
@@ -77,22 +294,78 @@ def _devices_for(platform: str, needed: int, argv: Sequence[str]):
   raise SystemExit(proc.returncode)
 
 
-def _training_bindings(args):
-  """Resolve the gin-configured arguments of `trainer.train` without running it."""
-  import gin  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """The command line's plan flags, checked (no jax import, no device touched)."""
 
-  from prompt_jax import gin_utils, trainer  # pylint: disable=g-import-not-at-top
-  gin_utils.configure_gin(args.gin_file, args.gin_bindings, args.search_paths,
-                          **_gin_checks(args.model))
-  # The plan never writes or reads data: fill what a run would require.
-  for macro, value in (("MODEL_DIR", "None"), ("MIXTURE_OR_TASK_NAME", "'plan_only'")):
-    try:
-      bound = gin.query_parameter(f"%{macro}")
-    except ValueError:
-      bound = gin.REQUIRED
-    if bound is gin.REQUIRED or repr(bound) == repr(gin.REQUIRED):
-      gin.parse_config(f"{macro} = {value}")
-  return gin.get_bindings(trainer.train)
+  data: int
+  model: int
+  topology: Optional[Topology]
+  platform: str
+  chip: Optional[str]
+  programs: tuple[str, ...]
+  max_batch: bool = False
+
+
+def request(*, mesh: str, topology: Optional[str] = None, platform: str = "cpu",
+            chip: Optional[str] = None, programs: Optional[str] = None,
+            max_batch: bool = False) -> Request:
+  """Check the flags together; a one-line ValueError for the first that is wrong."""
+  data, model = parse_mesh(mesh)
+  if platform not in DEFAULT_CHIP:
+    raise ValueError(f"--platform must be one of {sorted(DEFAULT_CHIP)}, got {platform!r}")
+  if chip is not None and chip not in CHIPS:
+    raise ValueError(f"--chip must be one of {sorted(CHIPS)}, got {chip!r}")
+  slice_ = None
+  if topology is not None:
+    slice_ = parse_topology(topology)
+    if chip is not None and chip != slice_.generation:
+      raise ValueError(f"--chip={chip} contradicts --topology={topology} (a "
+                       f"{slice_.generation} slice); leave --chip out")
+    if platform not in ("cpu", "tpu"):
+      raise ValueError(f"--topology is a TPU slice; it cannot be planned for --platform="
+                       f"{platform}")
+    if data * model != slice_.chips:
+      raise ValueError(f"--mesh={mesh} has {data * model} devices but --topology={topology} "
+                       f"has {slice_.chips} chips; use a DATAxMODEL whose product is "
+                       f"{slice_.chips}")
+    platform, chip = "tpu", slice_.generation
+  elif max_batch:
+    raise ValueError("--max_batch needs --topology: only the TPU compiler says what does not "
+                     "fit (the CPU compiler never runs out of memory)")
+  return Request(data, model, slice_, platform, chip or DEFAULT_CHIP[platform],
+                 parse_programs(programs, slice_), max_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What is planned for: the devices, whether they are fake CPU stand-ins, and the chip."""
+
+  devices: tuple
+  data: int
+  model: int
+  topology: Optional[Topology] = None
+  platform: str = "tpu"
+  chip: Optional[str] = None
+  fake: bool = False
+
+
+def target(req: Request, reexec_argv: Sequence[str] = ()) -> Target:
+  """The devices a plan compiles for. With a topology: the TPU slice's (libtpu's description).
+  Else this machine's `platform` devices, or fake CPU devices (this may run
+  `prompt-jax plan <reexec_argv>` again in a child process and exit with its code)."""
+  if req.topology is not None:
+    devices = tpu_devices(req.topology)
+    if len(devices) != req.topology.chips:
+      raise RuntimeError(f"libtpu describes {req.topology.name} with {len(devices)} devices, "
+                         f"expected {req.topology.chips} (one per chip)")
+    return Target(tuple(mesh_ordered(devices, req.data, req.model)), req.data, req.model,
+                  req.topology, "tpu", req.chip)
+  devices, fake = _devices_for(req.platform, req.data * req.model, reexec_argv)
+  return Target(tuple(devices), req.data, req.model, None, req.platform, req.chip, fake)
+
+
+# ------------------------------------------------------------------------------------ counting
 
 
 def matmul_weights(abstract_frozen, logits_via_embedding: bool) -> dict[str, int]:
@@ -148,156 +421,374 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
-def build_plan(args, devices, fake: bool) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def out_of_memory(error: BaseException) -> Optional[str]:
+  """The compiler's out-of-memory message as one line (None if `error` is something else)."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    return None
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  first = next((line for line in lines if "RESOURCE_EXHAUSTED" in line), lines[0])
+  if not re.search(r"\d", first):  # keep the line with the numbers
+    first = next((f"{first} {line}" for line in lines if re.search(r"\d+(\.\d+)?[KMGT]", line)),
+                 first)
+  return first
 
-  from prompt_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  from prompt_jax.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
 
-  bindings = _training_bindings(args)
-  model = bindings["model"]
-  data_cfg = bindings["train_dataset_cfg"]
-  rules = bindings.get("partitioner") or Partitioner(devices=devices[:1])
-  partitioner = Partitioner(num_partitions=args.model, logical_axis_rules=rules.logical_axis_rules,
-                            devices=devices)
-  lengths = data_cfg.task_feature_lengths
-  batch = data_cfg.batch_size
-  pt = trainer_lib.PromptTrainer(
-      model, bindings.get("optimizer") or trainer_lib.adafactor(), partitioner, lengths["inputs"],
-      lengths["targets"], batch,
-      bindings.get("trainable_pattern", trainer_lib.params_lib.DEFAULT_TRAINABLE_PATTERN),
-      frozen_dtype=bindings.get("frozen_dtype"))
+# ------------------------------------------------------------------------------------ compiling
 
-  check_divisible(pt.abstract_frozen, pt.frozen_shardings, partitioner.mesh.shape)
 
-  def data(ndim_shape):
-    return jax.ShapeDtypeStruct(ndim_shape, jnp.int32,
-                                sharding=partitioner.data_sharding(len(ndim_shape)))
-  shaped_batch = model.dummy_batch(batch, lengths["inputs"], lengths["targets"])
-  batch_structs = {k: data(v.shape) for k, v in shaped_batch.items()}
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=partitioner.replicated())
-  start = time.perf_counter()
-  lowered = pt.train_step_fn.lower(pt.abstract_state(), pt.frozen_structs(), batch_structs,
-                                   rng)
-  compiled = lowered.compile()
-  compile_seconds = time.perf_counter() - start
-
-  memory = compiled.memory_analysis()
-  per_device = {
-      "arguments": int(memory.argument_size_in_bytes),
-      "outputs": int(memory.output_size_in_bytes),
-      "aliased": int(memory.alias_size_in_bytes),
-      "temporaries": int(memory.temp_size_in_bytes),
-      "generated_code": int(memory.generated_code_size_in_bytes),
+def _memory(compiled, tpu: bool) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  memory = {
+      "arguments": int(m.argument_size_in_bytes),
+      "outputs": int(m.output_size_in_bytes),
+      "aliased": int(m.alias_size_in_bytes),
+      "temporaries": int(m.temp_size_in_bytes),
+      "generated_code": int(m.generated_code_size_in_bytes),
   }
-  per_device["total"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
-                         + per_device["temporaries"])
+  # What is live at once: the TPU compiler reports it; the CPU compiler's figure leaves out
+  # its temporaries, so there the sum of the buffers stands in (donated outputs reuse inputs).
+  memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                     + memory["temporaries"])
+  peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0) if tpu else 0
+  memory["peak"] = peak or memory["total"]
+  return memory
 
+
+class Planner:
+  """Lowers and compiles the programs of one `PromptPrograms` for batches of any size."""
+
+  def __init__(self, programs, input_length: int, target_length: int):
+    self.programs = programs
+    self.tpu = programs.partitioner.devices[0].platform == "tpu"
+    self.input_length, self.target_length = input_length, target_length
+
+  def batch_structs(self, batch_size: int, keys: Optional[Sequence[str]] = None) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    shaped = self.programs.model.dummy_batch(batch_size, self.input_length, self.target_length)
+    partitioner = self.programs.partitioner
+    return {k: jax.ShapeDtypeStruct(v.shape, jnp.int32,
+                                    sharding=partitioner.data_sharding(len(v.shape)))
+            for k, v in shaped.items() if keys is None or k in keys}
+
+  def lower(self, name: str, batch_size: int):
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from prompt_jax import programs as programs_lib  # pylint: disable=g-import-not-at-top
+    p = self.programs
+    if name == "train":
+      rng = jax.eval_shape(lambda: jax.random.key(0))
+      rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=p.partitioner.replicated())
+      return p.train_step_fn.lower(p.abstract_state(), p.frozen_structs(),
+                                   self.batch_structs(batch_size), rng)
+    if name == "eval":
+      return p.eval_step_fn.lower(p.prompt_structs(), p.frozen_structs(),
+                                  self.batch_structs(batch_size))
+    if name == "score":  # the features `PromptPrograms.score` passes
+      keys = getattr(programs_lib, "SCORE_KEYS", None)
+      return p.score_fn.lower(p.prompt_structs(), p.frozen_structs(),
+                              self.batch_structs(batch_size, keys))
+    if name == "predict":
+      keys = getattr(programs_lib, "PREDICT_KEYS", None)
+      return p.predict_fn.lower(p.prompt_structs(), p.frozen_structs(),
+                                self.batch_structs(batch_size, keys), self.target_length)
+    raise ValueError(f"unknown program {name!r}; one of {PROGRAMS}")
+
+  def compile(self, name: str, batch_size: int) -> dict:
+    """{'memory', 'flops_per_device', 'cost_model_seconds', 'compile_seconds'} or, when the
+    compiler runs out of memory, {'out_of_memory': its message, 'compile_seconds'}."""
+    start = time.perf_counter()
+    try:
+      compiled = self.lower(name, batch_size).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      message = out_of_memory(e)
+      if message is None:
+        raise
+      return {"out_of_memory": message, "compile_seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    cost = _cost(compiled)
+    estimate = cost.get("optimal_seconds")  # XLA:TPU's own estimate; it overflows at 11B
+    return {"memory": _memory(compiled, self.tpu),
+            "flops_per_device": float(cost.get("flops", "nan")),
+            "cost_model_seconds": estimate if estimate and estimate > 0 else None,
+            "compile_seconds": seconds}
+
+  def max_batch(self, start: int, log=print) -> dict:
+    """The largest global batch (a multiple of the data-parallel size) whose train step the
+    compiler fits: double from `start` until it does not fit, then bisect."""
+    unit = self.programs.partitioner.data_parallel_size
+    probes = []
+
+    def fits(batch: int) -> bool:
+      result = self.compile("train", batch)
+      ok = "out_of_memory" not in result
+      probes.append({"batch": batch, "fits": ok, "compile_seconds": result["compile_seconds"],
+                     "peak": result.get("memory", {}).get("peak"),
+                     "out_of_memory": result.get("out_of_memory")})
+      log(f"  batch {batch:6d}: " + (f"fits, peak {_size(result['memory']['peak']).strip()}"
+                                     if ok else "does NOT fit") +
+          f" ({result['compile_seconds']:.0f} s)")
+      return ok
+
+    batch = max(unit, -(-start // unit) * unit)
+    if fits(batch):
+      low, high = batch, None
+      while high is None and low < MAX_BATCH_LIMIT:
+        if fits(low * 2):
+          low *= 2
+        else:
+          high = low * 2
+    else:
+      low, high = 0, batch
+      while low == 0 and high > unit:
+        half = max(unit, (high // 2) // unit * unit)
+        if fits(half):
+          low = half
+        else:
+          high = half
+    while high is not None and high - low > unit:
+      mid = (low + high) // 2 // unit * unit
+      if mid in (low, high):
+        break
+      if fits(mid):
+        low = mid
+      else:
+        high = mid
+    return {"max_batch": low, "first_not_fitting": high, "unit": unit, "probes": probes,
+            "limit_reached": high is None}
+
+
+def build_plan(programs, target_: Target, *, batch_size: int, input_length: int,
+               target_length: int, names: Sequence[str] = ("train",),
+               max_batch: bool = False, log=print) -> dict:
+  """Compile `names` of `programs` (a `PromptPrograms` on `target_`'s mesh) -> the plan."""
+  import jax  # pylint: disable=g-import-not-at-top
+  check_divisible(programs.abstract_frozen, programs.frozen_shardings,
+                  programs.partitioner.mesh.shape)
+  if batch_size % target_.data:
+    raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size "
+                     f"{target_.data} of --mesh={target_.data}x{target_.model}")
+  planner = Planner(programs, input_length, target_length)
+  model = programs.model
+  shaped_batch = model.dummy_batch(batch_size, input_length, target_length)
   module = model.module
   encoder_length = jax.eval_shape(
       lambda: module.apply({"params": {}}, shaped_batch["encoder_input_tokens"],
                            method=module.encoder_mask)).shape[1]
-  weights = matmul_weights(pt.abstract_frozen, model.config.logits_via_embedding)
-  flops = analytic_flops(weights, model.config, batch, encoder_length, lengths["targets"])
-  cost = _cost(compiled)
-  num_devices = len(devices)
-  chip = args.chip
-  result = {
-      "mesh": {"data": args.data, "model": args.model},
-      "platform": args.platform,
-      "compiled_for": "fake CPU devices" if fake else devices[0].platform,
-      "chip": chip,
-      "config": {"batch_size": batch, "inputs": lengths["inputs"],
-                 "targets": lengths["targets"], "encoder_length": int(encoder_length),
-                 "activation_dtype": model.config.dtype,
-                 "frozen_dtype": str(pt.frozen_dtype or "float32"),
-                 "remat_policy": model.config.remat_policy},
-      "params": pt.param_counts(),
-      "matmul_weights": weights,
-      "bytes_per_device": per_device,
-      "flops_per_step": {"analytic_matmul": flops["matmul"],
-                         "analytic_attention": flops["attention"],
-                         "analytic_total": flops["total"],
-                         "xla_per_device": float(cost.get("flops", float("nan"))),
-                         "xla_total": float(cost.get("flops", float("nan"))) * num_devices},
-      "compile_seconds": compile_seconds,
-  }
+  weights = matmul_weights(programs.abstract_frozen, model.config.logits_via_embedding)
+  flops = analytic_flops(weights, model.config, batch_size, encoder_length, target_length)
+  num_devices = len(target_.devices)
+  topology = target_.topology
+  chip = target_.chip
+  hbm = peak_flops = None
   if chip:
-    hbm_gib, peak = CHIPS[chip]
-    result["fits"] = per_device["total"] <= hbm_gib * 2 ** 30
-    result["chip_memory_gib"] = hbm_gib
-    result["ideal_step_seconds"] = flops["total"] / (peak * num_devices)
-  return result
+    hbm, peak_flops = CHIPS[chip][0] * 2 ** 30, CHIPS[chip][1]
+  usable = usable_hbm(target_.devices[0]) if topology is not None else None
+
+  compiled = {}
+  for name in names:
+    log(f"compiling the {name} program ...")
+    result = planner.compile(name, batch_size)
+    if "memory" in result:
+      result["flops_total"] = result["flops_per_device"] * num_devices
+      if topology is not None:
+        result["fits"] = True  # the TPU compiler refuses what does not fit
+      elif hbm:
+        result["fits"] = result["memory"]["peak"] <= hbm
+      if peak_flops:
+        result["seconds_at_peak"] = result["flops_per_device"] / peak_flops
+    else:
+      result["fits"] = False
+    compiled[name] = result
+
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  plan = {
+      "mesh": {"data": target_.data, "model": target_.model},
+      "platform": target_.platform,
+      "compiled_for": ("TPU compiler" if topology is not None else
+                       "fake CPU devices" if target_.fake else target_.devices[0].platform),
+      "tpu_plan": topology is not None or target_.devices[0].platform == "tpu",
+      "topology": None if topology is None else {
+          "name": topology.name, "accelerator_type": topology.accelerator_type,
+          "chips": topology.chips, "hosts": topology.hosts,
+          "device_kind": target_.devices[0].device_kind,
+          "libtpu": metadata.version("libtpu")},
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "chip": chip,
+      "chip_memory_gib": None if chip is None else CHIPS[chip][0],
+      "usable_hbm_bytes": usable,
+      "chip_peak_flops": peak_flops,
+      "config": {"batch_size": batch_size, "inputs": input_length, "targets": target_length,
+                 "encoder_length": int(encoder_length),
+                 "activation_dtype": model.config.dtype,
+                 "frozen_dtype": str(programs.frozen_dtype or "float32"),
+                 "remat_policy": model.config.remat_policy},
+      "params": programs.param_counts(),
+      "matmul_weights": weights,
+      "programs": compiled,
+      "analytic_train_flops": flops,
+  }
+  train = compiled.get("train")
+  if train is not None:  # the train step's numbers at the top level, as before
+    plan["compile_seconds"] = train["compile_seconds"]
+    if "memory" in train:
+      plan["bytes_per_device"] = train["memory"]
+      plan["flops_per_step"] = {
+          "analytic_matmul": flops["matmul"], "analytic_attention": flops["attention"],
+          "analytic_total": flops["total"], "xla_per_device": train["flops_per_device"],
+          "xla_total": train["flops_total"]}
+    if "fits" in train:
+      plan["fits"] = train["fits"]
+    if peak_flops:
+      plan["ideal_step_seconds"] = flops["total"] / (peak_flops * num_devices)
+  if max_batch:
+    if topology is None:
+      raise ValueError("max_batch needs a TPU topology (the CPU compiler never runs out of "
+                       "memory)")
+    log("searching the largest global batch whose train step fits ...")
+    plan["max_batch"] = planner.max_batch(batch_size, log=log)
+  return plan
 
 
-def _gib(n: float) -> str:
+# ------------------------------------------------------------------------------------ printing
+
+
+def _duration(seconds: float) -> str:
+  if seconds >= 1:
+    return f"{seconds:.2f} s"
+  if seconds >= 1e-3:
+    return f"{seconds * 1e3:.1f} ms"
+  return f"{seconds * 1e6:.0f} us"
+
+
+def _size(n: Optional[float]) -> str:
+  if n is None:
+    return f"{'-':>10}"
   if n >= 2 ** 30:
-    return f"{n / 2 ** 30:9.2f} GiB"
-  return f"{n / 2 ** 20:9.2f} MiB"
+    return f"{n / 2 ** 30:6.2f} GiB"
+  if n >= 2 ** 20:
+    return f"{n / 2 ** 20:6.1f} MiB"
+  return f"{n / 2 ** 10:6.1f} KiB"
+
+
+_TITLES = {"train": "train step", "eval": "eval step", "score": "score", "predict": "predict"}
 
 
 def format_plan(plan: dict) -> str:
-  c, p, b, f = plan["config"], plan["params"], plan["bytes_per_device"], plan["flops_per_step"]
+  c, p = plan["config"], plan["params"]
   mesh = plan["mesh"]
-  lines = [
-      f"mesh {mesh['data']}x{mesh['model']} (data x model) on {plan['compiled_for']} "
-      f"(planned for {plan['platform']}{' ' + plan['chip'] if plan['chip'] else ''}); "
-      f"compiled in {plan['compile_seconds']:.1f} s",
+  topo = plan.get("topology")
+  where = f"mesh {mesh['data']}x{mesh['model']} (data x model)"
+  if topo:
+    head = (f"TPU plan: {topo['name']} ({topo['accelerator_type']}: {topo['chips']} chips of "
+            f"{topo['device_kind']}, {topo['hosts']} host{'s' if topo['hosts'] > 1 else ''}), "
+            f"{where}; compiled by the TPU compiler (libtpu {topo['libtpu']}, jax {plan['jax']})")
+  else:
+    head = (f"{where} on {plan['compiled_for']} (planned for {plan['platform']}"
+            f"{' ' + plan['chip'] if plan['chip'] else ''})")
+  lines = [head]
+  if not plan["tpu_plan"]:
+    lines.append("NOT a TPU plan: these are the XLA CPU compiler's buffers; for the TPU "
+                 "compiler's, install libtpu (pip install -e \".[tpu]\") and pass "
+                 "--topology=v5e:2x4 (or another slice)")
+  lines += [
       f"batch {c['batch_size']}, inputs {c['inputs']} (+prompt -> encoder {c['encoder_length']}),"
       f" targets {c['targets']}; activations {c['activation_dtype']}, frozen weights "
       f"{c['frozen_dtype']}, remat {c['remat_policy']}",
       f"parameters: frozen {p['frozen']:,}  trainable {p['trainable']:,}",
-      "per-device bytes of the compiled train step:",
-      f"  arguments    {_gib(b['arguments'])}",
-      f"  outputs      {_gib(b['outputs'])}  (of which {_gib(b['aliased']).strip()} donated "
-      "in place)",
-      f"  temporaries  {_gib(b['temporaries'])}",
-      f"  total        {_gib(b['total'])}",
-      "FLOPs per step (whole mesh):",
-      f"  analytic 4N matmul  {f['analytic_matmul']:.4g}",
-      f"  + attention scores  {f['analytic_attention']:.4g}  -> {f['analytic_total']:.4g}",
-      f"  XLA cost analysis   {f['xla_total']:.4g}  ({f['xla_per_device']:.4g} per device)",
   ]
-  if "fits" in plan:
-    verdict = "fits" if plan["fits"] else "does NOT fit"
-    lines.append(f"{verdict} in {plan['chip_memory_gib']} GiB per {plan['chip']} chip; "
-                 f"step time at 100% of peak: {plan['ideal_step_seconds'] * 1e3:.1f} ms")
+  programs = plan["programs"]
+  names = list(programs)
+  width = 13
+  row = lambda label, cells: f"  {label:<20}" + "".join(f"{x:>{width}}" for x in cells)
+  lines.append(f"  {'per device':<20}" + "".join(f"{_TITLES[n]:>{width}}" for n in names))
+  ok = {n: r for n, r in programs.items() if "memory" in r}
+  for key, label in (("arguments", "arguments"), ("outputs", "outputs"),
+                     ("aliased", "  of them donated"), ("temporaries", "temporaries"),
+                     ("generated_code", "generated code"), ("peak", "peak")):
+    lines.append(row(label, [_size(ok[n]["memory"][key]).strip() if n in ok else "-"
+                             for n in names]))
+  chip = plan["chip"]
+  if chip:
+    lines.append(row(f"fits a {chip} chip", ["yes" if r.get("fits") else "NO"
+                                              for r in programs.values()]))
+  lines.append(row("FLOPs (whole mesh)", [f"{ok[n]['flops_total']:.3g}" if n in ok else "-"
+                                          for n in names]))
+  if plan.get("chip_peak_flops"):
+    lines.append(row("at 100% of peak", [_duration(ok[n]["seconds_at_peak"]) if n in ok
+                                         else "-" for n in names]))
+  lines.append(row("compile", [f"{r['compile_seconds']:.1f} s" for r in programs.values()]))
+  if chip:
+    usable = plan.get("usable_hbm_bytes")
+    peak = f"{plan['chip_peak_flops'] / 1e12:.0f} TFLOP/s bf16 per chip"
+    if topo:
+      of = f"{usable / 2 ** 30:.2f} GiB usable of " if usable else ""
+      lines.append(f"fit: the TPU compiler's own verdict ({of}{plan['chip_memory_gib']} GiB HBM "
+                   f"per {chip} chip); time at peak: XLA's FLOPs at {peak}, a bound, not a "
+                   "measurement")
+    else:
+      lines.append(f"fit: the CPU compiler's peak against {plan['chip_memory_gib']} GiB per "
+                   f"{chip} chip; time: XLA's FLOPs at {peak}")
+  if "flops_per_step" in plan:
+    f = plan["flops_per_step"]
+    line = (f"train step analytic FLOPs: 4N matmul {f['analytic_matmul']:.4g} + attention "
+            f"scores {f['analytic_attention']:.4g} = {f['analytic_total']:.4g}")
+    if "ideal_step_seconds" in plan:
+      line += f" -> {_duration(plan['ideal_step_seconds'])} at 100% of peak"
+    lines.append(line)
+    if "fits" in plan and chip and not topo:  # the sentence tests and scripts look for
+      verdict = "fits" if plan["fits"] else "does NOT fit"
+      lines.append(f"{verdict} in {plan['chip_memory_gib']} GiB per {chip} chip (by the CPU "
+                   "compiler's bytes)")
+  for name, r in programs.items():
+    if "out_of_memory" in r:
+      lines.append(f"{_TITLES[name]} does NOT fit: {r['out_of_memory']}")
+  if "max_batch" in plan:
+    m = plan["max_batch"]
+    if m["max_batch"] == 0:
+      lines.append(f"largest batch that fits: none (not even {m['unit']}, one example per "
+                   "data shard)")
+    else:
+      more = (f"; {m['first_not_fitting']} does not" if m["first_not_fitting"] else
+              f" (the search stops at {MAX_BATCH_LIMIT})")
+      lines.append(f"largest global batch whose train step fits: {m['max_batch']} (a multiple of "
+                   f"{m['unit']}, the data-parallel size){more}; {len(m['probes'])} compiles")
   return "\n".join(lines)
 
 
-def _gin_checks(model_partitions: int) -> dict:
-  """`gin_utils.check`/`configure_gin` arguments: trainer.train's config, with the macros
-  `_training_bindings` fills in optional and NUM_PARTITIONS from the mesh."""
-  return {"roots": ["trainer.train"], "optional": ["MODEL_DIR", "MIXTURE_OR_TASK_NAME"],
-          "extra_bindings": [f"NUM_PARTITIONS = {model_partitions}"]}
+# ------------------------------------------------------------------------------------ the command
 
 
-def main(*, gin_files: Sequence[str], mesh: str, gin_bindings: Sequence[str] = (),
-         search_paths: Sequence[str] = (), platform: str = "cpu", chip: Optional[str] = None,
-         json_path: Optional[str] = None) -> int:
-  """`prompt-jax plan`: print (and with `json_path` write) the plan of the gin-configured train
-  step on a `mesh` ('DATAxMODEL') of `platform` devices, compared with `chip`."""
-  data, model = parse_mesh(mesh)
-  if platform not in DEFAULT_CHIP:
-    raise ValueError(f"--platform must be one of {sorted(DEFAULT_CHIP)}, got {platform!r}")
-  if chip is not None and chip not in CHIPS:
-    raise ValueError(f"--chip must be one of {sorted(CHIPS)}, got {chip!r}")
-  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.check(gin_files, gin_bindings, search_paths, **_gin_checks(model))  # fast, no imports
-  args = argparse.Namespace(gin_file=list(gin_files), gin_bindings=list(gin_bindings),
-                            search_paths=list(search_paths), data=data, model=model,
-                            platform=platform, chip=chip or DEFAULT_CHIP[platform])
-  child_argv = [*(f"--gin_file={f}" for f in gin_files),
-                *(f"--gin_bindings={b}" for b in gin_bindings),
-                f"--gin_search_paths={','.join(search_paths)}", f"--mesh={mesh}",
-                f"--platform={platform}", *([f"--chip={chip}"] if chip else []),
-                *([f"--json={json_path}"] if json_path else [])]  # `prompt-jax plan` again
-  devices, fake = _devices_for(platform, data * model, child_argv)
-  plan = build_plan(args, devices, fake)
+def main(*, model, target: Target, batch_size: int, input_length: int, target_length: int,
+         optimizer=None, logical_axis_rules=None, trainable_pattern: Optional[str] = None,
+         frozen_dtype: Optional[str] = None, programs: Sequence[str] = ("train",),
+         max_batch: bool = False, json_path: Optional[str] = None) -> int:
+  """`prompt-jax plan` on configured objects (the command line parses the gin config): plan
+  `programs` of `model` on `target` (see `target()`), print the table, write `json_path`.
+  Exit code 1 when a program does not fit (the compiler's message is printed)."""
+  from prompt_jax import optimizers, partitioning  # pylint: disable=g-import-not-at-top
+  from prompt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from prompt_jax.programs import PromptPrograms  # pylint: disable=g-import-not-at-top
+  partitioner = partitioning.Partitioner(
+      num_partitions=target.model, devices=target.devices,
+      logical_axis_rules=(logical_axis_rules if logical_axis_rules is not None else
+                          partitioning.standard_logical_axis_rules()))
+  built = PromptPrograms(
+      model, partitioner, optimizer if optimizer is not None else optimizers.adafactor(),
+      trainable_pattern or params_lib.DEFAULT_TRAINABLE_PATTERN, frozen_dtype,
+      batch_size=batch_size, input_length=input_length, target_length=target_length)
+  log = lambda message: print(message, file=sys.stderr, flush=True)
+  plan = build_plan(built, target, batch_size=batch_size, input_length=input_length,
+                    target_length=target_length, names=programs, max_batch=max_batch, log=log)
   print(format_plan(plan), flush=True)
   if json_path:
     with open(json_path, "w") as f:
-      json.dump(plan, f, indent=2)
+      json.dump(plan, f, indent=2, default=str)
+  failed = [n for n, r in plan["programs"].items() if "out_of_memory" in r]
+  if failed:
+    where = plan["topology"]["name"] if plan.get("topology") else plan["platform"]
+    print(f"error: the {_TITLES[failed[0]]} does not fit {where} at batch {batch_size}: "
+          f"{plan['programs'][failed[0]]['out_of_memory']}", file=sys.stderr)
+    return 1
   return 0

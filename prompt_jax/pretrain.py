@@ -13,46 +13,16 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from prompt_jax import checkpoints, optimizers
-from prompt_jax import params as params_lib
+from prompt_jax import checkpoints, optimizers, regimes, trainer
 from prompt_jax.data import pipeline
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.programs import PromptPrograms
 
 log = logging.getLogger(__name__)
 
-
-def _train_phase(model, optimizer, params, opt_state, dataset_cfg, first_step, steps, seed,
-                 log_every_steps, label, after_step):
-  """Steps first_step+1 .. steps of one phase; `after_step(i, params, opt_state, metrics)`
-  runs after each (checkpointing). The data skips the `first_step` batches already consumed and step
-  i's dropout key is fold_in(key(seed + 1), i), so a resumed phase repeats a straight run.
-  Returns (params, opt_state, metrics of the last step)."""
-
-  @jax.jit
-  def step(params, opt_state, batch, rng):
-    (loss, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, batch, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
-
-  rng = jax.random.key(seed + 1)
-  metrics = {}
-  batches = pipeline.iterate_batches(dataset_cfg, start_step=first_step)
-  tick, tick_step = time.perf_counter(), first_step
-  for i in range(first_step + 1, steps + 1):
-    batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
-    params, opt_state, metrics = step(params, opt_state, batch, jax.random.fold_in(rng, i))
-    if i % log_every_steps == 0 or i == steps:
-      loss = float(metrics["loss"])
-      rate = (i - tick_step) / (time.perf_counter() - tick)
-      tick, tick_step = time.perf_counter(), i
-      print(f"{label} step {i}/{steps}: loss {loss:.4f} "
-            f"token accuracy {float(metrics['token_accuracy']):.3f} ({rate:.2f} steps/s)",
-            flush=True)
-    after_step(i, params, opt_state, metrics)
-  return params, opt_state, metrics
+EVERY_PARAMETER = r".*"  # the trainable pattern of pretraining: nothing is frozen
 
 
 def _eval_token_accuracy(model, params, dataset_cfg) -> float:
@@ -78,15 +48,17 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
              checkpoint_keep: Optional[int] = 2) -> dict:
   """Train all parameters with AdamW and a cosine schedule; save them to `output_path` (.npz).
 
-  With `lm_adaptation_steps > 0`, a second phase ("LM adaptation", Lester et al. Sec. 3.2)
-  continues training on `lm_adaptation_dataset_cfg` (a prefix-LM task) with a fresh schedule
-  (warmup: a tenth of its steps).
+  Pretraining is a regime of the one training loop (`trainer.run`): plain `PromptTuning` whose
+  trainable pattern matches every parameter (nothing is frozen). With `lm_adaptation_steps > 0`
+  a second phase ("LM adaptation", Lester et al. Sec. 3.2) continues from the first phase's
+  parameters on `lm_adaptation_dataset_cfg` (a prefix-LM task) with a fresh schedule (warmup: a
+  tenth of its steps).
 
-  Every `checkpoint_every_steps` steps (counted over both phases) and at the end of each phase,
-  the parameters, optimizer state and step go to `checkpoint_dir` (default
-  `default_checkpoint_dir(output_path)`; Orbax, the last `checkpoint_keep` kept, None for all).
-  Rerunning the same command resumes from the latest one, repeating a straight run's data order
-  and dropout keys. 0 turns checkpointing off.
+  Each phase is a run in its own directory under `checkpoint_dir` (default
+  `default_checkpoint_dir(output_path)`): `pretrain/` and `lm_adaptation/`, checkpointed every
+  `checkpoint_every_steps` steps of the phase and at its end (Orbax, the last `checkpoint_keep`
+  kept, None for all; 0 saves only each phase's end). Rerunning the same command resumes from
+  the latest one, repeating a straight run's data order and dropout keys.
 
   Returns {'loss': final training loss, 'seconds': wall time of this invocation,
   'parameters': count} plus 'lm_adaptation_loss', 'eval_token_accuracy' and
@@ -101,63 +73,32 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
     raise ValueError(f"pretrain checkpoint_every_steps must be >= 0, got "
                      f"{checkpoint_every_steps}")
   model = EncoderDecoderModel(t5.Transformer(config), z_loss=1e-4)
-  lengths = dataset_cfg.task_feature_lengths
-  dummy = model.dummy_batch(dataset_cfg.batch_size, lengths["inputs"], lengths["targets"])
-  params = params_lib.unbox(model.init(jax.random.key(seed), dummy))
-  parameters = params_lib.count(params)
-  print(f"pretrain: {parameters:,} parameters", flush=True)
-  # (label, data, steps, warmup, seed); phase 2's steps are numbered after phase 1's.
+  directory = checkpoint_dir or default_checkpoint_dir(output_path)
+  # (directory, data, steps, warmup, seed)
   phases = [("pretrain", dataset_cfg, train_steps, warmup_steps, seed)]
   if lm_adaptation_steps:
-    phases.append(("lm adaptation", lm_adaptation_dataset_cfg, lm_adaptation_steps,
+    phases.append(("lm_adaptation", lm_adaptation_dataset_cfg, lm_adaptation_steps,
                    max(lm_adaptation_steps // 10, 1), seed + 7))
-  run = {"train_steps": train_steps, "lm_adaptation_steps": lm_adaptation_steps,
-         "learning_rate": learning_rate, "seed": seed, "parameters": parameters}
-
-  manager, restored_step, opt_state, meta = None, 0, None, {"run": run, "losses": {}}
-  if checkpoint_every_steps:
-    directory = checkpoint_dir or default_checkpoint_dir(output_path)
-    manager = checkpoints.PromptCheckpointManager(directory, checkpoint_every_steps,
-                                                   keep=checkpoint_keep)
-    restored_step = manager.latest_step() or 0
-  if restored_step:
-    # Any phase: the optimizer state has the same tree.
-    optimizer = optimizers.warmup_cosine_adamw(learning_rate, warmup_steps, train_steps)
-    abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": optimizer.init(p)}, params)
-    state, meta = manager.restore(restored_step, abstract)
-    if meta["run"] != run:
-      raise ValueError(f"pretrain checkpoints in {manager.directory!r} were written for "
-                       f"{meta['run']}, this run is {run}; use the same settings or another "
-                       "output_path / checkpoint_dir")
-    params, opt_state = state["params"], state["opt_state"]
-    print(f"pretrain: resuming from step {restored_step} of "
-          f"{train_steps + lm_adaptation_steps} ({manager.directory})", flush=True)
+  settings = {"train_steps": train_steps, "lm_adaptation_steps": lm_adaptation_steps,
+              "learning_rate": learning_rate, "seed": seed}
 
   start = time.perf_counter()
-  offset = 0
-  for label, data_cfg, steps, warmup, phase_seed in phases:
-    key = "loss" if label == "pretrain" else "lm_adaptation_loss"
-    first_step = min(max(restored_step - offset, 0), steps)
-    if first_step < steps:
-      optimizer = optimizers.warmup_cosine_adamw(learning_rate, warmup, steps)
-      if first_step == 0:
-        opt_state = optimizer.init(params)
-
-      def after_step(i, params, opt_state, metrics, offset=offset, steps=steps, key=key):
-        if manager is None or not ((offset + i) % checkpoint_every_steps == 0 or i == steps):
-          return
-        meta["losses"][key] = float(metrics["loss"])
-        manager.save(offset + i, {"params": params, "opt_state": opt_state}, meta,
-                     force=i == steps)
-
-      params, opt_state, metrics = _train_phase(
-          model, optimizer, params, opt_state, data_cfg, first_step, steps, phase_seed,
-          log_every_steps, label, after_step)
-      meta["losses"][key] = float(metrics["loss"])
-    offset += steps
-  if manager is not None:
-    manager.close()
-  result = dict(meta["losses"])
+  result, params, parameters = {}, None, 0
+  for name, data_cfg, steps, warmup, phase_seed in phases:
+    lengths = data_cfg.task_feature_lengths
+    programs = PromptPrograms(model, optimizer=optimizers.warmup_cosine_adamw(
+        learning_rate, warmup, steps), trainable_pattern=EVERY_PARAMETER,
+        batch_size=data_cfg.batch_size, input_length=lengths["inputs"],
+        target_length=lengths["targets"])
+    parameters = programs.param_counts()["trainable"]
+    regime = regimes.PromptTuning(programs, data_cfg, initial_params=params,
+                                  settings=dict(settings, phase=name))
+    run = trainer.run(regime, model_dir=os.path.join(directory, name), train_steps=steps,
+                      checkpoint_every_steps=checkpoint_every_steps or steps,
+                      keep_checkpoints=checkpoint_keep, log_every_steps=log_every_steps,
+                      seed=phase_seed, label=name.replace("_", " "))
+    params = run.state.prompt_params
+    result["loss" if name == "pretrain" else "lm_adaptation_loss"] = run.summary["train"]["loss"]
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   checkpoints.save_params_npz(jax.device_get(params), output_path)
   result.update(seconds=time.perf_counter() - start, parameters=parameters)

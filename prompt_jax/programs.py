@@ -8,7 +8,9 @@ function per program, each with explicit in/out shardings and lowerable for ahea
   train_step_fn(state, frozen_params, batch, rng) -> (state, metrics)   (needs an optimizer)
   eval_step_fn(prompt_params, frozen_params, batch) -> metrics
   score_fn(prompt_params, frozen_params, batch) -> [batch] target log-likelihoods
-  predict_fn(prompt_params, frozen_params, batch, max_decode_length) -> [batch, decode length]
+  predict_fn(prompt_params, frozen_params, batch, max_decode_length, decoding)
+      -> (tokens [batch, decodes, length], scores [batch, decodes])   (`decoding.Greedy()`,
+      `BeamSearch(...)`, `TemperatureSampling(...)`; best decode first)
 
 Each jitted function is the one cache of its program (jax caches one executable per argument
 shape). The methods without `_fn` take host-local numpy batches, shard them over the data axis
@@ -28,15 +30,18 @@ import numpy as np
 import optax
 
 from prompt_jax import checkpoints
+from prompt_jax import decoding as decoding_lib
 from prompt_jax import params as params_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 
 Array = jax.Array
 
-PREDICT_KEYS = ("encoder_input_tokens", "prompt_ids")
+# The model's own features of a predict / score batch; the prompt hook's (`input_features`, e.g.
+# a bank's `prompt_ids`) are added from the model (`EncoderDecoderModel.prompt_feature_names`).
+PREDICT_KEYS = ("encoder_input_tokens",)
 SCORE_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-              "decoder_loss_weights", "prompt_ids")
+              "decoder_loss_weights")
 
 
 @flax.struct.dataclass
@@ -102,7 +107,7 @@ class PromptPrograms:
                                 out_shardings=replicated)
     self.score_fn = jax.jit(self._score_impl, in_shardings=params_in, out_shardings=replicated)
     self.predict_fn = jax.jit(self._predict_impl, in_shardings=params_in,
-                              out_shardings=replicated, static_argnums=(3,))
+                              out_shardings=replicated, static_argnums=(3, 4))
     self.state_shardings = self.train_step_fn = None
     if optimizer is not None:
       abstract_opt = jax.eval_shape(optimizer.init, self.abstract_prompt)
@@ -179,12 +184,20 @@ class PromptPrograms:
   def init_state(self, frozen_params, rng: Array) -> TrainState:
     """Fresh prompt and optimizer state."""
     self._need_optimizer("init_state")
+    return self.state_from_prompt(self.init_prompt(frozen_params, rng))
+
+  def state_from_prompt(self, prompt_params) -> TrainState:
+    """Step 0 and a fresh optimizer state for the given trainable parameters (a tree with the
+    structure and shapes of `abstract_prompt`: e.g. a trained prompt to continue from)."""
+    self._need_optimizer("state_from_prompt")
+    params_lib.check_same_shapes(prompt_params, self.abstract_prompt, "initial parameters")
     def init(prompt):
+      prompt = jax.tree_util.tree_map(lambda x, s: x.astype(s.dtype), prompt,
+                                      self.abstract_prompt)
       return TrainState(step=jnp.array(0, jnp.int32), prompt_params=prompt,
                         opt_state=self.optimizer.init(prompt))
-    prompt = self.init_prompt(frozen_params, rng)
     return jax.jit(init, in_shardings=(self.prompt_shardings,),
-                   out_shardings=self.state_shardings)(prompt)
+                   out_shardings=self.state_shardings)(prompt_params)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the state, for restoring a checkpoint."""
@@ -225,10 +238,13 @@ class PromptPrograms:
     with self.partitioner.axis_rules():
       return self.model.score_batch(params, batch)
 
-  def _predict_impl(self, prompt_params, frozen_params, batch, max_decode_length: int):
+  def _predict_impl(self, prompt_params, frozen_params, batch, max_decode_length: int,
+                    decoding=None):
+    """-> (tokens [b, n, max_decode_length], scores [b, n]), best first (`prompt_jax.decoding`;
+    `decoding` None is greedy, n = 1)."""
     params = params_lib.merge_params(prompt_params, frozen_params)
     with self.partitioner.axis_rules():
-      return self.model.predict_batch(params, batch, max_decode_length)
+      return decoding_lib.resolve(decoding)(self.model, params, batch, max_decode_length)
 
   # ------------------------------------------------------------- host batches in, numpy out
 
@@ -248,20 +264,29 @@ class PromptPrograms:
     return self.eval_step_fn(prompt_params, frozen_params, self.shard_batch(batch))
 
   def predict(self, prompt_params, frozen_params, batch: Mapping[str, np.ndarray],
-              max_decode_length: int) -> np.ndarray:
-    """Greedy decoding of a host batch -> [batch, max_decode_length] token ids."""
-    inputs = self.shard_batch({k: batch[k] for k in PREDICT_KEYS if k in batch})
-    return np.asarray(self.predict_fn(prompt_params, frozen_params, inputs,
-                                      int(max_decode_length)))
+              max_decode_length: int, decoding=None, *, return_scores: bool = False):
+    """Decoding of a host batch with `decoding` (`prompt_jax.decoding.Greedy()` when None,
+    `BeamSearch(...)`, `TemperatureSampling(...)`) -> the best decode's token ids
+    [batch, max_decode_length]; with `return_scores`, (all decodes [batch, n, max_decode_length],
+    their scores [batch, n]), best first."""
+    keys = PREDICT_KEYS + self.model.prompt_feature_names
+    inputs = self.shard_batch({k: batch[k] for k in keys if k in batch})
+    tokens, scores = self.predict_fn(prompt_params, frozen_params, inputs,
+                                     int(max_decode_length), decoding_lib.resolve(decoding))
+    if return_scores:
+      return np.asarray(tokens), np.asarray(scores)
+    return np.asarray(tokens[:, 0])
 
   def score(self, prompt_params, frozen_params, batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """Sum of target log-likelihoods of a host batch -> [batch]."""
-    inputs = self.shard_batch({k: batch[k] for k in SCORE_KEYS if k in batch})
+    keys = SCORE_KEYS + self.model.prompt_feature_names
+    inputs = self.shard_batch({k: batch[k] for k in keys if k in batch})
     return np.asarray(self.score_fn(prompt_params, frozen_params, inputs))
 
   def export_prompt(self, prompt_params, frozen_params) -> Optional[np.ndarray]:
     """The prompt as a plain [length, embed] array (methods fold their reparameterisation)."""
+    from prompt_jax.prompts import base as prompts_base  # pylint: disable=g-import-not-at-top
+
     params = params_lib.merge_params(prompt_params, frozen_params)
-    exported = self.model.module.apply({"params": params},
-                                       method=self.model.module.export_prompt)
+    exported = prompts_base.export_prompt(self.model.module.prompt, params)
     return None if exported is None else np.asarray(exported)

@@ -34,9 +34,7 @@ gates; a_l = 1 at kept layers, 0 elsewhere) is prompt-tuned by `trainer.train` f
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 from typing import Any, Callable, Iterator, Optional
 
@@ -47,7 +45,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from prompt_jax import checkpoints, optimizers, trainer
+from prompt_jax import optimizers, run_dir, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -59,9 +57,6 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 SEARCH_MODES = ("darts", "joint")
 _HASH_BUCKETS = 10000
-
-
-# ------------------------------------------------------------------------------- optimizers
 
 
 # ------------------------------------------------------------------------------------- data
@@ -106,50 +101,71 @@ class SearchState:
   gate_opt_state: Any
 
 
+def _gate_metrics(gates) -> dict[str, Array]:
+  """{'gate/layer_<l>': a_l = sigmoid(g_l)} of a gate tree (traceable)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(gates), sep="/")
+  metrics = {}
+  for path, logit in flat.items():
+    match = spt.GATE_PATH.search(path)
+    if match:
+      metrics[f"gate/layer_{int(match.group(2))}"] = jax.nn.sigmoid(jnp.reshape(logit, ()))
+  return metrics
+
+
 class SptSearch:
-  """Jitted search steps for a `SelectivePrompt` model (frozen loading reuses `PromptTrainer`).
+  """The gate search as a training regime (`regimes.Regime`) of `trainer.run`.
 
   `weight_step` differentiates the loss w.r.t. W only and `gate_step` w.r.t. G only, so the
   gates receive gradients only in the gate optimizer's phase; `joint_step` updates both.
+  `step_fn` is one of the two modes: darts (a weight step on a batch of the training part, then
+  a gate step on a batch of the held-out part) or joint.
   """
 
   def __init__(self, model: EncoderDecoderModel, weight_optimizer: optax.GradientTransformation,
                gate_optimizer: optax.GradientTransformation, partitioner: Partitioner,
-               input_length: int, target_length: int, batch_size: int):
+               input_length: int, target_length: int, batch_size: int, *,
+               dataset_cfg: Optional[pipeline.DatasetConfig] = None,
+               search_mode: str = "darts", held_out_fraction: float = 0.2):
     hook = model.module.prompt
     if not isinstance(hook, spt.SelectivePrompt) or hook.hard:
       raise ValueError("the SPT search needs the model's prompt to be a "
                        f"spt.SelectivePrompt with hard=False, got {type(hook).__name__}"
                        + (" with hard=True" if getattr(hook, "hard", False) else ""))
+    if search_mode not in SEARCH_MODES:
+      raise ValueError(f"SPT search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
+    if search_mode == "darts" and not 0.0 < held_out_fraction < 1.0:
+      raise ValueError(f"SPT held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
     self.model = model
     self.weight_optimizer = weight_optimizer
     self.gate_optimizer = gate_optimizer
     self.partitioner = partitioner
-    self.base = trainer.PromptTrainer(model, weight_optimizer, partitioner, input_length,
-                                      target_length, batch_size)
-    gates, _ = params_lib.split_params(self.base.abstract_prompt, spt.GATE_PATTERN)
+    self.dataset_cfg = dataset_cfg
+    self.search_mode = search_mode
+    self.held_out_fraction = held_out_fraction
+    self.settings = {"search_mode": search_mode, "held_out_fraction": held_out_fraction}
+    self.programs = trainer.PromptTrainer(model, weight_optimizer, partitioner, input_length,
+                                          target_length, batch_size)
+    gates, _ = params_lib.split_params(self.programs.abstract_prompt, spt.GATE_PATTERN)
     if not gates:
       raise ValueError("the SelectivePrompt model has no gated layer (check "
                        "SelectivePrompt.layers and the number of encoder layers)")
     self.weight_step = jax.jit(self._weight_step, donate_argnums=(0,))
     self.gate_step = jax.jit(self._gate_step, donate_argnums=(0,))
     self.joint_step = jax.jit(self._joint_step, donate_argnums=(0,))
-
-  def load_frozen_params(self, path: str):
-    return self.base.load_frozen_params(path)
+    self.step_fn = jax.jit(self._search_step, donate_argnums=(0,))
 
   def random_frozen_params(self, rng: Array):
-    return self.base.random_frozen_params(rng)
+    return self.programs.random_frozen_params(rng)
 
   def init_state(self, frozen_params, rng: Array) -> SearchState:
-    prompt = self.base.init_state(frozen_params, rng).prompt_params
+    prompt = self.programs.init_prompt(frozen_params, rng)
     gates, weights = params_lib.split_params(prompt, spt.GATE_PATTERN)
     return SearchState(step=jnp.array(0, jnp.int32), weights=weights, gates=gates,
                        weight_opt_state=self.weight_optimizer.init(weights),
                        gate_opt_state=self.gate_optimizer.init(gates))
 
   def abstract_state(self) -> SearchState:
-    gates, weights = params_lib.split_params(self.base.abstract_prompt, spt.GATE_PATTERN)
+    gates, weights = params_lib.split_params(self.programs.abstract_prompt, spt.GATE_PATTERN)
     shapes = jax.eval_shape(lambda w, g: SearchState(
         step=jnp.array(0, jnp.int32), weights=w, gates=g,
         weight_opt_state=self.weight_optimizer.init(w),
@@ -200,63 +216,40 @@ class SptSearch:
                              metrics, grad_norm=optax.global_norm(w_grads),
                              gate_grad_norm=optax.global_norm(g_grads))
 
+  def _search_step(self, state: SearchState, frozen_params, inputs, rng):
+    """One search step of `search_mode` -> (state, metrics with the gate values a_l)."""
+    if self.search_mode == "darts":
+      state, metrics = self._weight_step(state, frozen_params, inputs["train"], rng)
+      state, gate_metrics = self._gate_step(state, frozen_params, inputs["held_out"])
+      metrics = dict(metrics, held_out_loss=gate_metrics["loss"],
+                     gate_grad_norm=gate_metrics["gate_grad_norm"])
+      loss_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gate_metrics["loss"])
+    else:
+      state, metrics = self._joint_step(state, frozen_params, inputs["train"], rng)
+      loss_finite = jnp.isfinite(metrics["loss"])
+    prompt_finite = params_lib.tree_all_finite(self.prompt_params(state))
+    return state, dict(metrics, **_gate_metrics(state.gates), prompt_finite=prompt_finite,
+                       all_finite=loss_finite & prompt_finite)
+
+  def batches(self, start_step: int, shard_id: int, num_shards: int) -> Iterator[dict]:
+    """{'train': batch} (joint) or {'train': batch, 'held_out': batch} (darts) per step."""
+    if self.dataset_cfg is None:
+      raise ValueError("SptSearch needs dataset_cfg to produce batches")
+    shard = dict(start_step=start_step, shard_id=shard_id, num_shards=num_shards)
+    if self.search_mode == "joint":
+      return ({"train": b} for b in pipeline.iterate_batches(self.dataset_cfg, **shard))
+    train = split_batches(self.dataset_cfg, self.held_out_fraction, False, **shard)
+    held_out = split_batches(self.dataset_cfg, self.held_out_fraction, True, **shard)
+    return ({"train": t, "held_out": h} for t, h in zip(train, held_out))
+
+  def shard(self, inputs: dict) -> dict:
+    return {part: self.programs.shard_batch(batch) for part, batch in inputs.items()}
+
   def shard_batch(self, batch):
-    return self.base.shard_batch(batch)
+    return self.programs.shard_batch(batch)
 
 
 # ------------------------------------------------------------------------------------ phases
-
-
-def run_search(search: SptSearch, frozen_params, *, directory: str, steps: int,
-               train_dataset_cfg: pipeline.DatasetConfig, search_mode: str,
-               held_out_fraction: float, checkpoint_every_steps: int, log_every_steps: int,
-               seed: int) -> dict[int, float]:
-  """Phase 1; checkpoints in `directory`, resumes from its latest one. Returns {layer: a_l}."""
-  manager = checkpoints.PromptCheckpointManager(directory, checkpoint_every_steps, keep=2)
-  rng = jax.random.key(seed)
-  init_rng, step_rng = jax.random.split(rng)
-  start = manager.latest_step() or 0
-  if start:
-    state, _ = manager.restore(start, search.abstract_state())
-    print(f"SPT search: resumed from {manager.directory} at step {start}", flush=True)
-  else:
-    state = search.init_state(frozen_params, init_rng)
-  shard = dict(shard_id=jax.process_index(), num_shards=jax.process_count())
-  if search_mode == "darts":
-    weight_batches = split_batches(train_dataset_cfg, held_out_fraction, False,
-                                   start_step=start, **shard)
-    gate_batches = split_batches(train_dataset_cfg, held_out_fraction, True, start_step=start,
-                                 **shard)
-  else:
-    weight_batches = pipeline.iterate_batches(train_dataset_cfg, start_step=start, **shard)
-  writer = trainer.MetricWriter(directory, "train")
-  metrics = {}
-  for step in range(start + 1, steps + 1):
-    if search_mode == "darts":
-      state, metrics = search.weight_step(state, frozen_params,
-                                          search.shard_batch(next(weight_batches)), step_rng)
-      state, gate_metrics = search.gate_step(state, frozen_params,
-                                             search.shard_batch(next(gate_batches)))
-      metrics = dict(metrics, held_out_loss=gate_metrics["loss"],
-                     gate_grad_norm=gate_metrics["gate_grad_norm"])
-    else:
-      state, metrics = search.joint_step(state, frozen_params,
-                                         search.shard_batch(next(weight_batches)), step_rng)
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      raise trainer.TrainingDivergedError(f"SPT search loss became {loss} at step {step}")
-    if step % log_every_steps == 0 or step == steps:
-      gates = spt.gate_values(state.gates)
-      values = {k: float(v) for k, v in metrics.items()}
-      values.update({f"gate/layer_{layer}": a for layer, a in gates.items()})
-      writer.write(step, values)
-      print(f"SPT search step {step}: loss {loss:.4f}, gates "
-            + " ".join(f"{layer}:{a:.3f}" for layer, a in gates.items()), flush=True)
-    if step % checkpoint_every_steps == 0 or step == steps:
-      manager.save(step, state, {"data_position": step, "search_mode": search_mode}, force=True)
-  writer.close()
-  manager.close()
-  return spt.gate_values(state.gates)
 
 
 def retrain_model(model: EncoderDecoderModel, layers) -> EncoderDecoderModel:
@@ -280,16 +273,12 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
               evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
   """Search (MODEL_DIR/search), select the top-K layers, re-train them (MODEL_DIR/retrain).
 
+  Both phases are runs of the one training loop (`trainer.run`): the search with the
+  `SptSearch` regime, the re-training with plain prompt tuning (`trainer.train`).
   Returns `trainer.train`'s summary of the re-train phase plus `gates` and `selected_layers`.
   """
-  if not model_dir:
-    raise ValueError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
-  if search_mode not in SEARCH_MODES:
-    raise ValueError(f"SPT search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
-  if search_mode == "darts" and not 0.0 < held_out_fraction < 1.0:
-    raise ValueError(f"SPT held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
-  if search_steps < 1:
-    raise ValueError(f"SPT search_steps must be >= 1, got {search_steps}")
+  model_dir = run_dir.check_model_dir(model_dir)
+  search_steps = trainer.check_count("SPT search_steps", search_steps, 1)
   optimizer = optimizer or optimizers.spt_optimizer()
   gate_optimizer = gate_optimizer or optimizers.gate_adam()
   partitioner = partitioner or Partitioner()
@@ -297,32 +286,31 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
   search_dir = os.path.join(model_dir, "search")
   selection_path = os.path.join(search_dir, "selection.json")
 
-  if os.path.exists(selection_path):
-    with open(selection_path) as f:
-      selection = json.load(f)
+  selection = run_dir.read_json(selection_path)
+  if selection is not None:
     gates = {int(k): v for k, v in selection["gates"].items()}
     selected = tuple(selection["selected_layers"])
     print(f"SPT search already finished ({selection_path}); re-training", flush=True)
   else:
+    pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
     search = SptSearch(model, optimizer, gate_optimizer, partitioner, lengths["inputs"],
-                       lengths["targets"], train_dataset_cfg.batch_size)
-    counts = search.base.param_counts()
-    print(f"SPT search ({search_mode}): {counts['trainable']:,} trainable parameters "
-          f"(prompt, generators, gates), {counts['frozen']:,} frozen", flush=True)
-    frozen_rng = jax.random.fold_in(jax.random.key(seed), 1)
-    frozen_params = (search.load_frozen_params(initial_checkpoint_path)
-                     if initial_checkpoint_path else search.random_frozen_params(frozen_rng))
-    gates = run_search(search, frozen_params, directory=search_dir, steps=search_steps,
-                       train_dataset_cfg=train_dataset_cfg, search_mode=search_mode,
-                       held_out_fraction=held_out_fraction,
-                       checkpoint_every_steps=checkpoint_every_steps,
-                       log_every_steps=log_every_steps, seed=seed)
+                       lengths["targets"], train_dataset_cfg.batch_size,
+                       dataset_cfg=train_dataset_cfg, search_mode=search_mode,
+                       held_out_fraction=held_out_fraction)
+    print(f"SPT search ({search_mode}): trainable parameters are the input prompt, the "
+          "generators and the gates", flush=True)
+    result = trainer.run(search, model_dir=search_dir, train_steps=search_steps,
+                         initial_checkpoint_path=initial_checkpoint_path,
+                         checkpoint_every_steps=checkpoint_every_steps,
+                         keep_checkpoints=2, log_every_steps=log_every_steps, seed=seed,
+                         label="SPT search")
+    gates = spt.gate_values(result.state.gates)
     selected = spt.select_layers(gates, num_layers_to_keep)
     if jax.process_index() == 0:
-      with open(selection_path, "w") as f:
-        json.dump({"gates": gates, "selected_layers": list(selected), "k": num_layers_to_keep,
-                   "search_mode": search_mode, "search_steps": search_steps}, f, indent=2)
-    del frozen_params, search
+      run_dir.write_json(selection_path, {
+          "gates": gates, "selected_layers": list(selected), "k": num_layers_to_keep,
+          "search_mode": search_mode, "search_steps": search_steps})
+    del result, search
   print("SPT gate values a_l: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in gates.items()),
         flush=True)
   print(f"SPT selected layers (K={num_layers_to_keep}): {list(selected)}", flush=True)
@@ -339,6 +327,5 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
   summary = dict(summary, gates=gates, selected_layers=list(selected),
                  model_dir=os.path.abspath(model_dir))
   if jax.process_index() == 0:
-    with open(os.path.join(model_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    run_dir.write_json(os.path.join(model_dir, "summary.json"), summary)
   return summary

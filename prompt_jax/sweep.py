@@ -20,8 +20,9 @@ Every mode ends by writing <sweep_dir>/results.csv (one row per cell: its config
 parameter count and final metrics from its summary.json and sweep_cell.json, or status
 'pending'/'failed') and the plots of `prompt_jax.sweep_plots`.
 
-This process never touches gin's registry: the sweep file is parsed, and a size's parameter count
-is taken from its gin config, in short-lived child processes (`python -m prompt_jax.sweep`).
+Nothing here parses gin: the command line builds the `SweepConfig` (from the sweep's gin file)
+and hands in `count_parameters`, which counts a size's frozen parameters from its gin config; both
+run in short-lived child processes, so no process reuses gin's registry across cells.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from prompt_jax import preemption
 
@@ -210,7 +210,7 @@ def expand(cfg: SweepConfig) -> list[Cell]:
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _child_env(**overrides: str) -> dict[str, str]:
+def child_env(**overrides: str) -> dict[str, str]:
   """This process's environment plus `overrides`; a source checkout's prompt_jax goes first on
   PYTHONPATH (an installed one is found anyway)."""
   env = dict(os.environ, **overrides)
@@ -221,7 +221,7 @@ def _child_env(**overrides: str) -> dict[str, str]:
   return env
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
   """The last non-empty line of `text` (progress bars end lines with \\r), stripped."""
   lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
   return lines[-1] if lines else ""
@@ -230,87 +230,6 @@ def _last_line(text: str) -> str:
 def _error_text(line: str) -> str:
   """A child's last stderr line without the CLI's 'error: ' prefix."""
   return line[len("error: "):] if line.startswith("error: ") else line
-
-
-def _ask_child(command: str, spec: Mapping[str, Any], **env: str) -> Any:
-  """Run `python -m prompt_jax.sweep <command> <spec as JSON>` and return the JSON value it
-  prints last; ValueError with its error line when it fails."""
-  proc = subprocess.run([sys.executable, "-m", "prompt_jax.sweep", command, json.dumps(spec)],
-                        capture_output=True, text=True, env=_child_env(**env), check=False)
-  if proc.returncode:
-    raise ValueError(_error_text(_last_line(proc.stderr))
-                     or f"`python -m prompt_jax.sweep {command}` exited with {proc.returncode}")
-  return json.loads(_last_line(proc.stdout))
-
-
-def load_sweep_config(gin_files: Sequence[str], bindings: Sequence[str],
-                      search_paths: Sequence[str]) -> SweepConfig:
-  """The SweepConfig of the sweep's gin files and bindings, parsed in a child process (gin's
-  registry of this process is left alone)."""
-  fields = _ask_child("config", {"gin_files": list(gin_files), "bindings": list(bindings),
-                                 "search_paths": list(search_paths)})
-  return SweepConfig(**fields)
-
-
-def count_parameters(cell: Cell, search_paths: Sequence[str] = ()) -> Optional[int]:
-  """Frozen parameters of the T5 that `cell`'s gin config builds (from shapes, in a child process
-  on the CPU, so that an accelerator stays free); None (logged) when that fails."""
-  try:
-    return _ask_child("parameters", {"gin_files": list(cell.gin_files),
-                                     "bindings": list(cell.bindings),
-                                     "search_paths": list(search_paths)}, JAX_PLATFORMS="cpu")
-  except ValueError as e:
-    log.warning("could not count the parameters of cell %s's model: %s", cell.name, e)
-    return None
-
-
-def _parse_sweep_config(gin_files, bindings, search_paths) -> dict:
-  """In a child: the SweepConfig's fields as JSON data."""
-  import gin  # pylint: disable=g-import-not-at-top
-
-  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.configure_gin(gin_files, bindings, search_paths, roots=["sweep.SweepConfig"])
-  fields = dataclasses.asdict(gin.get_configurable(SweepConfig)())
-  try:
-    json.dumps(fields)
-  except TypeError as e:
-    raise ValueError(f"SweepConfig values must be strings, numbers, lists and dicts: {e}") from e
-  return fields
-
-
-def _frozen_parameter_count(gin_files, bindings, search_paths) -> int:
-  """In a child: parameters of the gin-configured T5 (without prompt), from shapes only."""
-  import gin  # pylint: disable=g-import-not-at-top
-
-  from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  from prompt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
-  from prompt_jax.models import encoder_decoder, t5  # pylint: disable=g-import-not-at-top
-  gin_utils.configure_gin(gin_files, bindings, search_paths, roots=["t5.T5Config"])
-  config = gin.get_configurable(t5.T5Config)()
-  model = encoder_decoder.EncoderDecoderModel(t5.Transformer(config))
-  return params_lib.count(model.init_abstract(model.dummy_batch(1, 8, 4)))
-
-
-_CHILD_COMMANDS = {"config": _parse_sweep_config, "parameters": _frozen_parameter_count}
-
-
-def child_main(argv: Sequence[str]) -> int:
-  """`python -m prompt_jax.sweep config|parameters SPEC_JSON`: print the answer as JSON; on an
-  error print 'error: ...' to stderr and return 1."""
-  if len(argv) != 2 or argv[0] not in _CHILD_COMMANDS:
-    print(f"error: usage: python -m prompt_jax.sweep {{{'|'.join(_CHILD_COMMANDS)}}} SPEC_JSON, "
-          f"got {list(argv)}", file=sys.stderr)
-    return 2
-  try:
-    result = _CHILD_COMMANDS[argv[0]](**json.loads(argv[1]))
-  except Exception as e:  # pylint: disable=broad-except
-    if os.environ.get("PROMPT_JAX_TRACEBACK"):
-      traceback.print_exc()
-    text = (str(e).strip() or type(e).__name__).splitlines()[0]
-    print(f"error: {text}", file=sys.stderr)
-    return 1
-  print(json.dumps(result), flush=True)
-  return 0
 
 
 # ------------------------------------------------------------------------------ the cells
@@ -343,7 +262,7 @@ def _tee_stderr(proc: subprocess.Popen) -> str:
     sys.stderr.write(text)
     sys.stderr.flush()
     tail = (tail + text)[-(1 << 14):]
-  return _last_line(tail + decoder.decode(b"", final=True))
+  return last_line(tail + decoder.decode(b"", final=True))
 
 
 def run_cell(cell: Cell, search_paths: Sequence[str] = ()) -> float:
@@ -353,7 +272,7 @@ def run_cell(cell: Cell, search_paths: Sequence[str] = ()) -> float:
   command = cell.train_command(search_paths) + _verbosity_flags()
   sys.stdout.flush()
   start = time.perf_counter()
-  proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=_child_env())
+  proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=child_env())
   try:
     last_line = _tee_stderr(proc)
     exit_code = proc.wait()
@@ -478,10 +397,29 @@ def select(cells: Sequence[Cell], selections: Sequence[str]) -> list[Cell]:
   return chosen
 
 
+# A size's frozen parameter count from a cell's gin config (the command line builds one that
+# parses it in a child process); ValueError when it cannot.
+CountParameters = Callable[[Cell], int]
+
+
+def _count_parameters(count_parameters: Optional[CountParameters], cell: Cell) -> Optional[int]:
+  """`count_parameters(cell)`; None (logged) when there is none or it fails."""
+  if count_parameters is None:
+    return None
+  try:
+    return count_parameters(cell)
+  except ValueError as e:
+    log.warning("could not count the parameters of cell %s's model: %s", cell.name, e)
+    return None
+
+
 def run_local(cfg: SweepConfig, cells: Sequence[Cell], search_paths: Sequence[str] = (),
-              stop_on_error: bool = False, max_cells: Optional[int] = None) -> None:
+              stop_on_error: bool = False, max_cells: Optional[int] = None,
+              count_parameters: Optional[CountParameters] = None) -> None:
   """Train the unfinished `cells` (at most `max_cells`) one process after another; each
-  finished one gets <model_dir>/sweep_cell.json, each failed one sweep_error.json."""
+  finished one gets <model_dir>/sweep_cell.json (with its size's parameter count: given in the
+  SweepConfig, recorded by an earlier cell, or `count_parameters(cell)`), each failed one
+  sweep_error.json."""
   parameters: dict[str, Optional[int]] = {}
   ran = 0
   for i, cell in enumerate(cells, 1):
@@ -505,7 +443,7 @@ def run_local(cfg: SweepConfig, cells: Sequence[Cell], search_paths: Sequence[st
       size = cell.values["size"]
       if parameters.get(size) is None:
         parameters[size] = (_recorded_parameters(cfg, cells, size)
-                            or count_parameters(cell, search_paths))
+                            or _count_parameters(count_parameters, cell))
       _write_json(os.path.join(cell.model_dir, "sweep_cell.json"), {
           "values": dict(cell.values), "seconds": seconds, "parameters": parameters[size],
           "gin_files": list(cell.gin_files), "bindings": list(cell.bindings)})
@@ -515,7 +453,8 @@ def run_local(cfg: SweepConfig, cells: Sequence[Cell], search_paths: Sequence[st
 
 def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
         stop_on_error: bool = False, max_cells: Optional[int] = None,
-        selections: Sequence[str] = ()) -> list[dict]:
+        selections: Sequence[str] = (),
+        count_parameters: Optional[CountParameters] = None) -> list[dict]:
   """Run (or write commands for) the sweep (or the cells `selections` picks); returns the
   results rows."""
   if mode not in ("local", "commands", "collect"):
@@ -526,7 +465,7 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   if mode == "commands":
     print(f"wrote {write_commands(cfg, cells)}", flush=True)
   elif mode == "local":
-    run_local(cfg, cells, search_paths, stop_on_error, max_cells)
+    run_local(cfg, cells, search_paths, stop_on_error, max_cells, count_parameters)
   rows = collect(cfg, cells)
   from prompt_jax import sweep_plots  # pylint: disable=g-import-not-at-top
   paths = sweep_plots.plot(cfg, rows)
@@ -537,24 +476,13 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   return rows
 
 
-def main(*, gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-         search_paths: Sequence[str] = (), mode: str = "local", sweep_dir: Optional[str] = None,
+def main(cfg: SweepConfig, *, search_paths: Sequence[str] = (), mode: str = "local",
          max_cells: Optional[int] = None, stop_on_error: bool = False,
-         select: Sequence[str] = (), cell_bindings: Sequence[str] = ()) -> int:
-  """`prompt-jax sweep`: load the sweep's SweepConfig (`sweep_dir` overrides its sweep_dir,
-  `cell_bindings` are added to every cell's bindings) and `run` it; 1 if a cell failed."""
-  bindings = list(gin_bindings)
-  if sweep_dir:
-    bindings.append(f"sweep.SweepConfig.sweep_dir = {sweep_dir!r}")
-  cfg = load_sweep_config(gin_files, bindings, search_paths)
+         select: Sequence[str] = (), cell_bindings: Sequence[str] = (),
+         count_parameters: Optional[CountParameters] = None) -> int:
+  """`prompt-jax sweep`: `run` the sweep `cfg` with `cell_bindings` added to every cell's
+  bindings; 1 if a cell failed."""
   if cell_bindings:
     cfg = dataclasses.replace(cfg, bindings=tuple(cfg.bindings) + tuple(cell_bindings))
-  rows = run(cfg, mode, search_paths, stop_on_error, max_cells, select)
+  rows = run(cfg, mode, search_paths, stop_on_error, max_cells, select, count_parameters)
   return 0 if all(r["status"] != "failed" for r in rows) else 1
-
-
-if __name__ == "__main__":
-  # Run the functions of the importable prompt_jax.sweep (whose SweepConfig the gin files
-  # register), not of this __main__ copy.
-  from prompt_jax import sweep as _sweep  # pylint: disable=g-import-self
-  sys.exit(_sweep.child_main(sys.argv[1:]))

@@ -1,8 +1,12 @@
-"""Prompt tuning: the train step, the loop, checkpoints and metrics.
+"""The training loop: one program for every regime, and `train`, its prompt-tuning entry point.
 
-The parameter tree is split once into `prompt_params` (trainable: they and their optimizer state
-form the `TrainState`) and `frozen_params` (an ordinary, non-donated argument of every step:
-never differentiated, never in the optimizer state, never copied or saved).
+`run(regime, ...)` trains any `regimes.Regime` (plain prompt tuning and every prompt method,
+prompt banks, SPT's gate search and re-training, full-model pretraining): the loop owns
+MODEL_DIR, data position, checkpoints and resume, NaN handling, metrics, evaluation scheduling
+and preemption; the regime owns its state, step and batches. The parameter tree is split once
+into `prompt_params` (trainable: with their optimizer state they form the state) and
+`frozen_params` (an ordinary, non-donated argument of every step: never differentiated, never in
+the optimizer state, never copied or saved).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.optimizers import adafactor
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms, TrainState  # noqa: F401  (TrainState: public)
+from prompt_jax.regimes import PromptTuning, Regime
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +75,13 @@ UNTRAINED_EVAL_FILE = "eval_untrained.json"
 SUMMARY_FILE = "summary.json"
 
 
-def _progress(total: int, initial: int):
+def _progress(total: int, initial: int, label: str = "train"):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+  return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True,
               mininterval=0.5, disable=jax.process_index() != 0)
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
+def check_count(name: str, value: Any, minimum: int) -> int:
   """`value` as an int >= minimum, else a ValueError naming the macro and the value."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -105,6 +110,14 @@ def check_resume_compatible(meta: Mapping[str, Any], current: Mapping[str, Any],
             f"checkpoint step {step} in {directory} was trained with model config {name}="
             f"{saved_config.get(name)!r}, this run has {config.get(name)!r}; use the same model "
             "gin, a new MODEL_DIR, or --gin.trainer.train.allow_config_change=True")
+
+
+def check_settings(meta: Mapping[str, Any], current: Mapping[str, Any], directory: str) -> None:
+  """Raise ValueError when the checkpoints were written by a regime with other settings."""
+  saved, settings = meta.get("settings"), current.get("settings")
+  if (saved or settings) and saved != settings:
+    raise ValueError(f"checkpoints in {directory!r} were written for {saved}, this run is "
+                     f"{settings}; use the same settings or another MODEL_DIR")
 
 
 def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: int,
@@ -137,53 +150,89 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
   Returns a summary: the final training metrics and, when `eval_dataset_cfg` is set, the
   validation metrics of the untrained and of the trained prompt.
   """
-  train_steps = _check_count("TRAIN_STEPS", train_steps, 1)
-  checkpoint_every_steps = _check_count("CHECKPOINT_PERIOD", checkpoint_every_steps, 1)
-  eval_every_steps = _check_count("EVAL_PERIOD", eval_every_steps or 0, 0)
-  log_every_steps = _check_count("log_every_steps", log_every_steps, 1)
+  pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
+  lengths = train_dataset_cfg.task_feature_lengths
+  programs = PromptTrainer(model, optimizer or adafactor(), partitioner or Partitioner(),
+                           lengths["inputs"], lengths["targets"], train_dataset_cfg.batch_size,
+                           trainable_pattern, frozen_dtype=frozen_dtype)
+  regime = PromptTuning(programs, train_dataset_cfg, batch_transforms)
+  return run(regime, model_dir=model_dir, train_steps=train_steps,
+             eval_dataset_cfg=eval_dataset_cfg, initial_checkpoint_path=initial_checkpoint_path,
+             checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
+             eval_every_steps=eval_every_steps, eval_at_start=eval_at_start,
+             log_every_steps=log_every_steps,
+             max_decode_length=max_decode_length or lengths["targets"], seed=seed,
+             evaluate_fn=evaluate_fn, allow_config_change=allow_config_change).summary
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `run` ends with: the summary written to summary.json, the final training state (the
+  regime's) and the frozen parameters it was trained against."""
+
+  summary: dict[str, Any]
+  state: Any
+  frozen_params: Any
+
+
+def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
+        eval_dataset_cfg: Optional[pipeline.DatasetConfig] = None,
+        initial_checkpoint_path: Optional[str] = None, checkpoint_every_steps: int = 1000,
+        keep_checkpoints: Optional[int] = 3, eval_every_steps: int = 0,
+        eval_at_start: bool = True, log_every_steps: int = 10, max_decode_length: int = 8,
+        seed: int = 0, evaluate_fn: Optional[Callable] = None,
+        allow_config_change: bool = False, label: str = "train") -> RunResult:
+  """The training loop of every regime (`regimes.Regime`): `train_steps` steps of
+  `regime.step_fn` in MODEL_DIR, resumed from its newest good checkpoint.
+
+  The loop owns MODEL_DIR and its lock, the data position, checkpoints (every
+  `checkpoint_every_steps` and at the end; `keep_checkpoints` kept), resume, the on-device
+  finiteness check (`TrainingDivergedError`, nothing non-finite is saved), TensorBoard events,
+  evaluation of `eval_dataset_cfg` by `evaluate_fn` (before training, every `eval_every_steps`
+  and after), prompt exports and preemption (`preemption.Preempted` after a saved step).
+  `label` names the progress bar.
+  """
+  train_steps = check_count("TRAIN_STEPS", train_steps, 1)
+  checkpoint_every_steps = check_count("CHECKPOINT_PERIOD", checkpoint_every_steps, 1)
+  eval_every_steps = check_count("EVAL_PERIOD", eval_every_steps or 0, 0)
+  log_every_steps = check_count("log_every_steps", log_every_steps, 1)
   model_dir = run_dir.check_model_dir(model_dir)
   with run_dir.RunLock(model_dir):
-    return _train(model=model, model_dir=model_dir, train_steps=train_steps,
-                  train_dataset_cfg=train_dataset_cfg, eval_dataset_cfg=eval_dataset_cfg,
-                  initial_checkpoint_path=initial_checkpoint_path, optimizer=optimizer,
-                  partitioner=partitioner, trainable_pattern=trainable_pattern,
-                  checkpoint_every_steps=checkpoint_every_steps,
-                  keep_checkpoints=keep_checkpoints, eval_every_steps=eval_every_steps,
-                  eval_at_start=eval_at_start, log_every_steps=log_every_steps,
-                  max_decode_length=max_decode_length, seed=seed, evaluate_fn=evaluate_fn,
-                  frozen_dtype=frozen_dtype, batch_transforms=tuple(batch_transforms),
-                  allow_config_change=allow_config_change)
+    return _run(regime, model_dir=model_dir, train_steps=train_steps,
+                eval_dataset_cfg=eval_dataset_cfg,
+                initial_checkpoint_path=initial_checkpoint_path,
+                checkpoint_every_steps=checkpoint_every_steps,
+                keep_checkpoints=keep_checkpoints, eval_every_steps=eval_every_steps,
+                eval_at_start=eval_at_start, log_every_steps=log_every_steps,
+                max_decode_length=max_decode_length, seed=seed, evaluate_fn=evaluate_fn,
+                allow_config_change=allow_config_change, label=label)
 
 
-def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg,
-           initial_checkpoint_path, optimizer, partitioner, trainable_pattern,
-           checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_at_start,
-           log_every_steps, max_decode_length, seed, evaluate_fn, frozen_dtype,
-           batch_transforms, allow_config_change) -> dict[str, Any]:
-  pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
-  optimizer = optimizer or adafactor()
-  partitioner = partitioner or Partitioner()
-  lengths = train_dataset_cfg.task_feature_lengths
-  trainer = PromptTrainer(model, optimizer, partitioner, lengths["inputs"], lengths["targets"],
-                          train_dataset_cfg.batch_size, trainable_pattern,
-                          frozen_dtype=frozen_dtype)
-  counts = trainer.param_counts()
+def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_checkpoint_path,
+         checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_at_start,
+         log_every_steps, max_decode_length, seed, evaluate_fn, allow_config_change,
+         label) -> RunResult:
+  programs = regime.programs
+  counts = programs.param_counts()
   log.info("parameters: %s frozen, %s trainable", f"{counts['frozen']:,}",
            f"{counts['trainable']:,}")
   print(f"model: {counts['frozen']:,} frozen parameters, {counts['trainable']:,} trainable; "
-        f"mesh {dict(partitioner.mesh.shape)}", flush=True)
+        f"mesh {dict(programs.partitioner.mesh.shape)}", flush=True)
   summary_path = os.path.join(model_dir, SUMMARY_FILE)
   meta = {"initial_checkpoint_path": initial_checkpoint_path,
-          "trainable_pattern": trainable_pattern,
-          "config": _json_value(dataclasses.asdict(model.config))}
+          "trainable_pattern": programs.trainable_pattern,
+          "config": _json_value(dataclasses.asdict(programs.model.config))}
+  if regime.settings:
+    meta["settings"] = _json_value(dict(regime.settings))
 
   # Resume: the newest checkpoint that restores and is finite (older ones if it does not).
   manager = checkpoints.PromptCheckpointManager(model_dir, checkpoint_every_steps,
                                                 keep_checkpoints)
-  restored = manager.restore_latest_good(trainer.abstract_state())
-  start_step, last_metrics = 0, {}
+  restored = manager.restore_latest_good(regime.abstract_state())
+  start_step, last_metrics, complete = 0, {}, None
   if restored is not None:
     state, restored_meta, latest = restored
+    check_settings(restored_meta, meta, manager.directory)
     if not allow_config_change:
       check_resume_compatible(restored_meta, meta, latest, manager.directory)
     if train_steps < latest:
@@ -195,24 +244,27 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
     if latest == train_steps and previous and previous.get("step") == train_steps and (
         not eval_dataset_cfg or "eval_trained" in previous):
       print(f"run in {model_dir} is complete (step {train_steps}); nothing to do", flush=True)
-      manager.close()
-      return previous
-    print(f"resumed from {manager.directory} at step {latest}", flush=True)
+      complete = previous
+    else:
+      print(f"resumed from {manager.directory} at step {latest}", flush=True)
 
   rng = jax.random.key(seed)
   init_rng, frozen_rng, step_rng = jax.random.split(rng, 3)
   if initial_checkpoint_path:
-    frozen_params = trainer.load_frozen_params(initial_checkpoint_path)
+    frozen_params = programs.load_frozen_params(initial_checkpoint_path)
   else:
-    log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
-    frozen_params = trainer.random_frozen_params(frozen_rng)
+    if counts["frozen"]:
+      log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
+    frozen_params = programs.random_frozen_params(frozen_rng)
+  if complete is not None:
+    manager.close()
+    return RunResult(complete, state, frozen_params)
   if restored is None:
-    state = trainer.init_state(frozen_params, init_rng)
+    state = regime.init_state(frozen_params, init_rng)
   else:
-    _recreate_missing_exports(trainer, manager, frozen_params, model_dir, state, latest)
+    _recreate_missing_exports(regime, manager, frozen_params, model_dir, state, latest)
 
   evaluate_fn = evaluate_fn or evaluation.evaluate
-  decode_length = max_decode_length or lengths["targets"]
   summary: dict[str, Any] = {"model_dir": model_dir}
   eval_writer = MetricWriter(model_dir, "eval") if eval_dataset_cfg else None
   progress = None
@@ -221,11 +273,11 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
     (progress.write if progress is not None and not progress.disable else print)(line)
     sys.stdout.flush()
 
-  def run_eval(label: str, step: int) -> dict:
-    scores = evaluate_fn(trainer, state.prompt_params, frozen_params, eval_dataset_cfg,
-                         max_decode_length=decode_length)
+  def run_eval(what: str, step: int) -> dict:
+    scores = evaluate_fn(programs, regime.prompt_params(state), frozen_params,
+                         eval_dataset_cfg, max_decode_length=max_decode_length)
     eval_writer.write(step, scores)
-    say(f"eval ({label}, step {step}): " + ", ".join(
+    say(f"eval ({what}, step {step}): " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(scores.items())))
     return scores
 
@@ -244,7 +296,7 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
     saved = manager.save(step, state, dict(meta, data_position=step,
                                            train_metrics=dict(metrics)), force=True)
     if saved:
-      exported = trainer.export_prompt(state.prompt_params, frozen_params)
+      exported = programs.export_prompt(regime.prompt_params(state), frozen_params)
       if exported is not None and jax.process_index() == 0:
         checkpoints.export_prompt_npy(exported, model_dir, step)
 
@@ -258,20 +310,14 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
   train_writer = MetricWriter(model_dir, "train")
   step = start_step
   if start_step < train_steps:
-    batches = pipeline.iterate_batches(train_dataset_cfg, start_step=start_step,
-                                       shard_id=jax.process_index(),
-                                       num_shards=jax.process_count())
-    for transform in batch_transforms:  # e.g. replicate across a prompt bank, trim to a bucket
-      if not callable(transform):
-        raise ValueError(f"batch_transforms must be callables, got {transform!r}")
-      batches = map(transform, batches)
-    # Batches are sharded onto the devices two steps ahead, and the step's results stay on the
+    batches = regime.batches(start_step, jax.process_index(), jax.process_count())
+    # Inputs are sharded onto the devices two steps ahead, and the step's results stay on the
     # devices: the host waits only at log, checkpoint, evaluation and stop points, where
     # `finite` (the first non-finite step, tracked on the devices) is checked before anything
     # is logged as good, saved or evaluated.
-    device_batches = prefetch_to_devices(batches, trainer.shard_batch, size=2)
+    device_inputs = prefetch_to_devices(batches, regime.shard, size=2)
     finite = FiniteTracker()
-    progress = _progress(train_steps, start_step)
+    progress = _progress(train_steps, start_step, label)
     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
 
     def checked():
@@ -288,8 +334,7 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
     try:
       with preemption.StopOnSignal(jax.process_count()) as stop:
         for step in range(start_step + 1, train_steps + 1):
-          state, metrics = trainer.train_step_fn(state, frozen_params, next(device_batches),
-                                                 step_rng)
+          state, metrics = regime.step_fn(state, frozen_params, next(device_inputs), step_rng)
           finite.update(metrics, step)
           window_steps += 1
           progress.update(1)
@@ -299,8 +344,8 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
             elapsed = time.perf_counter() - window_start - paused
             last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
             train_writer.write(step, last_metrics)
-            progress.set_postfix(ce=f"{last_metrics['cross_ent_loss']:.4f}",
-                                 loss=f"{last_metrics['loss']:.4f}",
+            progress.set_postfix({k: f"{last_metrics[k]:.4f}" for k in POSTFIX
+                                  if k in last_metrics},
                                  steps_per_s=f"{last_metrics['steps_per_second']:.1f}")
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0
           if stop.requested(step):
@@ -332,7 +377,10 @@ def _train(*, model, model_dir, train_steps, train_dataset_cfg, eval_dataset_cfg
     eval_writer.close()
   if jax.process_index() == 0:
     run_dir.write_json(summary_path, summary)
-  return summary
+  return RunResult(summary, state, frozen_params)
+
+
+POSTFIX = ("cross_ent_loss", "loss")  # the training metrics shown beside the progress bar
 
 
 FLAGS = ("all_finite", "prompt_finite")  # step outputs that are checks, not metrics
@@ -378,7 +426,7 @@ def prefetch_to_devices(batches: Iterator[Mapping[str, np.ndarray]],
       queue.append(shard(batch))
 
 
-def _recreate_missing_exports(trainer, manager, frozen_params, model_dir: str, state,
+def _recreate_missing_exports(regime: Regime, manager, frozen_params, model_dir: str, state,
                               state_step: int) -> None:
   """Write `prompts/prompt_<step>.npy` for every kept checkpoint that lacks it (a kill between
   the checkpoint's commit and its export)."""
@@ -389,8 +437,8 @@ def _recreate_missing_exports(trainer, manager, frozen_params, model_dir: str, s
     if os.path.exists(path):
       continue
     step_state = state if step == state_step else manager.restore(
-        step, trainer.abstract_state())[0]
-    exported = trainer.export_prompt(step_state.prompt_params, frozen_params)
+        step, regime.abstract_state())[0]
+    exported = regime.programs.export_prompt(regime.prompt_params(step_state), frozen_params)
     if exported is not None:
       checkpoints.export_prompt_npy(exported, model_dir, step)
       log.info("re-created the missing export %s", path)

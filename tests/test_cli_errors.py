@@ -65,6 +65,18 @@ BAD_INPUTS = [
      ["INITIAL_CHECKPOINT_PATH must be a string or None", "got 3"]),
     ("checkpoint-period-in-file", ["train", "--gin_file={tmp}/bad_period.gin", MD],
      ["CHECKPOINT_PERIOD", "'often'", "bad_period.gin line 2"]),
+    ("train-given-spt-config", ["train", "--gin_file=runs/spt.gin", MD],
+     ["spt_training.train_spt", "run `prompt-jax spt` with the same flags"]),
+    ("train-given-train-fn-binding", ["train", DEMO, MD, "--gin.TRAIN_FN=@spt_training.train_spt"],
+     ["TRAIN_FN", "binding 'TRAIN_FN = @spt_training.train_spt'",
+      "run `prompt-jax spt` with the same flags without that binding"]),
+    ("train-given-train-fn-in-file", ["train", "--gin_file={tmp}/old_spt.gin", MD],
+     ["TRAIN_FN", "old_spt.gin line 2", "run `prompt-jax spt` with the same flags"]),
+    ("spt-given-plain-config", ["spt", DEMO, MD],
+     ["does not configure spt_training.train_spt", "runs/spt.gin"]),
+    ("spt-model-dir-unset", ["spt", "--gin_file=runs/spt.gin"], ["MODEL_DIR is not set"]),
+    ("spt-misspelt-macro", ["spt", "--gin_file=runs/spt.gin", MD, "--gin.SPT_NUM_LAYER=2"],
+     ["SPT_NUM_LAYER", "did you mean SPT_NUM_LAYERS?"]),
     ("model-dir-unset", ["train", DEMO], ["MODEL_DIR is not set", "--gin.MODEL_DIR="]),
     ("model-dir-none", ["train", DEMO, "--gin.MODEL_DIR=None"], ["MODEL_DIR is not set"]),
     ("required-macro-unset", ["eval", DEMO, "--gin_file=runs/eval.gin", MD],
@@ -86,6 +98,9 @@ BAD_INPUTS = [
      ["--mode", "'fast'"]),
     ("sweep-negative-max-cells", ["sweep", "--gin_file=sweeps/tiny_demo.gin", "--max_cells=-1"],
      ["--max_cells", "'-1'"]),
+    ("sweep-unknown-parameter", ["sweep", "--gin_file=sweeps/tiny_demo.gin",
+                                 "--sweep_dir={tmp}/sweep", "--gin.sweep.SweepConfig.sizez={}"],
+     ["sizez", "SweepConfig"]),
     ("convert-no-action", ["convert"], ["hf-to-orbax"]),
     ("convert-bad-format", ["convert", "prompt", "{tmp}/a.npy", "{tmp}/out", "--to", "onnx"],
      ["'onnx'"]),
@@ -115,6 +130,8 @@ def scratch(tmp_path):
       f"include '{DEMO_GIN}'\n\nTRAIN_STEPS = = 3\n")
   (tmp_path / "unclosed.gin").write_text(f"include '{DEMO_GIN}'\nTRAIN_STEPS = (3\n")
   (tmp_path / "bad_period.gin").write_text(f"include '{DEMO_GIN}'\nCHECKPOINT_PERIOD = 'often'\n")
+  (tmp_path / "old_spt.gin").write_text(  # a run file from before `prompt-jax spt`
+      f"include '{DEMO_GIN}'\nTRAIN_FN = @spt_training.train_spt\n")
   (tmp_path / "in.jsonl").write_text('{"task": "a", "inputs": "x"}\n')
   (tmp_path / "a.npy").write_bytes(b"")
   return run, tmp_path
@@ -137,21 +154,48 @@ def test_bad_input_is_one_line_naming_the_value(argv, names, scratch, capsys):
   assert time.perf_counter() - start < 120
 
 
-def test_misspelt_macro_fails_before_any_heavy_import():
+@pytest.mark.parametrize("argv,start", [
+    (["train", f"--gin_file={DEMO_GIN}", "--gin.TRAIN_STEPZ=3"],
+     "error: gin binding 'TRAIN_STEPZ = 3'"),
+    (["train", f"--gin_file={GIN_CONFIGS / 'runs' / 'spt.gin'}"],
+     "error: the gin config configures spt_training.train_spt"),
+    (["spt", f"--gin_file={DEMO_GIN}"], "error: the gin config does not configure"),
+], ids=["misspelt-macro", "train-given-spt-config", "spt-given-plain-config"])
+def test_static_gin_errors_come_before_any_heavy_import(argv, start):
+  argv = [*argv, "--gin.MODEL_DIR='/nonexistent'"]
   code = ("import sys; from prompt_jax import cli; "
-          f"code = cli.main(['train', '--gin_file={DEMO_GIN}', \"--gin.MODEL_DIR='/nonexistent'\", "
-          "'--gin.TRAIN_STEPZ=3']); "
+          f"code = cli.main({argv!r}); "
           "print(code, sorted(m for m in ('jax', 'tensorflow', 'seqio', 'flax', 'orbax', "
-          "'prompt_jax.trainer') if m in sys.modules))")
+          "'prompt_jax.trainer', 'prompt_jax.spt_training') if m in sys.modules))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.stdout.split() == ["1", "[]"], (proc.stdout, proc.stderr)
-  assert proc.stderr.strip().startswith("error: gin binding 'TRAIN_STEPZ = 3'"), proc.stderr
+  assert proc.stderr.strip().startswith(start), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_only_spt_and_multitask_configs_among_the_shipped_runs_are_refused_by_train():
+  """`prompt-jax train`'s command check on every runs/*.gin: it refuses exactly the files that
+  configure spt_training.train_spt or multitask_training.train_multitask, each naming the
+  command to run, and that command accepts them."""
+  from prompt_jax import gin_utils
+  refused = {}
+  for path in sorted((GIN_CONFIGS / "runs").glob("*.gin")):
+    config = gin_utils.read_config([str(path)])
+    try:
+      gin_utils.check_command(config, "train", elsewhere=dict(cli.GIN_COMMANDS["train"].elsewhere))
+    except ValueError as e:
+      command = {"spt.gin": "spt", "multitask.gin": "multitask"}.get(path.name)
+      assert f"run `prompt-jax {command}` with the same flags" in str(e), e
+      refused[path.name] = command
+      gin_utils.check_command(config, command, required=cli.GIN_COMMANDS[command].required)
+  assert refused == {"multitask.gin": "multitask", "spt.gin": "spt"}
 
 
 # ------------------------------------------------------------------------- --help, --version
 
-GIN_COMMANDS = ["train", "pretrain", "eval", "infer", "sweep", "plan", "export-prompt"]
+GIN_COMMANDS = ["train", "spt", "multitask", "pretrain", "eval", "infer", "sweep", "plan",
+                "export-prompt"]
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))

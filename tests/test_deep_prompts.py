@@ -12,7 +12,7 @@ from flax.linen import unbox
 from prompt_jax.models import t5
 from prompt_jax.params import DEFAULT_TRAINABLE_PATTERN, split_params
 from prompt_jax.prompts import deep, initializers
-from prompt_jax.prompts.base import InputPrompt, prompt_positions
+from prompt_jax.prompts.base import InputPrompt, export_prompt, prompt_positions
 from prompt_jax.prompts.plain import Prompt
 from tests.conftest import GIN_CONFIGS
 
@@ -104,7 +104,7 @@ def test_deep_prompt_export_and_errors():
   tokens = _tokens()
   module = t5.Transformer(CONFIG, deep.DeepPrompt(Prompt(P, initializers.uniform()), layers=(1,)))
   params = _init(module, tokens)
-  assert module.apply({"params": params}, method=module.export_prompt) is None
+  assert export_prompt(module.prompt, params) is None
   with pytest.raises(ValueError, match=r"layer indices >= 1.*got 0"):
     deep.DeepPrompt(Prompt(P), layers=(0, 1))
   with pytest.raises(ValueError, match="repeated layers"):

@@ -13,7 +13,7 @@ import pytest
 import seqio
 
 import tasks  # noqa: F401  (registers the GLUE tasks)
-from prompt_jax import evaluation, params, trainer
+from prompt_jax import decoding, evaluation, params, trainer
 from prompt_jax.data import pipeline
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -88,6 +88,35 @@ def test_greedy_accuracy_matches_decoding_by_hand(trained_run, restored):
   hits = [vocab.decode([int(t) for t in row]) == ex["targets_pretokenized"].decode()
           for row, ex in zip(out, examples)]
   assert summary["eval_trained"]["accuracy"] == pytest.approx(100 * np.mean(hits))
+
+
+def test_beam_search_accuracy_is_the_accuracy_of_its_best_decode(restored):
+  """`evaluate(decoding=BeamSearch(...))`: the metric sees the first (best) beam, checked by
+  decoding the validation split with the programs and comparing strings by hand."""
+  pt, frozen, prompt, _ = restored
+  beams = decoding.BeamSearch(num_decodes=3, alpha=0.6)
+  examples = _validation_examples(TASK)
+  tokens = np.zeros((len(examples), LENGTHS["inputs"]), np.int32)
+  for i, ex in enumerate(examples):
+    tokens[i, :len(ex["inputs"])] = ex["inputs"]
+  batch, _ = pipeline.pad_batch({"encoder_input_tokens": tokens}, 8)
+  out, scores = pt.predict(prompt, frozen, batch, LENGTHS["targets"], beams, return_scores=True)
+  assert out.shape == (8, 3, LENGTHS["targets"]) and np.all(np.diff(scores, axis=1) <= 0)
+  vocab = seqio.ByteVocabulary()
+  hits = [vocab.decode([int(t) for t in rows[0]]) == ex["targets_pretokenized"].decode()
+          for rows, ex in zip(out, examples)]
+  with mock_glue(NUM_EXAMPLES):
+    got = evaluation.evaluate(pt, prompt, frozen, _cfg(TASK), LENGTHS["targets"],
+                              decoding=beams)
+  assert got["accuracy"] == pytest.approx(100 * np.mean(hits))
+
+
+def test_a_greedy_only_evaluate_fn_refuses_another_decoding():
+  from prompt_jax import ensemble  # pylint: disable=g-import-not-at-top
+  with mock_glue(NUM_EXAMPLES), pytest.raises(ValueError, match="decodes greedily only"):
+    evaluation.run_evaluation(model=_model(), dataset_cfg=_cfg(TASK),
+                              evaluate_fn=ensemble.evaluate_ensemble,
+                              decoding=decoding.BeamSearch())
 
 
 def test_prompt_jax_eval_on_a_rank_task_prints_the_table(trained_run, restored, capsys):

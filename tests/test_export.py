@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import cli, export, optimizers, trainer
+from prompt_jax import cli, export, gin_utils, optimizers, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -100,6 +100,18 @@ def test_earlier_step_and_default_paths(run_dir):
   assert not os.path.exists(run_dir / "export" / "peft_2")
 
 
+def test_main_takes_the_built_model_and_parses_no_gin(run_dir, tmp_path):
+  """`export.main` folds with the model it is handed, without gin flags; gin's registry is left
+  as it was."""
+  before = gin.config_str()
+  out = tmp_path / "direct.npy"
+  assert export.main(_model(), str(run_dir), output=str(out), fmt="npy") == 0
+  np.testing.assert_array_equal(np.load(out), np.load(run_dir / "prompts" / "prompt_3.npy"))
+  assert gin.config_str() == before
+  with pytest.raises(ValueError, match="no run directory: pass --model_dir"):
+    export.main(_model(), None)
+
+
 def test_missing_step_and_missing_run_are_errors(run_dir, tmp_path):
   with pytest.raises(ValueError, match=r"--step=7 is not saved in .*saved steps are \[2, 3\]"):
     export.export_prompt(_model(), str(run_dir), step=7)
@@ -109,7 +121,7 @@ def test_missing_step_and_missing_run_are_errors(run_dir, tmp_path):
 
 def test_superpos_run_file_uses_adamw_and_turns_dropout_off():
   """gin: models + prompts/superpos.gin + runs/superpos_finetune.gin."""
-  model, _ = export._model_from_gin([
+  model, _ = gin_utils.model_from_gin([
       "models/t5_1_1_lm_adapted_small.gin", "prompts/superpos.gin",
       "runs/superpos_finetune.gin"])
   generator = model.module.prompt.prompt
@@ -122,13 +134,13 @@ def test_superpos_run_file_uses_adamw_and_turns_dropout_off():
 
 
 def test_superpos_demo_gin_and_residual_override():
-  model, _ = export._model_from_gin(["runs/superpos_demo.gin"])
+  model, _ = gin_utils.model_from_gin(["runs/superpos_demo.gin"])
   generator = model.module.prompt.prompt
   assert isinstance(generator, SuperPosPrompt) and generator.population_size == 259
   assert gin.query_parameter("%INITIAL_CHECKPOINT_PATH") == DEMO_CHECKPOINT
   gin.clear_config()
   from prompt_jax.prompts.residual import ResidualPrompt
-  model, _ = export._model_from_gin(["runs/superpos_demo.gin", "prompts/residual.gin"])
+  model, _ = gin_utils.model_from_gin(["runs/superpos_demo.gin", "prompts/residual.gin"])
   assert isinstance(model.module.prompt.prompt, ResidualPrompt)
   assert gin.query_parameter("%PROMPT_OPTIMIZER_LEARNING_RATE") == 0.3
   assert model.config.dropout_rate == 0.0

@@ -32,3 +32,24 @@ def test_model_gin_matches_preset(stem):
 def test_every_preset_has_a_gin_file():
   stems = {_preset_name(s) for s in MODEL_FILES}
   assert set(t5.PRESETS) <= stems
+
+
+def test_spt_run_binds_every_required_argument_of_train_spt():
+  """`prompt-jax spt --gin_file=runs/spt.gin` calls spt_training.train_spt with no argument
+  missing; TRAIN_FN (which routed `prompt-jax train` to it) is gone."""
+  import inspect
+
+  from prompt_jax import spt_training
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(GIN_CONFIGS))
+    gin.parse_config_files_and_bindings([str(GIN_CONFIGS / "runs" / "spt.gin")],
+                                        ["MODEL_DIR = '/tmp/unused'"], finalize_config=False)
+    bound = gin.get_bindings(spt_training.train_spt)
+    required = {name for name, p in inspect.signature(spt_training.train_spt).parameters.items()
+                if p.default is inspect.Parameter.empty}
+    assert required and required <= set(bound), sorted(required - set(bound))
+    with pytest.raises(ValueError):
+      gin.query_parameter("%TRAIN_FN")
+  finally:
+    gin.clear_config()

@@ -15,7 +15,7 @@ import pytest
 import seqio
 
 import tasks  # noqa: F401  (registers the GLUE tasks)
-from prompt_jax import evaluation, inference
+from prompt_jax import decoding, evaluation, inference
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
@@ -82,6 +82,74 @@ def test_cli_infer_writes_the_in_process_predictions(tmp_path, prompt_file):
   assert [r["prediction"] for r in lines] == expected
   # The shipped model was pretrained on "sentiment: ..." inputs.
   assert expected[0] == "negative"
+
+
+def _beam_inputs(tmp_path):
+  texts = ["sentiment: the soup was awful", "topic: this film was truly wonderful",
+           "adjective: the rice was bland"]
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text("".join(json.dumps({"inputs": t, "id": i}) + "\n"
+                            for i, t in enumerate(texts)))
+  return texts, inputs
+
+
+def test_infer_writes_the_n_best_beams_with_their_scores(tmp_path, prompt_file):
+  """3 beams, alpha 0: `prediction` is the best, `predictions`/`scores` all three best first,
+  and each score is the teacher-forced log-likelihood of its text (`programs.score`)."""
+  texts, inputs = _beam_inputs(tmp_path)
+  output = tmp_path / "beams.jsonl"
+  vocab = seqio.ByteVocabulary()
+  inference.infer(model=_model(), output_path=str(output), inputs_path=str(inputs),
+                  vocabulary=vocab, initial_checkpoint_path=DEMO_CHECKPOINT,
+                  prompt_path=prompt_file, input_length=64, max_decode_length=12, batch_size=2,
+                  decoding=decoding.BeamSearch(num_decodes=3, alpha=0.0),
+                  return_all_decodes=True)
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["id"] for r in lines] == [0, 1, 2]
+  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
+  prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
+  for line, text in zip(lines, texts):
+    assert set(line) == {"inputs", "id", "prediction", "predictions", "scores"}
+    assert line["prediction"] == line["predictions"][0] and len(line["predictions"]) == 3
+    assert line["scores"] == sorted(line["scores"], reverse=True)
+    targets = np.zeros((3, 12), np.int32)
+    for j, prediction in enumerate(line["predictions"]):
+      ids = list(vocab.encode(prediction))
+      ids += [1] if len(ids) < 12 else []  # EOS, unless the beam filled all 12 positions
+      targets[j, :len(ids)] = ids
+    batch = {"encoder_input_tokens": inference.encode_inputs([text] * 3, vocab, 64),
+             "decoder_target_tokens": targets,
+             "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+             "decoder_loss_weights": (targets > 0).astype(np.int32)}
+    np.testing.assert_allclose(pt.score(prompt, frozen, batch), line["scores"], atol=1e-4)
+
+
+def test_cli_infer_decodes_with_the_gin_decode_fn(tmp_path, prompt_file):
+  """--gin.DECODE_FN / decoding.BeamSearch.* / RETURN_ALL_DECODES reach `inference.infer`: the
+  file holds the in-process beams."""
+  texts, inputs = _beam_inputs(tmp_path)
+  output = tmp_path / "beams.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(
+      [sys.executable, "-m", "prompt_jax.cli", "infer", "--gin_file=models/t5_1_1_tiny.gin",
+       "--gin_file=prompts/uniform.gin", "--gin_file=runs/infer.gin",
+       f"--gin.PROMPT_LENGTH={PROMPT_LENGTH}", f"--gin.PROMPT_PATH='{prompt_file}'",
+       f"--gin.INITIAL_CHECKPOINT_PATH='{DEMO_CHECKPOINT}'", f"--gin.INPUTS_PATH='{inputs}'",
+       f"--gin.OUTPUT_PATH='{output}'", "--gin.INPUT_LENGTH=64", "--gin.MAX_DECODE_LENGTH=12",
+       "--gin.INFER_BATCH_SIZE=2", "--gin.DECODE_FN=@decoding.BeamSearch()",
+       "--gin.decoding.BeamSearch.num_decodes=2", "--gin.decoding.BeamSearch.alpha=0.0",
+       "--gin.RETURN_ALL_DECODES=True"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
+  prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
+  expected = inference.predict_decodes(pt, prompt, frozen, texts, seqio.ByteVocabulary(), 64, 12,
+                                       batch_size=2, decoding=decoding.BeamSearch(2, 0.0))
+  assert [r["predictions"] for r in lines] == [[t for t, _ in d] for d in expected]
+  np.testing.assert_allclose([r["scores"] for r in lines], [[s for _, s in d] for d in expected],
+                             atol=1e-5)
+  assert [r["prediction"] for r in lines] == [d[0][0] for d in expected]
 
 
 def test_infer_on_a_mock_glue_split(tmp_path, prompt_file):

@@ -565,7 +565,7 @@ def test_t5x_load_prompt_warns_for_a_reparameterised_prompt(tmp_path, caplog):
   (record,) = caplog.records
   message = record.getMessage()
   assert "encoder/prompt/prompt/down/kernel" in message
-  assert "prompt_jax.t5x_compat.export_prompt" in message and "export-prompt" in message
+  assert "prompt-jax export-prompt --t5x_checkpoint" in message
 
 
 def test_peft_adapter_errors_name_the_file(tmp_path):

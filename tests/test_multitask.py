@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_jax import checkpoints, inference, multitask
+from prompt_jax import checkpoints, decoding, inference, multitask
 from prompt_jax.data import synthetic
 from prompt_jax.interop import peft
 from prompt_jax.models import t5
@@ -80,6 +80,36 @@ def test_mixed_task_batches_answer_every_line_as_its_prefixed_text(tmp_path, fro
   # The prompts matter: every sentence gets three different answers, mostly the right ones.
   for sentence in {r["inputs"] for r in records}:
     assert len({r["prediction"] for r in served if r["inputs"] == sentence}) == 3
+  assert sum(r["prediction"] == r["answer"] for r in served) >= 7
+
+
+def test_beam_search_serving_gives_each_line_the_beams_of_its_prefixed_text(tmp_path,
+                                                                           frozen_numpy):
+  """`main(decode='beam_search(...)')`: every beam of a line keeps that line's prompt in the
+  mixed banks, so its beams and scores are those of the prompt-free model on the prefixed text."""
+  vocabulary = seqio.ByteVocabulary()
+  for task, prefix in PREFIXES.items():
+    np.save(tmp_path / f"{task}.npy", _prefix_prompt(frozen_numpy, prefix))
+  records = _records()
+  with open(tmp_path / "in.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  code = multitask.main(inputs=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"),
+                        prompts=[(t, str(tmp_path / f"{t}.npy")) for t in PREFIXES],
+                        checkpoint=DEMO_CHECKPOINT, input_length=INPUT_LENGTH,
+                        max_decode_length=DECODE_LENGTH, batch_size=4,
+                        decode="beam_search(num_decodes=3, alpha=0.6)", return_all_decodes=True)
+  assert code == 0
+  with open(tmp_path / "out.jsonl") as f:
+    served = [json.loads(line) for line in f]
+  model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny")))
+  tokens = inference.encode_inputs([PREFIXES[r["task"]] + r["inputs"] for r in records],
+                                   vocabulary, INPUT_LENGTH + 11)
+  beams, scores = jax.jit(lambda p, b: decoding.beam_search(model, p, b, DECODE_LENGTH, 3, 0.6))(
+      frozen_numpy, {"encoder_input_tokens": tokens})
+  for line, rows, row_scores in zip(served, np.asarray(beams), np.asarray(scores)):
+    assert line["predictions"] == [vocabulary.decode([int(t) for t in row]) for row in rows]
+    np.testing.assert_allclose(line["scores"], row_scores, atol=1e-4)
+    assert line["prediction"] == line["predictions"][0]
   assert sum(r["prediction"] == r["answer"] for r in served) >= 7
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import checkpoints, cli, export, metric_writer, optimizers, trainer
+from prompt_jax import checkpoints, cli, export, gin_utils, metric_writer, optimizers, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -170,7 +170,7 @@ def test_bad_value_from_gin_names_it():
   gin.clear_config()
   try:
     with pytest.raises(ValueError, match="got 'mlp'"):
-      export._model_from_gin(MODEL_GIN_FILES, ["P_TUNING_TYPE = 'mlp'"])
+      gin_utils.model_from_gin(MODEL_GIN_FILES, ["P_TUNING_TYPE = 'mlp'"])
   finally:
     gin.clear_config()
 
@@ -247,7 +247,7 @@ def test_demo_trains_and_exports(cli_run, validation_batch, tmp_path):
   assert params_lib.count(trained) == 13_120
 
   gin.clear_config()
-  model, _ = export._model_from_gin(MODEL_GIN_FILES, ["PROMPT_LENGTH = 10"])
+  model, _ = gin_utils.model_from_gin(MODEL_GIN_FILES, ["PROMPT_LENGTH = 10"])
   gin.clear_config()
   generator = model.module.prompt.prompt
   assert isinstance(generator, PTuningPrompt)

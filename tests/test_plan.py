@@ -1,10 +1,14 @@
-"""`prompt-jax plan` for the tiny demo config on a 4x2 mesh of fake devices: per-device bytes,
-parameter counts and FLOPs checked against independent counts."""
+"""`prompt-jax plan`: the tiny demo config on a 4x2 mesh of fake CPU devices (per-device bytes,
+parameter counts and FLOPs against independent counts); TPU slices (`--topology`): parsing and
+validation, the missing/mismatched-libtpu errors and the max-batch search run everywhere; the
+compiles by the TPU compiler need libtpu (`pip install -e ".[tpu]"`) and skip without it."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,7 +63,9 @@ def test_parameter_counts_and_flops(tiny_plan):
   ratio = result["flops_per_step"]["xla_total"] / result["flops_per_step"]["analytic_total"]
   assert 0.8 < ratio < 2.0, ratio
   assert "mesh 4x2 (data x model) on fake CPU devices" in stdout
+  assert "NOT a TPU plan" in stdout
   assert "fits in 16 GiB per v5e chip" in stdout
+  assert list(result["programs"]) == ["train"]  # without --topology: the train step only
 
 
 def test_argument_bytes_are_the_sharded_sizes(tiny_plan):
@@ -153,3 +159,221 @@ def test_host_only_tensorflow_hides_gpus_when_a_pipeline_starts(monkeypatch):
   monkeypatch.setattr(tf.config, "set_visible_devices", too_late)
   with pytest.warns(RuntimeWarning, match="may use GPU memory beside JAX"):
     pipeline.host_only_tensorflow()
+
+
+# --------------------------------------------------------------------- TPU slices (--topology)
+
+
+@pytest.mark.parametrize("name, chips, hosts, bounds, cloud", [
+    ("v5e:2x4", 8, 1, (2, 4, 1), "v5litepod-8"),
+    ("v5e:4x4", 16, 4, (2, 2, 1), "v5litepod-16"),
+    ("v6e:2x4", 8, 1, (2, 4, 1), "v6e-8"),
+    ("v4:2x2x2", 8, 2, (2, 2, 1), "v4-16"),
+    ("v4:2x2x4", 16, 4, (2, 2, 1), "v4-32"),
+    ("V5P:2x2x1", 4, 1, (2, 2, 1), "v5p-8"),
+])
+def test_topology_names_give_the_slice(name, chips, hosts, bounds, cloud):
+  topology = plan.parse_topology(name)
+  assert topology.name == name.lower()
+  assert (topology.chips, topology.hosts, topology.chips_per_host_bounds) == (chips, hosts, bounds)
+  assert topology.accelerator_type == cloud
+  assert topology.hbm_gib == plan.CHIPS[name.lower().split(":")[0]][0]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v9:2x4", "GENERATION one of v4, v5e, v5p, v6e"),
+    ("v5e-8", "GENERATION:GRID"),
+    ("v5e:2x4x1", "a v5e slice is a 2-D grid"),
+    ("v5p:2x2", "a v5p slice is a 3-D grid"),
+    ("v4:2x0x1", "3-D grid"),
+    ("v5e:3x4", "2x2 chips per host"),
+    ("v4:1x2x1", "2x2x1 chips per host"),
+])
+def test_bad_topologies_are_one_line_errors(name, message):
+  with pytest.raises(ValueError, match=re.escape(message)) as error:
+    plan.parse_topology(name)
+  assert repr(name) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_flags_are_checked_together():
+  ok = plan.request(mesh="4x2", topology="v4:2x2x2")
+  assert (ok.platform, ok.chip, ok.programs) == ("tpu", "v4", plan.PROGRAMS)
+  assert plan.request(mesh="4x2").programs == ("train",)
+  assert plan.request(mesh="2x2", topology="v5p:2x2x1", programs="predict,train").programs == (
+      "train", "predict")
+  for flags, message in [
+      ({"mesh": "2x2", "topology": "v5e:2x4"}, "--mesh=2x2 has 4 devices but --topology=v5e:2x4 "
+                                               "has 8 chips"),
+      ({"mesh": "2x4", "topology": "v5e:2x4", "chip": "v4"}, "--chip=v4 contradicts"),
+      ({"mesh": "2x4", "topology": "v5e:2x4", "platform": "gpu"}, "cannot be planned for"),
+      ({"mesh": "2x4", "max_batch": True}, "--max_batch needs --topology"),
+      ({"mesh": "2x4", "topology": "v5e:2x4", "programs": "train,decode"}, "--programs"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      plan.request(**flags)
+
+
+def _libtpu_installed() -> bool:
+  try:
+    importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
+@pytest.mark.skipif(_libtpu_installed(), reason="libtpu is installed here: this checks the "
+                    "error of an environment without it")
+def test_topology_without_libtpu_is_one_line_saying_what_to_install(capsys):
+  assert cli.main(["plan", "--gin_file=runs/demo.gin", "--mesh=2x4", "--topology=v5e:2x4"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert "needs the TPU compiler (libtpu), which is not installed" in err[0]
+  assert f'pip install "jax[tpu]=={jax.__version__}"' in err[0]
+
+
+def test_mismatched_libtpu_says_what_to_install(monkeypatch):
+  jax_requires = ['jaxlib<=0.10.2,>=0.10.2; extra == "tpu"', 'libtpu==0.0.42.*; extra == "tpu"']
+  monkeypatch.setattr(importlib.metadata, "requires",
+                      lambda name: jax_requires if name == "jax" else [])
+  monkeypatch.setattr(importlib.metadata, "version",
+                      lambda name: "0.0.40" if name == "libtpu" else "1")
+  with pytest.raises(ValueError, match=r"libtpu 0\.0\.40 does not match jax .* needs "
+                     r"libtpu==0\.0\.42\.\*; pip install \"jax\[tpu\]=="):
+    plan.check_libtpu()
+  monkeypatch.setattr(importlib.metadata, "version",
+                      lambda name: "0.0.42.1" if name == "libtpu" else "1")
+  assert plan.check_libtpu() == "0.0.42.1"
+
+
+def test_out_of_memory_is_the_compilers_line_with_its_numbers():
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (144.00G) exceeds available HBM (15.75G).\nProgram hbm requirement ...")
+  assert plan.out_of_memory(RuntimeError(message)) == message.splitlines()[0]
+  assert plan.out_of_memory(RuntimeError("INVALID_ARGUMENT: bad sharding")) is None
+
+
+class _FakePrograms:
+  """Just what `Planner.max_batch` reads: the data-parallel size."""
+
+  class partitioner:  # noqa: N801
+    data_parallel_size = 4
+    devices = [type("D", (), {"platform": "tpu"})()]
+
+
+@pytest.mark.parametrize("start, largest", [(32, 100), (32, 4), (256, 20), (8, 1 << 17)])
+def test_max_batch_doubles_then_bisects_over_compiles(start, largest):
+  planner = plan.Planner(_FakePrograms(), 512, 8)
+  compiled = []
+
+  def compile_(name, batch):  # a compiler that fits up to `largest` examples
+    compiled.append(batch)
+    assert name == "train" and batch % 4 == 0
+    if batch <= largest:
+      return {"memory": {"peak": batch}, "compile_seconds": 0.0}
+    return {"out_of_memory": "RESOURCE_EXHAUSTED: ...", "compile_seconds": 0.0}
+
+  planner.compile = compile_
+  result = planner.max_batch(start, log=lambda _: None)
+  if largest < plan.MAX_BATCH_LIMIT:
+    assert result["max_batch"] == largest // 4 * 4
+    assert result["first_not_fitting"] == result["max_batch"] + 4
+  else:
+    assert result["limit_reached"] and result["max_batch"] >= plan.MAX_BATCH_LIMIT
+  assert len(compiled) == len(set(compiled)) <= 2 * 16  # no batch compiled twice
+
+
+# ------------------------------------------------------------- compiled by the TPU compiler
+
+
+def _tpu_plan(tmp_path, *flags):
+  """`prompt-jax plan --topology=...` in a child process (libtpu initialises once per process);
+  -> (exit code, the JSON plan or None, stdout, stderr)."""
+  pytest.importorskip("libtpu", reason="needs libtpu, the TPU compiler: pip install -e "
+                      "\".[tpu]\" (the default environment and CI have none)")
+  out = tmp_path / "plan.json"
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
+  proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", "plan", *flags,
+                         f"--json={out}"], cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+  result = json.loads(out.read_text()) if out.exists() else None
+  return proc.returncode, result, proc.stdout, proc.stderr
+
+
+# Tile-aligned widths: the TPU stores every array in (8, 128) tiles, so with shards whose two last
+# dimensions are multiples of those the matrices' bytes are exactly their element counts.
+ALIGNED = ["--gin.t5.T5Config.emb_dim=256", "--gin.t5.T5Config.head_dim=64",
+           "--gin.t5.T5Config.mlp_dim=512", "--gin.t5.T5Config.vocab_size=1024"]
+
+
+def _tiled_bytes(shape, itemsize: int) -> int:
+  """An upper bound of a small array's TPU bytes: (8, 128)-tiled in either orientation."""
+  shape = [1, 1, *shape][-2:] if len(shape) < 2 else list(shape)
+  rows, cols = int(np.prod(shape[:-1])), shape[-1]
+  up = lambda n, k: -(-n // k) * k
+  return max(up(rows, 8) * up(cols, 128), up(cols, 8) * up(rows, 128)) * itemsize
+
+
+def test_tiny_model_compiles_for_v5e_and_its_arguments_are_the_shards(tmp_path):
+  code, result, stdout, stderr = _tpu_plan(
+      tmp_path, "--gin_file=runs/demo.gin", "--mesh=4x2", "--topology=v5e:2x4",
+      "--programs=train", *ALIGNED)
+  assert code == 0, stderr[-3000:]
+  assert stdout.startswith("TPU plan: v5e:2x4 (v5litepod-8: 8 chips of TPU v5 lite, 1 host)")
+  assert result["programs"]["train"]["fits"] is True
+  assert result["programs"]["train"]["memory"]["peak"] >= (
+      result["programs"]["train"]["memory"]["arguments"])
+  assert 14 * 2 ** 30 < result["usable_hbm_bytes"] <= 16 * 2 ** 30  # the compiler's, for v5e
+
+  # An independent count: every frozen leaf's shard (model axis 2) from the model's own logical
+  # axis names; matrices exactly, the small leaves between their raw and tiled sizes.
+  from prompt_jax.partitioning import standard_logical_axis_rules
+  rules = dict(standard_logical_axis_rules())
+  c = t5.preset("tiny", emb_dim=256, head_dim=64, mlp_dim=512, vocab_size=1024)
+  e, j, m, v, h = c.emb_dim, c.num_heads * c.head_dim, c.mlp_dim, c.vocab_size, c.num_heads
+  attention = [(e, j // 2), (e, j // 2), (e, j // 2), (j // 2, e)]  # q, k, v split; out split
+  mlp = [(e, m // 2), (e, m // 2), (m // 2, e)]
+  matrices = (c.num_encoder_layers * (attention + mlp) + c.num_decoder_layers *
+              (2 * attention + mlp) + [(v // 2, e), (e, v // 2)])  # embedding, logits
+  assert rules["vocab"] == rules["mlp"] == rules["joined_kv"] == "model"
+  exact = sum(a * b * 4 for a, b in matrices)
+  small = ([(e,)] * (2 * c.num_encoder_layers + 3 * c.num_decoder_layers + 2)  # norms
+           + [(h // 2, c.relative_attention_num_buckets)] * 2)  # relpos, split over heads
+  prompt = (PROMPT_LENGTH, e)
+  opt_state = jax.eval_shape(trainer.adafactor().init, np.zeros(prompt, np.float32))
+  state = [prompt, ()] + [x.shape for x in jax.tree_util.tree_leaves(opt_state)]
+  batch = [(BATCH // 4, INPUTS)] + [(BATCH // 4, TARGETS)] * 3
+  low = exact + sum(4 * int(np.prod(s)) for s in small + state + batch + [(2,)]) - 64
+  high = exact + sum(_tiled_bytes(s, 4) for s in small + state + batch + [(2,)])
+  args = result["programs"]["train"]["memory"]["arguments"]
+  assert low <= args <= high, (low, args, high)
+  assert args < exact * 1.5  # weights replicated over 'model' would be ~2x the matrices
+
+
+def test_an_over_large_batch_is_the_compilers_out_of_memory(tmp_path):
+  code, result, stdout, stderr = _tpu_plan(
+      tmp_path, "--gin_file=runs/demo.gin", "--mesh=4x2", "--topology=v5e:2x4",
+      "--programs=train", "--gin.BATCH_SIZE=1048576")
+  assert code == 1
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the train step does not fit v5e:2x4 at batch 1048576: "
+                         "RESOURCE_EXHAUSTED"), stderr[-2000:]
+  assert re.search(r"\d+(\.\d+)?G", last)  # the compiler's own numbers
+  assert result["programs"]["train"]["fits"] is False
+  assert "train step does NOT fit: RESOURCE_EXHAUSTED" in stdout
+
+
+@pytest.mark.slow
+def test_every_program_compiles_for_v4_and_v5p(tmp_path):
+  """~1 min: the four programs of the tiny model on a 2-host v4 slice and a v5p-8."""
+  for flags, chips in ((["--mesh=4x2", "--topology=v4:2x2x2"], 8),
+                       (["--mesh=2x2", "--topology=v5p:2x2x1"], 4)):
+    code, result, stdout, stderr = _tpu_plan(tmp_path, "--gin_file=runs/demo.gin", *flags)
+    assert code == 0, stderr[-3000:]
+    assert list(result["programs"]) == list(plan.PROGRAMS)
+    assert result["topology"]["chips"] == chips
+    for name, program in result["programs"].items():
+      assert program["fits"] and program["memory"]["peak"] > 0, name
+      assert program["flops_total"] > 0, name
+    # The train step differentiates: more FLOPs than the forward-only eval step.
+    assert result["programs"]["train"]["flops_total"] > result["programs"]["eval"]["flops_total"]

@@ -135,28 +135,36 @@ def test_pretrain_runs_both_phases(tmp_path):
 
 
 def test_pretrain_resumes_mid_phase_like_a_straight_run(tmp_path):
-  """Cut after step 6 (LM adaptation) or 4 (span corruption): the resumed run's weights equal
-  the uninterrupted run's (same data order, dropout keys, optimizer state and schedule)."""
+  """Cut after LM adaptation's step 2 or span corruption's step 4: the resumed run's weights
+  equal the uninterrupted run's (same data order, dropout keys, optimizer state and schedule)."""
   import shutil
 
   from prompt_jax import checkpoints, pretrain
   setup = _toy_pretrain_setup()
   out = str(tmp_path / "run.npz")
-  ckpt = tmp_path / "run_checkpoints" / "checkpoints"
+  phases = tmp_path / "run_checkpoints"
   straight = pretrain.pretrain(output_path=out, checkpoint_every_steps=2, checkpoint_keep=None,
                                **setup)
   expected = checkpoints.load_params_npz(out)
-  # Every 2nd step over both phases (5 + 3 steps), and each phase's last step.
-  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4, 5, 6, 8]
+
+  def saved_steps(phase):
+    return sorted(int(p.name) for p in (phases / phase / "checkpoints").iterdir()
+                  if p.name.isdigit())
+  # Each phase is a run of its own: every 2nd step of it, and its last step.
+  assert saved_steps("pretrain") == [2, 4, 5]
+  assert saved_steps("lm_adaptation") == [2, 3]
 
   def assert_same_weights():
     got = jax.tree_util.tree_leaves_with_path(checkpoints.load_params_npz(out))
     for (path, leaf), want in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
       np.testing.assert_allclose(leaf, want, rtol=1e-5, atol=1e-6, err_msg=str(path))
 
-  for cut_at in (6, 4):  # mid LM adaptation, then mid span corruption
-    for step in [s for s in (5, 6, 8) if s > cut_at]:
-      shutil.rmtree(ckpt / str(step), ignore_errors=True)
+  # Cut mid LM adaptation (after its step 2), then mid span corruption (after step 4).
+  for cut in ({"lm_adaptation": 2}, {"pretrain": 4, "lm_adaptation": 0}):
+    for phase, keep_up_to in cut.items():
+      for step in saved_steps(phase):
+        if step > keep_up_to:
+          shutil.rmtree(phases / phase / "checkpoints" / str(step))
     os.remove(out)
     resumed = pretrain.pretrain(output_path=out, checkpoint_every_steps=2, checkpoint_keep=None,
                                 **setup)

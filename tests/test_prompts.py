@@ -9,7 +9,7 @@ import pytest
 import seqio
 
 from prompt_jax.models import t5
-from prompt_jax.prompts import initializers
+from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from tests.conftest import shared_fixture
@@ -141,3 +141,44 @@ def test_released_prompt_loads_into_a_base_sized_config():
   np.testing.assert_array_equal(np.asarray(p), released)
   with pytest.raises(ValueError, match=r"expected \(100, 512\)"):
     initializers.from_array(str(path))(jax.random.key(0), (100, 512), None)
+
+
+# ------------------------------------------------------------------------------ placements
+
+
+def _check_placement(placement: str, prompt_length: int = 3):
+  """Insertion, mask and positions of `placement` agree: the prompt rows sit at `positions`, the
+  mask is True there, and removing them gives back the inputs and their mask, in order."""
+  rng = np.random.default_rng(7)
+  tokens = rng.integers(3, 50, size=(3, 6)).astype(np.int32)
+  for row, length in enumerate([6, 4, 2]):  # per-example padding
+    tokens[row, length:] = 0
+  embedded = rng.normal(size=(3, 6, 5)).astype(np.float32)
+  prompt = rng.normal(size=(3, prompt_length, 5)).astype(np.float32)
+  seq = np.asarray(base.insert_prompt(prompt, embedded, tokens, placement))
+  mask = np.asarray(base.prompt_mask(tokens, prompt_length, placement))
+  positions = np.asarray(base.prompt_positions(tokens, prompt_length, placement))
+  assert seq.shape == (3, 6 + prompt_length, 5) and mask.shape == (3, 6 + prompt_length)
+  for row in range(3):
+    np.testing.assert_array_equal(seq[row, positions[row]], prompt[row])
+    assert mask[row, positions[row]].all()
+    np.testing.assert_array_equal(np.delete(seq[row], positions[row], axis=0), embedded[row])
+    np.testing.assert_array_equal(np.delete(mask[row], positions[row]), tokens[row] > 0)
+  return positions
+
+
+@pytest.mark.parametrize("placement", base.PLACEMENTS)
+def test_placement_insertion_mask_and_positions_agree(placement):
+  positions = _check_placement(placement)
+  lengths = np.array([6, 4, 2])
+  start = {"prefix": np.zeros(3), "prefix_after_bos": np.ones(3), "suffix": lengths}[placement]
+  np.testing.assert_array_equal(positions, start[:, None] + np.arange(3)[None, :])
+
+
+def test_a_new_placement_is_one_table_entry(monkeypatch):
+  monkeypatch.setitem(base.PLACEMENT_TABLE, "before_last_real",
+                      base.Placement(start=lambda tokens: jnp.sum(tokens > 0, axis=1) - 1))
+  positions = _check_placement("before_last_real")
+  np.testing.assert_array_equal(positions[:, 0], [5, 3, 1])
+  with pytest.raises(ValueError, match="prompt placement must be one of .* got 'middle'"):
+    base.prompt_mask(jnp.ones((1, 2), jnp.int32), 1, "middle")

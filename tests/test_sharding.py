@@ -3,7 +3,8 @@ gradient; frozen weights are laid out as T5X's standard rules say and the prompt
 'model'; bf16 frozen weights stay close to fp32; remat changes memory, not numbers.
 
 Everything runs in ONE subprocess (JAX fixes its device count at start-up) to pay the start-up
-and compile cost once.
+and compile cost once. The last tests (in this process) check that every prompt method's axes
+are replicated by rules the method files declare, composed by `standard_logical_axis_rules`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from flax import traverse_util
 
+from prompt_jax import partitioning, prompts
+from prompt_jax.models import t5
+from prompt_jax.prompts import bank, base, deep, p_tuning, plain, residual, spt, superpos
 from tests.conftest import REPO_ROOT
 
 SCRIPT = textwrap.dedent("""
@@ -309,3 +317,53 @@ def test_two_processes_train_like_one_device(tmp_path):
     np.testing.assert_allclose(
         out["prompt"], np.asarray(state.prompt_params["encoder"]["prompt"]["prompt"]["prompt"]),
         atol=1e-4)
+
+
+# --------------------------------------------------------------- prompt axes and their rules
+
+PROMPT_HOOKS = {
+    "plain": lambda: base.InputPrompt(plain.Prompt(4)),
+    "superpos": lambda: base.InputPrompt(superpos.SuperPosPrompt(4, 8, population_size=300)),
+    "superpos_shared": lambda: base.InputPrompt(superpos.SuperPosPrompt(
+        4, 8, population_size=300, shared_embeddings=True)),
+    "residual": lambda: base.InputPrompt(residual.ResidualPrompt(4, bottleneck=8)),
+    "p_tuning_mlp": lambda: base.InputPrompt(p_tuning.PTuningPrompt(4, hidden_size=8)),
+    "p_tuning_lstm": lambda: base.InputPrompt(p_tuning.PTuningPrompt(
+        4, "LSTM", hidden_size=8, num_layers=1)),
+    "bank": lambda: bank.PromptBank(num_prompts=2, length=4),
+    "deep": lambda: deep.DeepPrompt(plain.Prompt(4), layers=(1, 2)),
+    "spt": lambda: spt.SelectivePrompt(plain.Prompt(4), bottleneck=8),
+}
+
+
+def _prompt_axis_names(hook) -> set[str]:
+  module = t5.Transformer(t5.preset("tiny", num_encoder_layers=3, num_decoder_layers=1), hook)
+  tokens = jnp.ones((1, 6), jnp.int32)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, tokens, tokens,
+                                             enable_dropout=False))["params"]
+  specs = traverse_util.flatten_dict(nn.get_partition_spec(boxed), sep="/")
+  return {name for path, spec in specs.items() if path.startswith("encoder/prompt/")
+          for name in spec}
+
+
+@pytest.mark.parametrize("method", sorted(PROMPT_HOOKS))
+def test_every_prompt_axis_is_replicated_by_a_rule_its_method_declares(method):
+  names = _prompt_axis_names(PROMPT_HOOKS[method]())
+  rules = dict(partitioning.standard_logical_axis_rules())
+  assert names and names <= set(rules), names - set(rules)
+  assert {rules[name] for name in names} == {None}
+  assert all(rules[name] is None for name, _ in prompts.logical_axis_rules())
+  assert rules["mlp"] == rules["vocab"] == "model"  # the frozen model's axes stay split
+
+
+def test_standard_rules_compose_model_prompt_and_additional_rules(monkeypatch):
+  t5x = partitioning.T5X_LOGICAL_AXIS_RULES
+  rules = partitioning.standard_logical_axis_rules(additional_rules=[["toy_axis", "model"]])
+  assert rules[:len(t5x)] == t5x and rules[-1] == ("toy_axis", "model")
+  assert rules[len(t5x):-1] == prompts.logical_axis_rules()
+  assert partitioning.standard_logical_axis_rules() == partitioning.STANDARD_LOGICAL_AXIS_RULES
+  # Two method files may share a name only with the same mesh axis.
+  monkeypatch.setattr(superpos, "LOGICAL_AXIS_RULES", (("prompt", "model"),))
+  with pytest.raises(ValueError, match=r"logical axis 'prompt': prompt_jax\.prompts\.superpos "
+                                       r"maps it to 'model', prompt_jax\.prompts\.base to None"):
+    prompts.logical_axis_rules()

@@ -70,6 +70,7 @@ def test_commands_mode_writes_one_line_per_cell(tmp_path):
   assert {r["parameters"] for r in rows if r["size"] == "xxl"} == {"11135332352"}
 
 
+@pytest.mark.slow  # four training runs in subprocesses: ~100 s idle
 def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
   argv = ["--gin_file=sweeps/tiny_demo.gin", f"--sweep_dir={tmp_path}", "--stop_on_error",
           *CELL_BINDINGS]

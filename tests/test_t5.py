@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prompt_jax import params as params_lib
 from prompt_jax.models import t5
-from prompt_jax.prompts import initializers
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.programs import PromptPrograms
+from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from tests import reference_t5
@@ -173,3 +176,133 @@ def test_config_rejects_bad_values_by_name():
     t5.T5Config(mlp_activations=("swish2",))
   with pytest.raises(ValueError, match="unknown T5 preset 'huge'"):
     t5.preset("huge")
+
+
+# ------------------------------------------------------------------------- the hook contract
+
+
+class TaskPrompt(nn.Module):
+  """A hook the model has never heard of: its own batch feature `task_ids` [b] picks one of
+  `num_tasks` prompts per example (what a multi-task prompt does). Its parameter's first axis,
+  `toy_task`, has no partitioning rule anywhere."""
+
+  input_features = ("task_ids",)
+
+  num_tasks: int
+  length: int
+  embed: int
+
+  def setup(self):
+    self.prompts = self.param(
+        "prompts", nn.with_logical_partitioning(nn.initializers.uniform(1.0),
+                                                ("toy_task", "prompt", "prompt_embed")),
+        (self.num_tasks, self.length, self.embed))
+
+  def _task_ids(self, prompt_features, batch_size):
+    if "task_ids" in prompt_features:
+      return prompt_features["task_ids"]
+    if self.is_initializing():
+      return jnp.zeros((batch_size,), jnp.int32)
+    raise ValueError("TaskPrompt needs batch['task_ids']")
+
+  def __call__(self, input_tokens, embedded_inputs, embedding_table, prompt_features):
+    task_ids = self._task_ids(prompt_features, input_tokens.shape[0])
+    chosen = jnp.take(self.prompts, task_ids, axis=0).astype(embedded_inputs.dtype)
+    return (base.insert_prompt(chosen, embedded_inputs, input_tokens, "prefix"),
+            self.input_mask(input_tokens))
+
+  def input_mask(self, input_tokens):
+    return base.prompt_mask(input_tokens, self.length, "prefix")
+
+  def layer_inputs(self, layer, hidden, input_tokens, prompt_features):
+    self.sow("intermediates", f"task_ids_before_layer_{layer}",
+             self._task_ids(prompt_features, hidden.shape[0]))
+    return hidden
+
+  def export(self, embedding_table):
+    return self.prompts
+
+
+def _task_batch(task_ids):
+  return {"encoder_input_tokens": ENC, "decoder_input_tokens": DEC_IN,
+          "decoder_target_tokens": DEC_TGT, "decoder_loss_weights": (DEC_TGT > 0).astype(np.int32),
+          "task_ids": np.asarray(task_ids, np.int32), "unrelated_feature": np.ones((2, 3))}
+
+
+def test_a_new_hook_reads_its_own_batch_feature_end_to_end():
+  cfg = _v1_1_tiny()
+  model = EncoderDecoderModel(t5.Transformer(cfg, TaskPrompt(3, 2, cfg.emb_dim)))
+  assert model.prompt_feature_names == ("task_ids",)
+  params = nn.unbox(model.init(jax.random.key(0), model.dummy_batch(2, 8, 5)))  # no task_ids
+  prompts = np.asarray(params["encoder"]["prompt"]["prompts"])
+  frozen = params_lib.split_params(params)[1]
+  plain = EncoderDecoderModel(t5.Transformer(cfg, InputPrompt(Prompt(2))))
+  plain_params = lambda task: params_lib.merge_params(
+      {"encoder": {"prompt": {"prompt": {"prompt": jnp.asarray(prompts[task])}}}}, frozen)
+
+  batch = _task_batch([2, 0])
+  logits = np.asarray(model.logits(params, batch))
+  predictions = np.asarray(model.predict_batch(params, batch, 5))
+  for row, task in enumerate([2, 0]):  # example j sees exactly the prompt of its task
+    np.testing.assert_allclose(logits[row],
+                               np.asarray(plain.logits(plain_params(task), batch))[row],
+                               atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(
+        predictions[row], np.asarray(plain.predict_batch(plain_params(task), batch, 5))[row])
+  assert np.abs(logits - np.asarray(model.logits(params, _task_batch([1, 1])))).max() > 1e-3
+
+  # Through loss_fn the gradient reaches exactly the prompts of the tasks in the batch.
+  loss, _ = model.loss_fn(params, batch, None)
+  assert np.isfinite(float(loss))
+  grads = jax.grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+  row_norms = np.abs(np.asarray(grads["encoder"]["prompt"]["prompts"])).sum(axis=(1, 2))
+  assert row_norms[0] > 0 and row_norms[2] > 0 and row_norms[1] == 0
+
+  # Every hook call during encoding sees the same mapping.
+  _, state = model.module.apply({"params": params}, ENC, enable_dropout=False,
+                                prompt_features={"task_ids": jnp.asarray([2, 0])},
+                                method=model.module.encode, mutable=["intermediates"])
+  seen = state["intermediates"]["encoder"]["prompt"]
+  assert sorted(seen) == [f"task_ids_before_layer_{i}" for i in range(cfg.num_encoder_layers)]
+  for value in seen.values():
+    np.testing.assert_array_equal(value[0], [2, 0])
+
+  with pytest.raises(ValueError, match=r"TaskPrompt needs batch\['task_ids'\]"):
+    model.logits(params, {k: v for k, v in batch.items() if k != "task_ids"})
+
+
+def test_programs_forward_the_hooks_features_and_replicate_its_axes():
+  cfg = _v1_1_tiny()
+  model = EncoderDecoderModel(t5.Transformer(cfg, TaskPrompt(3, 2, cfg.emb_dim)))
+  programs = PromptPrograms(model, input_length=ENC.shape[1])
+  assert tuple(programs.prompt_shardings["encoder"]["prompt"]["prompts"].spec) == (
+      None, None, None)  # `toy_task` has no rule: replicated, no partitioning edit needed
+  params = nn.unbox(model.init(jax.random.key(0), model.dummy_batch(2, 8, 5)))
+  prompt_params, frozen = params_lib.split_params(params)
+  for tasks in ([2, 0], [1, 1]):
+    batch = _task_batch(tasks)
+    np.testing.assert_allclose(programs.score(prompt_params, frozen, batch),
+                               np.asarray(model.score_batch(params, batch)), atol=1e-4,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(programs.predict(prompt_params, frozen, batch, 5),
+                                  np.asarray(model.predict_batch(params, batch, 5)))
+  assert np.abs(programs.score(prompt_params, frozen, _task_batch([2, 0]))
+                - programs.score(prompt_params, frozen, _task_batch([1, 1]))).max() > 1e-3
+  np.testing.assert_array_equal(programs.export_prompt(prompt_params, frozen),
+                                prompt_params["encoder"]["prompt"]["prompts"])
+
+
+def test_features_nobody_reads_are_refused_by_the_hook_or_the_model():
+  cfg = _v1_1_tiny()
+  ids = {"prompt_ids": jnp.zeros((2,), jnp.int32)}
+  single = t5.Transformer(cfg, InputPrompt(Prompt(2)))
+  with pytest.raises(ValueError, match="^InputPrompt holds one prompt; prompt_ids need a prompt "
+                                       "bank"):
+    single.apply({"params": nn.unbox(_init(single))}, ENC, DEC_IN, DEC_TGT, enable_dropout=False,
+                 prompt_features=ids)
+  bare = t5.Transformer(cfg)
+  with pytest.raises(ValueError, match="^prompt_ids were given but the model has no prompt"):
+    bare.apply({"params": nn.unbox(_init(bare))}, ENC, DEC_IN, DEC_TGT, enable_dropout=False,
+               prompt_features=ids)
+  assert EncoderDecoderModel(bare).prompt_feature_names == ()
+  assert base.export_prompt(bare.prompt, {}) is None

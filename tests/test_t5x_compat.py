@@ -160,6 +160,22 @@ def test_export_folds_the_prompt_of_a_t5x_checkpoint(method, tmp_path):
                              rtol=1e-5, atol=1e-6)
 
 
+def test_export_prompt_command_folds_a_t5x_checkpoint(tmp_path, capsys):
+  from prompt_jax import cli  # pylint: disable=g-import-not-at-top
+  from prompt_jax.interop import t5x as t5x_interop  # pylint: disable=g-import-not-at-top
+
+  variables = axes.to_params_axes(_boxed_variables("plain"))
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  path = t5x_interop.save_params(params, str(tmp_path), step=7)
+  out = tmp_path / "prompt.npy"
+  assert cli.main(["export-prompt", f"--gin_search_paths={GIN_CONFIGS}",
+                   "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=prompts/uniform.gin",
+                   "--gin.PROMPT_LENGTH=4", f"--t5x_checkpoint={path}",
+                   f"--output={out}"]) == 0
+  np.testing.assert_array_equal(np.load(out), params["encoder"]["prompt"]["prompt"]["prompt"])
+  assert str(out) in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------- with t5x
 
 
@@ -339,9 +355,9 @@ def test_stock_t5x_train_tunes_only_the_prompt(method, initial_t5x_checkpoint, t
   # The documented export folds the trained prompt into what the encoder sees.
   exported = tmp_path / "prompt.npy"
   prompt_file = {"plain": "uniform", "superpos": "superpos", "residual": "residual"}[method]
-  _run(["-m", "prompt_jax.t5x_compat.export_prompt", f"--gin_search_paths={GIN_CONFIGS}",
+  _run(["-m", "prompt_jax.cli", "export-prompt", f"--gin_search_paths={GIN_CONFIGS}",
         "--gin_file=models/t5_1_1_tiny.gin", f"--gin_file=prompts/{prompt_file}.gin",
-        "--gin.PROMPT_LENGTH=10", f"--checkpoint={last}", f"--output={exported}"],
+        "--gin.PROMPT_LENGTH=10", f"--t5x_checkpoint={last}", f"--output={exported}"],
        tmp_path / "export.log")
   folded = np.load(exported)
   assert folded.shape == (10, 64) and np.all(np.isfinite(folded))

@@ -78,11 +78,18 @@ _TASKS = {
     "demo_topic_prefixed": ("topic: ", "topic"),
     "demo_adjective_prefixed": ("adjective: ", "adjective"),
     "demo_sentiment": ("", "sentiment"),
+    "demo_topic": ("", "topic"),
+    "demo_adjective": ("", "adjective"),
 }
+# Three tasks on the same sentences with different label sets (2, 4 and 24 labels) and no task
+# prefix: in multi-task prompt tuning only the task's prompt tells the model what to predict.
+MULTITASK_MIXTURE = "demo_multitask_mixture"
+MULTITASK_TASKS = ("demo_sentiment", "demo_topic", "demo_adjective")
 
 
 def register() -> None:
-  """Register the demo tasks and `demo_pretrain_mixture` with seqio (idempotent)."""
+  """Register the demo tasks, `demo_multitask_mixture` and `demo_pretrain_mixture` with seqio
+  (idempotent)."""
   for name, (prefix, field) in _TASKS.items():
     if name in seqio.TaskRegistry.names():
       continue
@@ -103,6 +110,8 @@ def register() -> None:
         postprocess_fn=functools.partial(glue.rank_classification_postprocessor,
                                          base_postprocess_fn=lambda s, **_: s),
         metric_fns=[metrics.rank_classification([metrics.accuracy])])
+  if MULTITASK_MIXTURE not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(MULTITASK_MIXTURE, list(MULTITASK_TASKS), default_rate=1.0)
   if "demo_pretrain_mixture" not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add("demo_pretrain_mixture",
                               [name for name in _TASKS if name.endswith("_prefixed")],

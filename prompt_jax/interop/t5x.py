@@ -315,7 +315,7 @@ def load_prompt(path: str, name: Optional[str] = None) -> np.ndarray:
 
   Without `name`, a checkpoint that holds other prompt parameters too (a reparameterised method
   such as Residual or SuperPos, or deep prompts) logs a warning: the raw prompt is not what the
-  encoder sees; `prompt_jax.t5x_compat.export_prompt` (or `prompt-jax export-prompt` for our own
+  encoder sees; `prompt-jax export-prompt --t5x_checkpoint=...` (without it for our own
   runs) folds it."""
   warn = name is None
   name = PROMPT_PATH if name is None else name
@@ -334,9 +334,9 @@ def load_prompt(path: str, name: Optional[str] = None) -> np.ndarray:
   if warn and others:
     log.warning("T5X checkpoint %s holds %d prompt parameters besides %s (e.g. %s): the prompt "
                 "is reparameterised (Residual, SuperPos, deep prompts), so the raw prompt read "
-                "here is not what the encoder sees. Fold it with `python -m "
-                "prompt_jax.t5x_compat.export_prompt` (`prompt-jax export-prompt` for a "
-                "prompt_jax run directory).", directory, len(others), name, others[0])
+                "here is not what the encoder sees. Fold it with `prompt-jax export-prompt "
+                "--t5x_checkpoint=...` (without --t5x_checkpoint for a prompt_jax run "
+                "directory).", directory, len(others), name, others[0])
   if kind == "legacy":
     return leaves[name].read()
   wanted = {name: jax.ShapeDtypeStruct(shapes[name], np.float32)}

@@ -16,23 +16,36 @@ without renaming and the module fits T5X's `EncoderDecoderModel`:
   decoder/decoder_norm/scale, decoder/logits_dense/kernel    [embed, vocab] (untied only)
 
 The model knows nothing about prompt methods. It accepts an *encoder prompt hook*: any Linen
-module with these methods (`prompt_jax.prompts.base.InputPrompt` is the input-level one):
-
-  __call__(input_tokens [b, l], embedded_inputs [b, l, d], embedding_table [vocab, d],
-           prompt_ids [b] or None) -> (embedded [b, l', d], mask [b, l'])
-      (`prompt_ids` selects a prompt per example for prompt banks; None otherwise)
-  input_mask(input_tokens [b, l]) -> mask [b, l']   (the same mask, without computing a prompt)
-  layer_inputs(layer, hidden [b, l', d], input_tokens [b, l]) -> hidden
-      (called before every encoder layer: deep prompts; identity for input-level prompts)
-  export(embedding_table [vocab, d]) -> [p, d] prompt for serving, or None if input-dependent
-
+module with the members below (`prompt_jax.prompts.base.InputPrompt` is the input-level one).
 The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuning.
+
+  input_features: tuple[str, ...]  (class attribute; a hook without it reads none)
+      The per-example batch features the hook reads, e.g. ('prompt_ids',) for a prompt bank.
+      `EncoderDecoderModel` takes exactly these from the batch (those present) and passes them
+      as one mapping, `prompt_features` {name: [b, ...]}; `Transformer.__call__`/`encode` and
+      the encoder forward it to the hook untouched. A hook that needs a new per-example input
+      (a task index, ...) declares it here; the model does not change. The hook checks the
+      mapping: features it does not read, or a missing one it needs, raise ValueError (while
+      parameters are being created the features may be absent: the dummy batch has none).
+  __call__(input_tokens [b, l], embedded_inputs [b, l, d], embedding_table [vocab, d],
+           prompt_features) -> (embedded [b, l', d], mask [b, l'])
+      Called once, on the embedded input tokens.
+  input_mask(input_tokens [b, l]) -> mask [b, l']
+      The same mask, without computing a prompt (decoding steps use it; it depends on the
+      tokens only).
+  layer_inputs(layer, hidden [b, l', d], input_tokens [b, l], prompt_features) -> hidden
+      Called before every encoder layer (layer = 0 .. num_encoder_layers - 1): deep prompts and
+      SPT replace the hidden states at the prompt positions; input-level hooks return `hidden`.
+
+A model without a hook refuses non-empty `prompt_features`. Folding a trained prompt into a plain
+array for serving is not the model's business: `prompt_jax.prompts.base.export_prompt(hook,
+params)` applies the hook's `export(embedding_table)` outside the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+PromptFeatures = Mapping[str, Array]  # the hook's per-example inputs, name -> [batch, ...]
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": nn.relu,
@@ -424,26 +438,24 @@ class Encoder(nn.Module):
       return encoder_input_tokens > 0
     return self.prompt.input_mask(encoder_input_tokens)
 
-  def export_prompt(self) -> Optional[Array]:
-    """The hook's prompt as a plain [p, embed] array (None without a hook)."""
-    if self.prompt is None:
-      return None
-    return self.prompt.export(self.shared_embedding.embedding)
-
   @nn.compact
   def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-               *, enable_dropout: bool = True, prompt_ids: Optional[Array] = None) -> Array:
-    """[b, l] tokens -> encoded [b, l', embed] (l' = l + prompt length)."""
+               *, enable_dropout: bool = True,
+               prompt_features: Optional[PromptFeatures] = None) -> Array:
+    """[b, l] tokens -> encoded [b, l', embed] (l' = l + prompt length).
+
+    `prompt_features`: the hook's per-example inputs (see the module docstring)."""
     cfg = self.config
     dtype = cfg.activation_dtype
+    features = dict(prompt_features or {})
     x = self.shared_embedding(encoder_input_tokens)
     if self.prompt is not None:
       if encoder_segment_ids is not None:
         raise ValueError("packed inputs (encoder_segment_ids) are not supported with a prompt")
-      x, mask = self.prompt(encoder_input_tokens, x, self.shared_embedding.embedding, prompt_ids)
+      x, mask = self.prompt(encoder_input_tokens, x, self.shared_embedding.embedding, features)
     else:
-      if prompt_ids is not None:
-        raise ValueError("prompt_ids were given but the model has no prompt")
+      if features:
+        raise ValueError(f"{', '.join(sorted(features))} were given but the model has no prompt")
       mask = encoder_input_tokens > 0
     x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
@@ -461,7 +473,7 @@ class Encoder(nn.Module):
     layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
     for i in range(cfg.num_encoder_layers):
       if self.prompt is not None:
-        x = self.prompt.layer_inputs(i, x, encoder_input_tokens)
+        x = self.prompt.layer_inputs(i, x, encoder_input_tokens, features)
       x = layer_cls(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
@@ -545,18 +557,15 @@ class Transformer(nn.Module):
     self.decoder = Decoder(cfg, self.token_embedder)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-             *, enable_dropout: bool = True, prompt_ids: Optional[Array] = None) -> Array:
+             *, enable_dropout: bool = True,
+             prompt_features: Optional[PromptFeatures] = None) -> Array:
     """[b, l] tokens -> [b, l', embed] encoded (prompt positions included)."""
     return self.encoder(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
-                        prompt_ids=prompt_ids)
+                        prompt_features=prompt_features)
 
   def encoder_mask(self, encoder_input_tokens: Array) -> Array:
     """[b, l] -> [b, l'] bool: which encoded positions are real (prompt positions are)."""
     return self.encoder.input_mask(encoder_input_tokens)
-
-  def export_prompt(self) -> Optional[Array]:
-    """The prompt folded into a plain [p, embed] array, for export and zero-overhead serving."""
-    return self.encoder.export_prompt()
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
@@ -591,11 +600,12 @@ class Transformer(nn.Module):
                decoder_segment_ids: Optional[Array] = None,
                encoder_positions: Optional[Array] = None,
                decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
-               decode: bool = False, prompt_ids: Optional[Array] = None) -> Array:
-    """Teacher-forced logits [b, t, vocab] (float32). `prompt_ids` [b]: per-example prompt."""
+               decode: bool = False,
+               prompt_features: Optional[PromptFeatures] = None) -> Array:
+    """Teacher-forced logits [b, t, vocab] (float32); `prompt_features`: the hook's inputs."""
     del encoder_positions
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
-                          enable_dropout=enable_dropout, prompt_ids=prompt_ids)
+                          enable_dropout=enable_dropout, prompt_features=prompt_features)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                        decoder_positions, enable_dropout=enable_dropout, decode=decode)

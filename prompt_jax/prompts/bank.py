@@ -1,11 +1,11 @@
 """A prompt bank: `num_prompts` Lester et al. prompts on one frozen model, chosen per example.
 
 The bank holds one parameter, `prompts` [num_prompts, length, embed] (at
-`encoder/prompt/prompt/prompts`), and every example of a batch names its prompt with
-`prompt_ids` [b]. One batch can therefore mix prompts -- N prompts of an ensemble, or the prompts
-of N tasks -- and the frozen model still runs once per batch. Each example sees exactly what it
-would see alone with its own prompt: prompt rows are gathered, then placed as `InputPrompt` places
-a single prompt.
+`encoder/prompt/prompt/prompts`), and every example of a batch names its prompt with the batch
+feature `prompt_ids` [b] (the bank's `input_features`, which the model hands to it). One batch
+can therefore mix prompts -- N prompts of an ensemble, or the prompts of N tasks -- and the frozen
+model still runs once per batch. Each example sees exactly what it would see alone with its own
+prompt: prompt rows are gathered, then placed as `InputPrompt` places a single prompt.
 
 Out-of-range ids cannot raise inside a compiled step: ids >= num_prompts gather NaN rows, so a bad
 id poisons its own outputs instead of silently picking another prompt (negative ids count from
@@ -14,18 +14,21 @@ the end, as in numpy). Callers check ids on the host with `check_prompt_ids`.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax.prompts import initializers
+from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.base import PLACEMENTS, insert_prompt, prompt_mask
 
 Array = jax.Array
 PromptInit = Callable  # init(rng, [length, embed], embedding_table) -> [length, embed]
+
+# The bank's own axis (which prompt of the bank); replicated like every prompt axis.
+LOGICAL_AXIS_RULES = (("prompts", None),)
 
 
 def check_prompt_ids(prompt_ids, num_prompts: int) -> np.ndarray:
@@ -79,6 +82,8 @@ class PromptBank(nn.Module):
   parameters are being created (the model's dummy batch has none).
   """
 
+  input_features: ClassVar[tuple[str, ...]] = ("prompt_ids",)
+
   num_prompts: int = 2
   length: int = 100
   init_fn: Union[PromptInit, Sequence[PromptInit]] = initializers.uniform()
@@ -102,8 +107,12 @@ class PromptBank(nn.Module):
     self.prompt = PromptStack(int(self.num_prompts), int(self.length), self.init_fn)
 
   def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array,
-               prompt_ids: Array | None = None):
+               prompt_features: Optional[base.PromptFeatures] = None):
     """-> (embedded [b, p + l, d], mask [b, p + l]) with example j using prompt prompt_ids[j]."""
+    unread = base.unread_features(self, prompt_features)
+    if unread:
+      raise ValueError(f"PromptBank reads only the batch feature prompt_ids, got {unread}")
+    prompt_ids = (prompt_features or {}).get("prompt_ids")
     prompts = self.prompt(embedding_table)  # [n, p, d]
     if prompt_ids is None:
       if self.num_prompts != 1 and not self.is_mutable_collection("params"):
@@ -121,8 +130,9 @@ class PromptBank(nn.Module):
   def input_mask(self, input_tokens: Array) -> Array:
     return prompt_mask(input_tokens, self.length, self.placement)
 
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array) -> Array:
-    del layer, input_tokens
+  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
+                   prompt_features: Optional[base.PromptFeatures] = None) -> Array:
+    del layer, input_tokens, prompt_features
     return hidden
 
   def export(self, embedding_table: Array) -> Array:

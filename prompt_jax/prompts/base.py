@@ -8,10 +8,28 @@ A *prompt generator* is a Linen module with an integer attribute `length` and
 `embedding_table` is the frozen token embedding, passed so that initialisers (sampled vocabulary,
 class labels, SuperPos) can read it; generators that do not need it ignore it.
 
-`InputPrompt` wraps a generator into the encoder hook the model expects (see
-`prompt_jax.models.t5`): it places the prompt in the embedded input (`prefix`,
-`prefix_after_bos` or `suffix`) and extends the attention mask. Its child is named `prompt`, so a
-plain prompt's parameter lives at `encoder/prompt/prompt/prompt` exactly as in T5X prompt tuning.
+`InputPrompt` wraps a generator into the encoder hook the model expects (see the hook contract
+in `prompt_jax.models.t5`): it places the prompt in the embedded input and extends the attention
+mask. Its child is named `prompt`, so a plain prompt's parameter lives at
+`encoder/prompt/prompt/prompt` exactly as in T5X prompt tuning.
+
+Placements (`PLACEMENTS`): a placement is one `Placement` entry of `PLACEMENT_TABLE`, defined by
+where the prompt starts in the encoder sequence; insertion, mask and prompt positions all follow
+from that start (`insert_prompt`, `prompt_mask`, `prompt_positions`). Adding a placement is adding
+one entry.
+
+Per-example inputs: a hook lists the batch features it reads in `input_features` (a bank:
+`('prompt_ids',)`); the model hands exactly those to the hook as one mapping, `prompt_features`.
+
+Export: `export_prompt(hook, params)` folds a trained hook into the plain [length, embed] array
+that serves with zero overhead, by applying the hook's `export` to the frozen embedding table.
+The model never calls `export`.
+
+Logical axes: `prompt` (prompt tokens), `prompt_embed` (the embedding width of prompt vectors) and
+`prompt_mlp` (hidden width of a reparameterisation network) are the shared vocabulary of prompt
+parameters (`LOGICAL_AXIS_RULES`, all replicated: a prompt is tiny and every device needs all of
+it). A method file whose parameters use a name of its own declares its rule in its own
+`LOGICAL_AXIS_RULES`; `prompt_jax.prompts.logical_axis_rules()` collects them all.
 
 Encoder length budget: prompt length + input length may not exceed `max_encoder_length`
 (`MAX_ENCODER_LENGTH` = 8192 tokens by default). T5's bucketed relative positions accept any
@@ -25,6 +43,7 @@ PROMPT_LENGTH=100000 would ask for terabytes. The check runs when the model is f
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, ClassVar, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -32,9 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+PromptFeatures = Mapping[str, Array]  # per-example hook inputs: name -> [batch, ...]
 
-PLACEMENTS = ("prefix", "prefix_after_bos", "suffix")
 MAX_ENCODER_LENGTH = 8192
+LOGICAL_AXIS_RULES = (("prompt", None), ("prompt_embed", None), ("prompt_mlp", None))
 
 
 def check_prompt_length(length, name: str = "PROMPT_LENGTH") -> int:
@@ -54,59 +74,106 @@ def check_encoder_length(prompt_length: int, input_length: int,
                      "square; raise InputPrompt.max_encoder_length if this is intended)")
 
 
-def insert_prompt(prompt: Array, embedded: Array, input_tokens: Array, placement: str) -> Array:
-  """Place prompt [b, p, d] into embedded inputs [b, l, d] -> [b, p + l, d]."""
-  if placement == "prefix":
-    return jnp.concatenate([prompt, embedded], axis=1)
-  if placement == "prefix_after_bos":
-    return jnp.concatenate([embedded[:, :1], prompt, embedded[:, 1:]], axis=1)
-  if placement == "suffix":
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a prompt of p tokens goes in the encoder sequence.
+
+  `start(input_tokens [b, l])` is the index of the prompt's first token: a Python int when it is
+  the same for every example (then insertion is a concatenation), or a [b] int array. The input
+  tokens before `start` stay in front of the prompt, the rest follow it.
+  """
+
+  start: Callable[[Array], Union[int, Array]]
+
+  def positions(self, input_tokens: Array, prompt_length: int) -> Array:
+    """[b, l] tokens -> [b, p] indices of the prompt positions in the encoder sequence."""
+    start = jnp.broadcast_to(jnp.asarray(self.start(input_tokens)), input_tokens.shape[:1])
+    return start[:, None] + jnp.arange(prompt_length)[None, :]
+
+  def insert(self, prompt: Array, embedded: Array, input_tokens: Array) -> Array:
+    """prompt [b, p, d], embedded inputs [b, l, d] -> [b, p + l, d]."""
+    start = self.start(input_tokens)
+    if isinstance(start, int):
+      return jnp.concatenate([embedded[:, :start], prompt, embedded[:, start:]], axis=1)
+    in_prompt, text_index, prompt_index = self._layout(start, prompt.shape[1], embedded.shape[1])
+    text = jnp.take_along_axis(embedded, text_index[..., None], axis=1)
+    from_prompt = jnp.take_along_axis(prompt, prompt_index[..., None], axis=1)
+    return jnp.where(in_prompt[..., None], from_prompt, text)
+
+  def mask(self, input_tokens: Array, prompt_length: int) -> Array:
+    """[b, l] tokens -> [b, p + l] bool: the prompt positions and the real (non-pad) tokens."""
+    real = input_tokens > 0
+    start = self.start(input_tokens)
+    if isinstance(start, int):
+      ones = jnp.ones((input_tokens.shape[0], prompt_length), dtype=bool)
+      return jnp.concatenate([real[:, :start], ones, real[:, start:]], axis=1)
+    in_prompt, text_index, _ = self._layout(start, prompt_length, input_tokens.shape[1])
+    return in_prompt | jnp.take_along_axis(real, text_index, axis=1)
+
+  @staticmethod
+  def _layout(start: Array, prompt_length: int, input_length: int):
+    """Per-example start [b] -> (in_prompt, text index, prompt index), each [b, p + l]."""
+    positions = jnp.arange(prompt_length + input_length)[None, :]
+    start = start[:, None]
+    in_prompt = (positions >= start) & (positions < start + prompt_length)
+    text_index = jnp.where(positions < start, positions, positions - prompt_length)
+    text_index = jnp.clip(text_index, 0, input_length - 1)
+    prompt_index = jnp.clip(positions - start, 0, prompt_length - 1)
+    return in_prompt, text_index, prompt_index
+
+
+PLACEMENT_TABLE: dict[str, Placement] = {
+    "prefix": Placement(start=lambda input_tokens: 0),
+    # After the first token (a BOS or task token stays first).
+    "prefix_after_bos": Placement(start=lambda input_tokens: 1),
     # Right after the last real token, before the padding, so that relative distances between
     # prompt and text do not depend on how much padding the batch has.
-    return _scatter_after_inputs(prompt, embedded, input_tokens)
-  raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
+    "suffix": Placement(start=lambda input_tokens: jnp.sum(input_tokens > 0, axis=1)),
+}
+PLACEMENTS = tuple(PLACEMENT_TABLE)
 
 
-def _scatter_after_inputs(prompt: Array, embedded: Array, input_tokens: Array) -> Array:
-  prompt_length = prompt.shape[1]
-  input_length = embedded.shape[1]
-  lengths = jnp.sum(input_tokens > 0, axis=1)  # [b]
-  positions = jnp.arange(prompt_length + input_length)[None, :]  # [1, total]
-  in_prompt = (positions >= lengths[:, None]) & (positions < lengths[:, None] + prompt_length)
-  text_index = jnp.where(positions < lengths[:, None], positions, positions - prompt_length)
-  text_index = jnp.clip(text_index, 0, input_length - 1)
-  prompt_index = jnp.clip(positions - lengths[:, None], 0, prompt_length - 1)
-  text = jnp.take_along_axis(embedded, text_index[..., None], axis=1)
-  from_prompt = jnp.take_along_axis(prompt, prompt_index[..., None], axis=1)
-  return jnp.where(in_prompt[..., None], from_prompt, text)
+def placement_of(placement: str) -> Placement:
+  """The `Placement` named `placement`; ValueError for an unknown name."""
+  if placement not in PLACEMENT_TABLE:
+    raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
+  return PLACEMENT_TABLE[placement]
+
+
+def insert_prompt(prompt: Array, embedded: Array, input_tokens: Array, placement: str) -> Array:
+  """Place prompt [b, p, d] into embedded inputs [b, l, d] -> [b, p + l, d]."""
+  return placement_of(placement).insert(prompt, embedded, input_tokens)
 
 
 def prompt_mask(input_tokens: Array, prompt_length: int, placement: str) -> Array:
   """[b, l] tokens -> [b, p + l] bool mask with the prompt positions set."""
-  real = input_tokens > 0
-  ones = jnp.ones((input_tokens.shape[0], prompt_length), dtype=bool)
-  if placement == "prefix":
-    return jnp.concatenate([ones, real], axis=1)
-  if placement == "prefix_after_bos":
-    return jnp.concatenate([real[:, :1], ones, real[:, 1:]], axis=1)
-  if placement == "suffix":
-    lengths = jnp.sum(real, axis=1)
-    positions = jnp.arange(prompt_length + input_tokens.shape[1])[None, :]
-    return positions < (lengths + prompt_length)[:, None]
-  raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
+  return placement_of(placement).mask(input_tokens, prompt_length)
 
 
 def prompt_positions(input_tokens: Array, prompt_length: int, placement: str) -> Array:
   """[b, l] tokens -> [b, p] indices of the prompt positions in the encoder sequence."""
-  offsets = jnp.arange(prompt_length)[None, :]
-  batch = input_tokens.shape[0]
-  if placement == "prefix":
-    return jnp.broadcast_to(offsets, (batch, prompt_length))
-  if placement == "prefix_after_bos":
-    return jnp.broadcast_to(offsets + 1, (batch, prompt_length))
-  if placement == "suffix":
-    return jnp.sum(input_tokens > 0, axis=1)[:, None] + offsets
-  raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
+  return placement_of(placement).positions(input_tokens, prompt_length)
+
+
+def unread_features(hook: nn.Module, prompt_features: Optional[PromptFeatures]) -> list[str]:
+  """The names in `prompt_features` that `hook` does not list in its `input_features`."""
+  declared = set(getattr(hook, "input_features", ()))
+  return sorted(set(prompt_features or {}) - declared)
+
+
+def export_prompt(hook: Optional[nn.Module], params: Mapping) -> Optional[Array]:
+  """A hook's prompt folded into a plain array for serving, or None.
+
+  `params` is the model's (unboxed) parameter tree; only the hook's parameters
+  (`encoder/prompt/...`) and the frozen embedding table (`token_embedder/embedding`) are read,
+  and the hook's `export(embedding_table)` computes the result: [length, embed] for one prompt
+  ([num_prompts, length, embed] for a bank). None without a hook (`hook` is None, e.g.
+  `Transformer.prompt` of a model without prompt) or when the prompt depends on the input.
+  """
+  if hook is None:
+    return None
+  table = params["token_embedder"]["embedding"]
+  return hook.apply({"params": params["encoder"]["prompt"]}, table, method=hook.export)
 
 
 class InputPrompt(nn.Module):
@@ -116,7 +183,11 @@ class InputPrompt(nn.Module):
     prompt: the generator (its parameters appear under `encoder/prompt/prompt/`).
     placement: where the prompt goes in the encoder input.
     max_encoder_length: the encoder length budget (keyword only; see the module docstring).
+
+  It holds one prompt for every example and reads no batch features (`input_features = ()`).
   """
+
+  input_features: ClassVar[tuple[str, ...]] = ()
 
   prompt: nn.Module
   placement: str = "prefix"
@@ -134,10 +205,12 @@ class InputPrompt(nn.Module):
     return int(self.prompt.length)
 
   def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array,
-               prompt_ids: Array | None = None):
+               prompt_features: Optional[PromptFeatures] = None):
     """-> (embedded [b, p + l, d], mask [b, p + l])."""
-    if prompt_ids is not None:
-      raise ValueError(f"{type(self).__name__} holds one prompt; prompt_ids need a prompt bank")
+    unread = unread_features(self, prompt_features)
+    if unread:
+      raise ValueError(f"{type(self).__name__} holds one prompt; {', '.join(unread)} need a "
+                       "prompt bank")
     check_encoder_length(self.length, input_tokens.shape[1], self.max_encoder_length)
     prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
     prompt = prompt.astype(embedded_inputs.dtype)
@@ -157,7 +230,8 @@ class InputPrompt(nn.Module):
     embedded = jnp.zeros((1, 1, embedding_table.shape[-1]), embedding_table.dtype)
     return self.prompt(tokens, embedded, embedding_table)[0]
 
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array) -> Array:
+  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
+                   prompt_features: Optional[PromptFeatures] = None) -> Array:
     """Input-level prompts leave the hidden states of every layer alone."""
-    del layer, input_tokens
+    del layer, input_tokens, prompt_features
     return hidden

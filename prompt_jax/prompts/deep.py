@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from prompt_jax.prompts import initializers
-from prompt_jax.prompts.base import InputPrompt
+from prompt_jax.prompts.base import InputPrompt, PromptFeatures
 
 Array = jax.Array
 
@@ -80,8 +80,10 @@ class DeepPrompt(InputLevelHook):
     super().__post_init__()
 
   @nn.compact
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array) -> Array:
+  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
+                   prompt_features: Optional[PromptFeatures] = None) -> Array:
     """Before encoder layer `layer`: hidden [b, l', d] -> hidden with the layer's prompt."""
+    del prompt_features  # one set of layer prompts for every example
     if layer not in self.layers:
       return hidden
     layer_prompt = self.param(

@@ -202,9 +202,18 @@ def load_prompt_array(path: str, expected_shape: Optional[Sequence[int]] = None,
   return check_prompt_array(read_npy(path), path, expected_shape, allow_bank=allow_bank)
 
 
-def from_array(path: str) -> PromptInit:
-  """The prompt saved at `path` (.npy), e.g. a released prompt; its shape must match exactly."""
-  array = load_prompt_array(path)
+def from_array(path: str, bank_mean: bool = False) -> PromptInit:
+  """The prompt saved at `path` (.npy), e.g. a released prompt; its shape must match exactly.
+
+  `bank_mean=True` reads a bank `[num_prompts, length, embed]` (e.g. a multi-task run's
+  prompts/prompt_<step>.npy) and starts from the mean of its prompts (SPoT's transfer from
+  several source tasks)."""
+  array = load_prompt_array(path, allow_bank=bank_mean)
+  if bank_mean:
+    if array.ndim != 3:
+      raise ValueError(f"{path}: bank_mean needs a bank [num_prompts, length, embed], got shape "
+                       f"{array.shape}")
+    array = array.mean(axis=0)
 
   def init(rng, shape, embedding_table=None):
     del rng, embedding_table

@@ -53,7 +53,7 @@ REPARAMETERIZATION_TYPES = ("MLP", "LSTM")
 MLP_NUM_LAYERS = 2
 # Logical axes of kernels whose input is not (only) the embedding, e.g. [h, h]: a name may occur
 # once per array, so the input axis is labelled `prompt_embed`; every prompt axis is replicated
-# (partitioning.STANDARD_LOGICAL_AXIS_RULES), so the label only matters to the metadata.
+# (`prompt_jax.prompts.base.LOGICAL_AXIS_RULES`), so the label only matters to the metadata.
 SQUARE_AXES = ("prompt_embed", "prompt_mlp")
 
 

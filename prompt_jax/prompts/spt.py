@@ -41,13 +41,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prompt_jax.prompts import deep
+from prompt_jax.prompts import base, deep
 
 Array = jax.Array
 
 # The gate logits, relative to the trainable tree (`encoder/prompt/layers_3/gate`).
 GATE_PATTERN = r"(^|/)gate$"
-_GATE_PATH = re.compile(r"(^|/)layers_(\d+)/gate$")
+GATE_PATH = re.compile(r"(^|/)layers_(\d+)/gate$")
 
 
 def _param(module: nn.Module, name: str, init, shape, axes):
@@ -133,8 +133,10 @@ class SelectivePrompt(deep.InputLevelHook):
     return layer >= 1 if self.layers is None else layer in self.layers
 
   @nn.compact
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array) -> Array:
+  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
+                   prompt_features: Optional[base.PromptFeatures] = None) -> Array:
     """Before encoder layer `layer`: mix the propagated prompt states with a generated prompt."""
+    del prompt_features  # the generated prompts depend on the hidden states only
     if not self.is_candidate(layer):
       return hidden
     positions = self.positions(input_tokens)  # [b, p]
@@ -166,7 +168,7 @@ def gate_logits(prompt_params: Mapping) -> dict[int, float]:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(prompt_params), sep="/")
   logits = {}
   for path, value in flat.items():
-    match = _GATE_PATH.search(path)
+    match = GATE_PATH.search(path)
     if match:
       logits[int(match.group(2))] = float(getattr(value, "value", value))
   return dict(sorted(logits.items()))

@@ -27,6 +27,10 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# SuperPos's own axis (the m sampled embeddings a prompt token is combined from); replicated like
+# every prompt axis.
+LOGICAL_AXIS_RULES = (("superpos_basis", None),)
+
 
 def sampled_rows(population_size: int, shared: bool):
   """Initialiser for `embeddings`: rows of `embedding_table` for ids drawn, without replacement

@@ -15,17 +15,18 @@ from flax import traverse_util
 from flax.core import meta
 from flax.linen import partitioning as flax_partitioning
 
-from prompt_jax import partitioning
-
-# Axes that only prompt parameters use; T5X's standard rules cover every other axis of ours.
-PROMPT_AXES = ("prompt", "prompt_embed", "prompts", "superpos_basis", "prompt_mlp")
+from prompt_jax import prompts
 
 
 def prompt_axis_rules() -> tuple[tuple[str, Any], ...]:
-  """(logical axis, mesh axis) rules for the prompt axes, for T5X's
+  """(logical axis, mesh axis) rules for the prompt axes (every rule a prompt method file
+  declares, `prompts.logical_axis_rules()`), for T5X's
   `partitioning.standard_logical_axis_rules.additional_rules`. Prompts are small: replicated."""
-  return tuple(rule for rule in partitioning.STANDARD_LOGICAL_AXIS_RULES
-               if rule[0] in PROMPT_AXES)
+  return prompts.logical_axis_rules()
+
+
+# Axes that only prompt parameters use; T5X's standard rules cover every other axis of ours.
+PROMPT_AXES = tuple(name for name, _ in prompt_axis_rules())
 
 
 def adafactor_factor_rules():

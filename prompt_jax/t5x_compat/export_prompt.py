@@ -1,20 +1,18 @@
 """Fold the prompt of a T5X prompt-tuning checkpoint into a plain [length, embed] `.npy`.
 
 Works for every method (plain, SuperPos, Residual): the prompt parameters are read from the
-checkpoint's `target/encoder/prompt/...` and folded by `Transformer.export_prompt` with the
+checkpoint's `target/encoder/prompt/...` and folded by `prompts.base.export_prompt` with the
 checkpoint's own embedding table. Configure the model with the same *prompt_jax* model and
 prompt gin files the T5X run included (models/*.gin, prompts/*.gin; no t5x needed):
 
-  python -m prompt_jax.t5x_compat.export_prompt --gin_search_paths=gin_configs \
+  prompt-jax export-prompt --gin_search_paths=gin_configs \
     --gin_file=models/t5_1_1_tiny.gin --gin_file=prompts/superpos.gin \
-    --checkpoint=/tmp/t5x_demo/checkpoint_300 --output=/tmp/prompt.npy
+    --t5x_checkpoint=/tmp/t5x_demo/checkpoint_300 --output=/tmp/prompt.npy
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Mapping, Optional, Sequence
+from typing import Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -43,19 +41,3 @@ def export_t5x_prompt(model, checkpoint: str) -> np.ndarray:
   prompt_params = read_prompt_params(checkpoint, model)
   embedding = t5x_interop.load_prompt(checkpoint, EMBEDDING)
   return export.fold_prompt(model, prompt_params, {"token_embedder": {"embedding": embedding}})
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--checkpoint", required=True,
-                      help="T5X checkpoint_<step> directory of the prompt-tuning run")
-  parser.add_argument("--output", required=True, help=".npy path to write")
-  args, gin_argv = parser.parse_known_args(argv)
-  model, _ = export._model_from_gin(gin_argv)  # pylint: disable=protected-access
-  prompt = export_t5x_prompt(model, args.checkpoint)
-  print(f"wrote {export.save_npy(prompt, args.output)} {prompt.shape}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
