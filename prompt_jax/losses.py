@@ -54,9 +54,14 @@ def loss_and_metrics(logits: Array, targets: Array, weights: Optional[Array], z_
   z = jnp.sum(token_z_loss * weights)
   if factor is not None:
     loss, z = loss / factor, z / factor
+  return loss, _metrics(loss, z, logits, targets)
+
+
+def _metrics(loss: Array, z: Array, logits: Array, targets: Array) -> dict[str, Array]:
+  """The summable metrics every training loss reports."""
   real = (targets > 0).astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
-  return loss, {
+  return {
       "loss": loss,
       "z_loss": z,
       "cross_ent_loss": loss - z,
@@ -94,14 +99,5 @@ def grouped_loss_and_metrics(logits: Array, targets: Array, weights: Optional[Ar
     safe = jnp.where(factor > 0, factor, 1.0)
     group_loss, group_z = group_loss / safe, group_z / safe
   loss, z = jnp.sum(group_loss), jnp.sum(group_z)
-  real = (targets > 0).astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
-  return loss, {
-      "loss": loss,
-      "z_loss": z,
-      "cross_ent_loss": loss - z,
-      "token_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(real), 1.0),
-      "nonpadding_tokens": jnp.sum(real),
-      "group_loss": group_loss,
-      "group_present": rows > 0,
-  }
+  return loss, dict(_metrics(loss, z, logits, targets), group_loss=group_loss,
+                    group_present=rows > 0)

@@ -109,20 +109,8 @@ class PromptBank(nn.Module):
   def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array,
                prompt_features: Optional[base.PromptFeatures] = None):
     """-> (embedded [b, p + l, d], mask [b, p + l]) with example j using prompt prompt_ids[j]."""
-    unread = base.unread_features(self, prompt_features)
-    if unread:
-      raise ValueError(f"PromptBank reads only the batch feature prompt_ids, got {unread}")
-    prompt_ids = (prompt_features or {}).get("prompt_ids")
     prompts = self.prompt(embedding_table)  # [n, p, d]
-    if prompt_ids is None:
-      if self.num_prompts != 1 and not self.is_mutable_collection("params"):
-        raise ValueError(f"a PromptBank of {self.num_prompts} prompts needs prompt_ids [batch] "
-                         "(batch['prompt_ids']); got None")
-      prompt_ids = jnp.zeros(input_tokens.shape[:1], jnp.int32)
-    if prompt_ids.shape != input_tokens.shape[:1]:
-      raise ValueError(f"prompt_ids must have shape [batch] = {input_tokens.shape[:1]}, "
-                       f"got {prompt_ids.shape}")
-    chosen = jnp.take(prompts, prompt_ids, axis=0, mode="fill", fill_value=jnp.nan)
+    chosen = base.rows_by_prompt_id(self, prompts, input_tokens, prompt_features)
     chosen = chosen.astype(embedded_inputs.dtype)  # [b, p, d]
     embedded = insert_prompt(chosen, embedded_inputs, input_tokens, self.placement)
     return embedded, prompt_mask(input_tokens, self.length, self.placement)

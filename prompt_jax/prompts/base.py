@@ -161,6 +161,30 @@ def unread_features(hook: nn.Module, prompt_features: Optional[PromptFeatures]) 
   return sorted(set(prompt_features or {}) - declared)
 
 
+def rows_by_prompt_id(hook: nn.Module, rows: Array, input_tokens: Array,
+                      prompt_features: Optional[PromptFeatures], what: str = "prompts",
+                      hint: str = "") -> Array:
+  """rows [n, p, d] -> [b, p, d]: example j gets rows[prompt_ids[j]] (prompt banks and
+  multi-task hooks; an id outside [0, n) gives a NaN row, so it cannot pass silently).
+
+  `prompt_ids` comes from `prompt_features`, the only feature such a hook reads; it may be
+  absent for n == 1 or while parameters are being created. `what`/`hint` word the error."""
+  name = type(hook).__name__
+  unread = unread_features(hook, prompt_features)
+  if unread:
+    raise ValueError(f"{name} reads only the batch feature prompt_ids, got {unread}")
+  prompt_ids = (prompt_features or {}).get("prompt_ids")
+  if prompt_ids is None:
+    if rows.shape[0] != 1 and not hook.is_mutable_collection("params"):
+      raise ValueError(f"a {name} of {rows.shape[0]} {what} needs prompt_ids [batch] "
+                       f"(batch['prompt_ids']{hint}); got None")
+    prompt_ids = jnp.zeros(input_tokens.shape[:1], jnp.int32)
+  if prompt_ids.shape != input_tokens.shape[:1]:
+    raise ValueError(f"prompt_ids must have shape [batch] = {input_tokens.shape[:1]}, "
+                     f"got {prompt_ids.shape}")
+  return jnp.take(rows, prompt_ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
 def export_prompt(hook: Optional[nn.Module], params: Mapping) -> Optional[Array]:
   """A hook's prompt folded into a plain array for serving, or None.
 

@@ -118,22 +118,10 @@ class TaskPromptHook(nn.Module):
                prompt_features: Optional[base.PromptFeatures] = None):
     """-> (embedded [b, length + l, d], mask [b, length + l]); example j uses task
     prompt_ids[j]'s prompt."""
-    name = type(self).__name__
-    unread = base.unread_features(self, prompt_features)
-    if unread:
-      raise ValueError(f"{name} reads only the batch feature prompt_ids, got {unread}")
     base.check_encoder_length(self.length, input_tokens.shape[1], self.max_encoder_length)
-    prompt_ids = (prompt_features or {}).get("prompt_ids")
     prompts = self.task_prompts(embedding_table)  # [n, p, d]
-    if prompt_ids is None:
-      if self.num_tasks != 1 and not self.is_mutable_collection("params"):
-        raise ValueError(f"a {name} of {self.num_tasks} tasks needs prompt_ids [batch] "
-                         "(batch['prompt_ids'], each example's task index); got None")
-      prompt_ids = jnp.zeros(input_tokens.shape[:1], jnp.int32)
-    if prompt_ids.shape != input_tokens.shape[:1]:
-      raise ValueError(f"prompt_ids must have shape [batch] = {input_tokens.shape[:1]}, "
-                       f"got {prompt_ids.shape}")
-    chosen = jnp.take(prompts, prompt_ids, axis=0, mode="fill", fill_value=jnp.nan)
+    chosen = base.rows_by_prompt_id(self, prompts, input_tokens, prompt_features, "tasks",
+                                    ", each example's task index")
     chosen = chosen.astype(embedded_inputs.dtype)  # [b, p, d]
     embedded = insert_prompt(chosen, embedded_inputs, input_tokens, self.placement)
     return embedded, prompt_mask(input_tokens, self.length, self.placement)
