@@ -646,7 +646,22 @@ def run_gin_command(function: Callable, argv: Sequence[str]):
   return _run_gin(commands[0], args, function)
 
 
+def configure_compilation_cache() -> Optional[str]:
+  """XLA's persistent compilation cache, so that rerunning the same programs (the same model,
+  shapes and mesh) reads them instead of compiling: `JAX_COMPILATION_CACHE_DIR` when set (jax
+  reads it; empty turns the cache off), else `$XDG_CACHE_HOME/prompt_jax/xla` (~/.cache/...).
+  The directory in use, or None."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.path.join(cache_home, "prompt_jax", "xla")
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
+  configure_compilation_cache()
   if command in GIN_COMMANDS:
     _run_gin(command, args)
     return 0

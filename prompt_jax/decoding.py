@@ -5,11 +5,13 @@ Every algorithm is built from the model's three incremental-decoding methods onl
 `decode_step(params, cache, encoded, encoder_input_tokens, token, max_decode_length,
 reuse_cross_cache)`. The encoder and the first decoder step run once per example (batch `b`, so
 prompt banks and any other per-example feature of `batch` reach `encode` untouched); then the
-cache, the encoder output and the input tokens are repeated to `b * n` rows, example-major (rows
+self-attention cache and the input tokens are repeated to `b * n` rows, example-major (rows
 `i*n .. i*n + n-1` are the `n` beams or samples of example `i`), and the remaining steps run on
 that flat batch inside one `lax.while_loop`. The beam dimension is thus folded into the batch:
-it is split over the mesh's data axis like any batch, and every beam reuses its example's
-encoder output (prompt included).
+it is split over the mesh's data axis like any batch. The cross-attention keys, values and mask
+bias of the encoder output (prompt included) stay at one row per example: the model lets the
+`n` rows of an example attend to them as `n` queries, so they are never repeated or gathered.
+Beam search reorders the self-attention cache with one row gather per cache array and step.
 
 All three return `(tokens [b, n, max_decode_length] int32, scores [b, n] float32)`, best first;
 tokens after EOS are 0 (EOS itself is kept). Log-probabilities are float32 whatever the
@@ -73,35 +75,34 @@ def _repeat_rows(x: Array, n: int) -> Array:
   return x if n == 1 else jnp.repeat(x, n, axis=0)
 
 
-# Decode-cache entries that depend only on the example (the cross-attention keys/values of the
-# encoder output), identical for all its beams: reordering beams within an example leaves them
-# unchanged, so beam search skips gathering them. (If the model renames them, they are gathered
-# like the rest: slower, equally correct.)
-_PER_EXAMPLE_CACHE = ("cached_cross_key", "cached_cross_value")
+# Decode-cache entries that depend only on the example (the cross-attention keys, values and
+# key bias of the encoder output). They stay at one row per example: the model's cross-attention
+# lets the n beams of an example attend to that row as n queries, so they are neither repeated
+# nor gathered.
+_PER_EXAMPLE_CACHE = ("cached_cross_key", "cached_cross_value", "cached_cross_bias")
 
 
-def _map_cache(fn: Callable[[Array], Array], cache, batch_size: int,
-               skip_per_example: bool = False):
-  """Apply `fn` to every cache array with a leading batch axis; scalars (the shared
-  `cache_index`) are left alone. Any other layout is an error (decoding gathers beams on axis 0).
-  """
+def _map_cache(fn: Callable[[Array], Array], cache, batch_size: int):
+  """Apply `fn` to every per-row cache array (leading batch axis `batch_size`); scalars (the
+  shared `cache_index`) and the per-example entries are left alone. Any other layout is an error
+  (decoding repeats and gathers beams on axis 0)."""
   def apply(path, x):
-    if np.ndim(x) == 0:
+    if np.ndim(x) == 0 or getattr(path[-1], "key", None) in _PER_EXAMPLE_CACHE:
       return x
     if x.shape[0] != batch_size:
       raise ValueError(f"decoding expects every non-scalar decode-cache array to lead with the "
                        f"batch axis ({batch_size}); got shape {x.shape}")
-    if skip_per_example and getattr(path[-1], "key", None) in _PER_EXAMPLE_CACHE:
-      return x
     return fn(x)
   return jax.tree_util.tree_map_with_path(apply, cache)
 
 
 def _first_step(model, params, batch: Batch, max_decode_length: int, n: int):
   """Encode, run decoder step 1 on the `b` examples (this writes the cross-attention keys and
-  values into the cache), then repeat everything to `b * n` rows.
+  values into the cache), then repeat the per-row cache and the input tokens to `b * n` rows.
+  The cross-attention entries and the encoder output stay per example: later steps read the
+  former and never the latter.
 
-  -> (first-step logits [b, vocab] float32, cache [b*n], encoded [b*n], input tokens [b*n])."""
+  -> (first-step logits [b, vocab] float32, cache [b*n], encoded [b], input tokens [b*n])."""
   tokens = batch["encoder_input_tokens"]
   batch_size, input_length = tokens.shape
   encoded = model.encode(params, batch)
@@ -110,7 +111,7 @@ def _first_step(model, params, batch: Batch, max_decode_length: int, n: int):
   logits, cache = model.decode_step(params, cache, encoded, tokens, start, max_decode_length,
                                     reuse_cross_cache=False)
   cache = _map_cache(lambda x: _repeat_rows(x, n), cache, batch_size)
-  return logits.astype(jnp.float32), cache, _repeat_rows(encoded, n), _repeat_rows(tokens, n)
+  return logits.astype(jnp.float32), cache, encoded, _repeat_rows(tokens, n)
 
 
 def _at_position(seqs: Array, position, tokens: Array) -> Array:
@@ -371,10 +372,11 @@ def beam_search(model, params, batch: Batch, max_decode_length: int, num_decodes
                                       reuse_cross_cache=True)
     log_probs = jax.nn.log_softmax(logits).reshape(batch_size, beams, vocab)
     new_state, parent = _beam_update(state, log_probs, alpha, eos_id, length)
-    # Each new live beam continues from its parent's cache rows (within its example).
-    cache = _map_cache(
-        lambda x: _gather(x.reshape((batch_size, beams) + x.shape[1:]), parent).reshape(x.shape),
-        cache, batch_size * beams, skip_per_example=True)
+    # Each new live beam continues from its parent's self-attention cache rows (one gather per
+    # array, rows of the flat [b*K] batch).
+    rows = (parent + beams * jnp.arange(batch_size)[:, None]).reshape(-1)
+    cache = _map_cache(lambda x: jnp.take(x, rows, axis=0, mode="clip"), cache,
+                       batch_size * beams)
     return new_state._replace(cache=cache)
 
   final = jax.lax.while_loop(cond, body, state)

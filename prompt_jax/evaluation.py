@@ -98,15 +98,10 @@ def count_truncated(evaluator: seqio.Evaluator,
   return counts
 
 
-def evaluate(programs, prompt_params, frozen_params, dataset_cfg: pipeline.DatasetConfig,
-             max_decode_length: int, log_dir: Optional[str] = None,
-             step: Optional[int] = None, decoding: Optional[Any] = None) -> dict[str, float]:
-  """Metrics of every task in `dataset_cfg.mixture_or_task_name` on its eval split; generative
-  tasks are decoded with `decoding` (None: greedy) and scored on its best decode.
-
-  Keys are `<metric>` for a single task and `<task>/<metric>` for a mixture. With `log_dir`,
-  seqio's JSONLogger writes every input, target and prediction there (`<task>-<step>.jsonl`).
-  """
+def seqio_evaluator(dataset_cfg: pipeline.DatasetConfig,
+                    log_dir: Optional[str] = None) -> seqio.Evaluator:
+  """The seqio Evaluator of `dataset_cfg`'s eval split (its examples tokenized and cached in
+  memory); truncated examples are counted in the log once, here."""
   provider = pipeline.get_task_or_mixture(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
   if log_dir:
     os.makedirs(log_dir, exist_ok=True)
@@ -121,6 +116,29 @@ def evaluate(programs, prompt_params, frozen_params, dataset_cfg: pipeline.Datas
     raise ValueError(f"{dataset_cfg.mixture_or_task_name!r} has no task with metrics and a "
                      f"{dataset_cfg.split!r} split to evaluate (its splits: {splits})")
   count_truncated(evaluator, dataset_cfg.task_feature_lengths)
+  return evaluator
+
+
+def evaluate(programs, prompt_params, frozen_params, dataset_cfg: pipeline.DatasetConfig,
+             max_decode_length: int, log_dir: Optional[str] = None,
+             step: Optional[int] = None, decoding: Optional[Any] = None,
+             evaluators: Optional[dict] = None) -> dict[str, float]:
+  """Metrics of every task in `dataset_cfg.mixture_or_task_name` on its eval split; generative
+  tasks are decoded with `decoding` (None: greedy) and scored on its best decode.
+
+  Keys are `<metric>` for a single task and `<task>/<metric>` for a mixture. With `log_dir`,
+  seqio's JSONLogger writes every input, target and prediction there (`<task>-<step>.jsonl`).
+  `evaluators`: a dict the caller keeps for one run, so that its periodic evaluations reuse one
+  seqio Evaluator (and its cached examples) per dataset, as T5X's train loop does; building one
+  costs seconds even for a small eval split.
+  """
+  key = (repr(dataset_cfg), log_dir)  # the config holds a dict: not hashable itself
+  if evaluators is not None and key in evaluators:
+    evaluator = evaluators[key]
+  else:
+    evaluator = seqio_evaluator(dataset_cfg, log_dir)
+    if evaluators is not None:
+      evaluators[key] = evaluator
   predict_fn = make_predict_fn(programs, prompt_params, frozen_params, dataset_cfg.batch_size,
                                max_decode_length, decoding)
   score_fn = make_score_fn(programs, prompt_params, frozen_params, dataset_cfg.batch_size)

@@ -273,9 +273,12 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     (progress.write if progress is not None and not progress.disable else print)(line)
     sys.stdout.flush()
 
+  # One seqio Evaluator per run for the default evaluation (others build their own).
+  reuse = {"evaluators": {}} if evaluate_fn is evaluation.evaluate else {}
+
   def run_eval(what: str, step: int) -> dict:
     scores = evaluate_fn(programs, regime.prompt_params(state), frozen_params,
-                         eval_dataset_cfg, max_decode_length=max_decode_length)
+                         eval_dataset_cfg, max_decode_length=max_decode_length, **reuse)
     eval_writer.write(step, scores)
     say(f"eval ({what}, step {step}): " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(scores.items())))

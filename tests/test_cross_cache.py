@@ -49,7 +49,47 @@ def test_cross_attention_cache_holds_the_encoded_keys():
                               max_decode_length=4, mutable=["cache"], method=module.decode)
   layer = variables["cache"]["decoder"]["layers_1"]["encoder_decoder_attention"]
   kernel = params["decoder"]["layers_1"]["encoder_decoder_attention"]["key"]["kernel"]
-  # The cached keys are the key projection of the encoder output ([b, l, heads, head_dim]).
+  # The cached keys are the key projection of the encoder output, keys-last
+  # ([b, heads, head_dim, l]), and the cached bias is the encoder mask's, per key [b, 1, 1, l].
   encoded_normed = np.asarray(encoded)
-  want = (encoded_normed @ np.asarray(kernel)).reshape(2, 5, 4, 16)
+  want = (encoded_normed @ np.asarray(kernel)).reshape(2, 5, 4, 16).transpose(0, 2, 3, 1)
   np.testing.assert_allclose(np.asarray(layer["cached_cross_key"]), want, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(layer["cached_cross_bias"]), np.zeros((2, 1, 1, 5)))
+  padded = tokens.at[1, 3:].set(0)
+  _, variables = module.apply({"params": params, "cache": cache}, encoded, padded, dec[:, :1],
+                              dec[:, :1], enable_dropout=False, decode=True,
+                              max_decode_length=4, mutable=["cache"], method=module.decode)
+  bias = np.asarray(variables["cache"]["decoder"]["layers_0"]["encoder_decoder_attention"][
+      "cached_cross_bias"])[:, 0, 0]
+  assert (bias[0] == 0).all() and (bias[1, :3] == 0).all() and (bias[1, 3:] < -1e9).all()
+
+
+def test_beams_attend_to_one_cross_cache_row_per_example():
+  """Reading the cross cache with n query rows per cached row (example-major) gives the logits
+  of a cache repeated to every row."""
+  module = t5.Transformer(t5.preset("tiny"))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(3, 300, (2, 6)), jnp.int32)
+  tokens = tokens.at[0, 4:].set(0)
+  dec = jnp.ones((2, 3), jnp.int32)
+  params = nn.unbox(module.init(jax.random.key(0), tokens, dec, dec, enable_dropout=False))
+  params = params["params"]
+  cache = jax.tree_util.tree_map(jnp.zeros_like, module.init(
+      jax.random.key(0), tokens, dec, dec, decode=True, enable_dropout=False)["cache"])
+  encoded = module.apply({"params": params}, tokens, enable_dropout=False, method=module.encode)
+  step = lambda cache, token, enc, toks, reuse: module.apply(
+      {"params": params, "cache": cache}, enc, toks, token, token, enable_dropout=False,
+      decode=True, max_decode_length=3, reuse_cross_cache=reuse, mutable=["cache"],
+      method=module.decode)
+  _, variables = step(cache, dec[:, :1], encoded, tokens, False)
+  n = 3
+  per_row = lambda path, x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0)
+  is_cross = lambda path: "cross" in str(path[-1])
+  folded = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if is_cross(path) else per_row(path, x), variables["cache"])
+  repeated = jax.tree_util.tree_map_with_path(per_row, variables["cache"])
+  token = jnp.arange(2 * n, dtype=jnp.int32)[:, None] + 5
+  toks = jnp.repeat(tokens, n, axis=0)
+  got, _ = step(folded, token, encoded, toks, True)
+  want, _ = step(repeated, token, jnp.repeat(encoded, n, axis=0), toks, True)
+  assert got.shape == (2 * n, 1, module.config.vocab_size)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

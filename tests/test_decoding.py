@@ -11,9 +11,9 @@
 - Samples are reproducible given the seed, do not depend on the batch an example is in, and
   beams of a prompt bank keep their example's prompt.
 - An 8-device mesh (8x1 and 4x2, in a subprocess) gives the 1-device beams and samples.
-
-The HF *beam* comparison of issue 20 is not here: `transformers` is not installed on this
-machine, so no HF beam output could be generated (the fixture holds greedy ids only).
+- On the Hugging Face fixture, 4-beam search gives the beams and scores of transformers'
+  `generate(num_beams=4, length_penalty=0.0)`, recorded below as constants (the test itself
+  runs no torch or transformers).
 """
 
 from __future__ import annotations
@@ -251,6 +251,65 @@ def test_greedy_reproduces_transformers_generate_on_the_hf_fixture():
                   decoding.TemperatureSampling(topk=1)):
     out, _ = jax.jit(lambda p, b, d=decoder: d(model, p, b, generated.shape[1]))(params, batch)
     np.testing.assert_array_equal(np.asarray(out)[:, 0], generated)
+
+
+# Hugging Face's 4-beam search on the fixture model, produced with transformers 4.57.6 and torch
+# 2.13.0+cpu (one thread) by
+#   model = T5ForConditionalGeneration.from_pretrained("../shared/fixtures/hf_t5_tiny_v1_1")
+#   out = model.generate(input_ids=HF_BEAM_INPUTS, attention_mask=HF_BEAM_INPUTS != 0,
+#                        max_new_tokens=6, num_beams=4, num_return_sequences=4,
+#                        length_penalty=0.0, early_stopping=False, do_sample=False,
+#                        output_scores=True, return_dict_in_generate=True)
+# HF_BEAM_TOKENS are out.sequences without the start token 0, with what HF writes after EOS
+# (more EOS) set to 0 as ours does; HF_BEAM_SCORES are out.sequences_scores (each checked there
+# to equal its beam's teacher-forced log-likelihood, EOS included, within 1e-4).
+# early_stopping=False is HF's default: a batch row stops when its best running log-likelihood
+# cannot beat its worst finished beam, which with length_penalty=0 is exact and is our stopping
+# rule (early_stopping=True would stop at the 4th finished beam, a different search).
+# Rows 0-1 are the fixture's input_ids; rows 2-7 were picked from random inputs because beams
+# end in EOS at different steps (6 of the 8 rows), including at the last step, next to beams
+# truncated at 6 tokens.
+HF_BEAM_INPUTS = [
+    [79, 33, 124, 121, 10, 25, 27, 24, 75, 46, 62, 1], [121, 86, 85, 16, 22, 114, 41, 1],
+    [87, 72, 1], [118, 38, 16, 19, 124, 1], [38, 16, 1], [16, 67, 99, 1], [50, 34, 43, 1],
+    [26, 90, 35, 122, 1]]
+HF_BEAM_TOKENS = [
+    [[93, 76, 99, 99, 99, 99], [29, 44, 62, 20, 126, 97], [29, 41, 97, 38, 86, 107],
+     [29, 41, 97, 38, 6, 126]],
+    [[57, 65, 30, 30, 30, 30], [57, 65, 30, 101, 120, 16], [57, 65, 30, 22, 38, 51],
+     [57, 65, 30, 30, 30, 22]],
+    [[93, 101, 1, 0, 0, 0], [93, 67, 1, 0, 0, 0], [101, 101, 1, 0, 0, 0], [93, 67, 4, 117, 1, 0]],
+    [[93, 1, 0, 0, 0, 0], [93, 93, 1, 0, 0, 0], [122, 77, 123, 1, 0, 0],
+     [93, 32, 108, 75, 16, 15]],
+    [[93, 51, 113, 11, 1, 0], [93, 51, 113, 11, 101, 52], [93, 51, 113, 11, 52, 52],
+     [93, 51, 113, 11, 11, 1]],
+    [[93, 72, 8, 11, 1, 0], [93, 99, 99, 99, 99, 99], [93, 72, 1, 0, 0, 0], [93, 95, 72, 1, 0, 0]],
+    [[122, 41, 7, 68, 15, 51], [41, 7, 68, 117, 1, 0], [41, 7, 68, 15, 51, 7],
+     [122, 41, 7, 68, 117, 1]],
+    [[29, 75, 15, 15, 15, 15], [122, 52, 52, 4, 4, 4], [122, 41, 26, 77, 1, 0],
+     [122, 41, 26, 77, 123, 1]]]
+HF_BEAM_SCORES = [
+    [-0.901724, -4.291814, -4.390117, -4.396055], [-2.754774, -3.148073, -3.632113, -3.642805],
+    [-2.148438, -2.354223, -2.754853, -3.929183], [-1.223223, -3.211088, -3.572772, -3.833479],
+    [-0.806104, -3.166891, -3.294434, -3.299424], [-1.174618, -1.71477, -2.785825, -3.2968],
+    [-2.087206, -2.115607, -3.144405, -3.225555], [-2.348977, -4.726151, -5.423078, -5.678741]]
+
+
+def test_beam_search_reproduces_transformers_beams_on_the_hf_fixture():
+  path = shared_fixture("hf_t5_tiny_v1_1")
+  cfg, params = hf.load_t5(str(path))
+  model = EncoderDecoderModel(t5.Transformer(cfg))
+  inputs = np.zeros((len(HF_BEAM_INPUTS), 12), np.int32)
+  for row, ids in zip(inputs, HF_BEAM_INPUTS):
+    row[:len(ids)] = ids
+  np.testing.assert_array_equal(inputs[:2], np.load(path / "input_ids.npy"))
+  tokens, scores = _jit_decode(decoding.beam_search, model, 6, 4, 0.0)(
+      params, {"encoder_input_tokens": inputs})
+  np.testing.assert_array_equal(np.asarray(tokens), np.array(HF_BEAM_TOKENS))
+  np.testing.assert_allclose(np.asarray(scores), np.array(HF_BEAM_SCORES), atol=1e-4, rtol=0)
+  # The beams do compete across lengths: EOS at 5 different steps, and beams truncated at 6.
+  ends = {seq.index(EOS) + 1 if EOS in seq else 0 for beams in HF_BEAM_TOKENS for seq in beams}
+  assert ends == {0, 2, 3, 4, 5, 6}
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -130,10 +130,14 @@ class EncoderDecoderModel:
 
   def decode_step(self, params: Mapping, cache, encoded: Array, encoder_input_tokens: Array,
                   token: Array, max_decode_length: int, reuse_cross_cache: bool = True):
-    """One cached decoder step: token [b, 1] -> (logits [b, vocab] float32, updated cache).
+    """One cached decoder step: token [r, 1] -> (logits [r, vocab] float32, updated cache).
 
     The first step of a sequence must pass `reuse_cross_cache=False`: it computes the
-    cross-attention keys/values of `encoded` and stores them; later steps read them back."""
+    cross-attention keys/values (and mask bias) of `encoded` [b, l', embed] and stores them;
+    later steps read them back and use neither `encoded` nor the encoder mask. Those cache
+    entries (`cached_cross_*`) keep one row per example, so later steps may decode r = b * n
+    rows (n beams or samples per example, example-major) with the self-attention cache and
+    `encoder_input_tokens` repeated to r rows and the cross-attention entries left at b."""
     logits, variables = self.module.apply(
         {"params": params, "cache": cache}, encoded, encoder_input_tokens, token, token,
         enable_dropout=False, decode=True, max_decode_length=max_decode_length,

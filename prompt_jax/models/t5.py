@@ -40,6 +40,13 @@ The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuning.
 A model without a hook refuses non-empty `prompt_features`. Folding a trained prompt into a plain
 array for serving is not the model's business: `prompt_jax.prompts.base.export_prompt(hook,
 params)` applies the hook's `export(embedding_table)` outside the model.
+
+Packed inputs (`encoder_segment_ids`, T5X's packing features) with a hook: the hook must declare
+`encoder_segment_ids` (and reads `encoder_positions`) in `input_features`, or the encoder refuses
+them. Such a hook returns the row as it is ([b, l, d], l' = l: the data side reserved every
+example's prompt slots, `prompt_jax.data.packing`) with mask `segment_ids > 0`; the segment ids
+mask encoder self-attention and cross-attention, `decoder_segment_ids` decoder self-attention.
+Relative position biases need no positions: within a segment they equal the unpacked ones.
 """
 
 from __future__ import annotations
@@ -176,7 +183,11 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = _param_with_axes(self, "kernel", self.kernel_init,
                               (x.shape[-1], self.features), self.kernel_axes)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    # Accumulate in float32 whatever the activation dtype, then cast: bf16 x bf16 -> f32 is the
+    # fast path of CPU bf16 units (and of the MXU); a bf16-output dot is not.
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    return y.astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -196,7 +207,8 @@ class Embed(nn.Module):
 
   def attend(self, query: Array) -> Array:
     """[..., embed] -> [..., vocab] by dot product with every embedding row."""
-    return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype))
+    return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype),
+                   preferred_element_type=jnp.float32).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -283,9 +295,10 @@ class MultiHeadDotProductAttention(nn.Module):
     """inputs_q [b, q, embed], inputs_kv [b, k, embed], bias [b|1, heads, q, k] -> [b, q, embed].
 
     `cross_cache` (cross-attention while decoding): 'write' computes the keys/values of
-    `inputs_kv` and stores them in the `cache` collection (`cached_cross_key`/`_value`);
-    'read' takes them from there instead of recomputing them at every step.
-    """
+    `inputs_kv` and stores them, with the key bias, in the `cache` collection
+    (`cached_cross_key`/`_value` [b, heads, kv, k], `cached_cross_bias` [b, 1, 1, k]); 'read'
+    takes them from there instead of recomputing them (and ignores `bias`); inputs_q may then
+    have n rows per cached row (the beams of an example, example-major)."""
     cfg = self.config
     dtype = cfg.activation_dtype
     joined = cfg.num_heads * cfg.head_dim
@@ -294,59 +307,101 @@ class MultiHeadDotProductAttention(nn.Module):
     out_init = nn.initializers.normal(stddev=joined ** -0.5)
     split = lambda x: x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
     constrain = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+    if cross_cache == "read" and self.has_variable("cache", "cached_cross_key"):
+      return self._attend_to_cross_cache(inputs_q, enable_dropout)
     q = Dense(joined, ("embed", "joined_kv"), query_init, dtype, name="query")(inputs_q)
     q = constrain(split(q))
-    if cross_cache == "read" and self.has_variable("cache", "cached_cross_key"):
-      k = self.get_variable("cache", "cached_cross_key")
-      v = self.get_variable("cache", "cached_cross_value")
-    else:
-      k = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="key")(inputs_kv)
-      v = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="value")(inputs_kv)
-      k, v = constrain(split(k)), constrain(split(v))
-      if cross_cache is not None:
-        self.put_variable("cache", "cached_cross_key", k)
-        self.put_variable("cache", "cached_cross_value", v)
+    k = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="key")(inputs_kv)
+    v = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="value")(inputs_kv)
+    k, v = constrain(split(k)), constrain(split(v))
+    if cross_cache is not None:
+      # Stored keys-last, [b, heads, kv, k], the layout the per-step matmuls read in place (XLA
+      # on CPU copies a [b, k, heads, kv] cache into it at every step otherwise).
+      self.put_variable("cache", "cached_cross_key", k.transpose(0, 2, 3, 1))
+      self.put_variable("cache", "cached_cross_value", v.transpose(0, 2, 3, 1))
+      key_bias = jnp.zeros((1, 1, 1, k.shape[1]), jnp.float32) if bias is None else \
+          bias[:, :1, :1].astype(jnp.float32)  # decoding's encoder mask is the same per query
+      self.put_variable("cache", "cached_cross_bias",
+                        jnp.broadcast_to(key_bias, (k.shape[0], 1, 1, k.shape[1])))
 
     if decode:
       k, v, bias = self._update_cache(k, v, bias)
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    # Heads-major operands ([b, h, q, d] x [b, h, d, k]): the layout XLA's CPU dot runs fast
+    # (one encoder layer 45 -> 12 ms at the small shape); same values.
+    logits = jnp.einsum("bhqd,bhdk->bhqk", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
+                        preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1)
-    if enable_dropout and cfg.dropout_rate > 0.0:
-      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.dropout_rate, weights.shape)
-      weights = weights * keep / (1.0 - cfg.dropout_rate)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+    # T5X's (flaxformer's) `broadcast_dropout`: one keep mask per key, shared by every query
+    # position ([b, heads, 1, k]), as Mesh TF T5 drops along the length dimension.
+    weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        weights, deterministic=not enable_dropout)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), v.transpose(0, 2, 1, 3),
+                     preferred_element_type=jnp.float32).astype(dtype).transpose(0, 2, 1, 3)
     out = out.reshape(out.shape[:2] + (joined,))
     return Dense(cfg.emb_dim, ("joined_kv", "embed"), out_init, dtype, name="out")(out)
+
+  def _attend_to_cross_cache(self, inputs_q: Array, enable_dropout: bool) -> Array:
+    """Cross-attention of inputs_q [r, q, embed] to the cached keys/values of b = r / n examples
+    (n beams or samples per example, example-major) -> [r, q, embed].
+
+    Each example's keys/values [b, heads, kv, k] and key bias [b, 1, 1, k] are stored once, and
+    its n rows attend to them as n * q queries of one row: nothing is repeated per beam.
+    """
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    joined = cfg.num_heads * cfg.head_dim
+    k, v, bias = (self.get_variable("cache", f"cached_cross_{name}")
+                  for name in ("key", "value", "bias"))
+    rows, length, _ = inputs_q.shape
+    x = inputs_q.reshape((k.shape[0], -1, inputs_q.shape[-1]))
+    q = Dense(joined, ("embed", "joined_kv"), dtype=dtype, name="query")(x)
+    q = q.reshape(q.shape[:2] + (cfg.num_heads, cfg.head_dim))
+    logits = jnp.einsum("bqhd,bhdk->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + bias, axis=-1)
+    weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        weights, deterministic=not enable_dropout)
+    out = jnp.einsum("bhqk,bhdk->bqhd", weights.astype(dtype), v,
+                     preferred_element_type=jnp.float32).astype(dtype)
+    out = Dense(cfg.emb_dim, ("joined_kv", "embed"), dtype=dtype, name="out")(
+        out.reshape(out.shape[:2] + (joined,)))
+    return out.reshape((rows, length, cfg.emb_dim))
 
   def _update_cache(self, k: Array, v: Array, bias: Optional[Array]):
     """Autoregressive self-attention: write this step's k/v at `cache_index`, attend to <= it.
 
     At init (`decode=True` with full-length inputs) this only creates the `cache` variables
-    `cached_key`/`cached_value` [b, max_length, heads, kv] and `cache_index` [].
+    `cached_key`/`cached_value` [b, heads, max_length, kv] (heads-major, as attention reads
+    them) and `cache_index` []. k, v [b, 1, heads, kv]; bias [1, heads, 1, max_length] (the
+    current row) or [1, heads, max_length, max_length] -> (keys, values, step bias).
     """
     is_initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)  # [b, l, heads, kv] <-> [b, heads, l, kv]
+    cache_shape = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
     if not is_initialized:
       return k, v, bias
-    batch, length, heads, head_dim = k.shape
-    max_length = cached_key.value.shape[1]
+    length = k.shape[1]
+    max_length = cached_key.value.shape[2]
     if length != 1:
       raise ValueError(f"autoregressive decoding takes one token per step, got length {length}")
     index = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, index, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, heads_major(k),
+                                                    (0, 0, index, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, heads_major(v),
+                                                      (0, 0, index, 0))
     cache_index.value = index + 1
     causal = (jnp.arange(max_length) <= index)[None, None, None, :]
     step_bias = jnp.where(causal, 0.0, -1e10).astype(jnp.float32)
     if bias is not None:
-      # bias is [1, heads, max_length, max_length]: take the row of the current position.
-      step_bias = step_bias + jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
-    return cached_key.value, cached_value.value, step_bias
+      if bias.shape[-2] != 1:  # the whole [max_length, max_length] bias: take the current row
+        bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
+      step_bias = step_bias + bias.astype(jnp.float32)
+    return heads_major(cached_key.value), heads_major(cached_value.value), step_bias
 
 
 class MlpBlock(nn.Module):
@@ -365,7 +420,9 @@ class MlpBlock(nn.Module):
       h = _ACTIVATIONS[act](Dense(cfg.mlp_dim, ("embed", "mlp"), init, dtype, name=name)(x))
       hidden = h if hidden is None else hidden * h
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=not enable_dropout)
+    # Broadcast along length, as T5X's MlpBlock: one mask per example and hidden unit.
+    hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        hidden, deterministic=not enable_dropout)
     wo_init = nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5)
     return Dense(cfg.emb_dim, ("mlp", "embed"), wo_init, dtype, name="wo")(hidden)
 
@@ -442,7 +499,7 @@ class Encoder(nn.Module):
   def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
                *, enable_dropout: bool = True,
                prompt_features: Optional[PromptFeatures] = None) -> Array:
-    """[b, l] tokens -> encoded [b, l', embed] (l' = l + prompt length).
+    """[b, l] tokens -> encoded [b, l', embed] (l' = l + prompt length; l for packed rows).
 
     `prompt_features`: the hook's per-example inputs (see the module docstring)."""
     cfg = self.config
@@ -450,8 +507,15 @@ class Encoder(nn.Module):
     features = dict(prompt_features or {})
     x = self.shared_embedding(encoder_input_tokens)
     if self.prompt is not None:
-      if encoder_segment_ids is not None:
-        raise ValueError("packed inputs (encoder_segment_ids) are not supported with a prompt")
+      # Packed rows: the hook fills every example's prompt slots, so it must read the segment
+      # ids (handed over from the batch, or from this argument); the masks below use them.
+      if encoder_segment_ids is None:
+        encoder_segment_ids = features.get("encoder_segment_ids")
+      elif "encoder_segment_ids" in getattr(self.prompt, "input_features", ()):
+        features.setdefault("encoder_segment_ids", encoder_segment_ids)
+      else:
+        raise ValueError(f"packed inputs (encoder_segment_ids) need a prompt hook that reads "
+                         f"encoder_segment_ids; {type(self.prompt).__name__} does not")
       x, mask = self.prompt(encoder_input_tokens, x, self.shared_embedding.embedding, features)
     else:
       if features:
@@ -496,16 +560,19 @@ class Decoder(nn.Module):
     y = self.shared_embedding(decoder_input_tokens)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
 
-    bias_length = decoder_input_tokens.shape[1]
-    if decode and not self.is_initializing():
-      # One token per step: the bias covers the whole cache; attention takes the current row.
-      if max_decode_length is None:
-        raise ValueError("decode=True needs max_decode_length (the length of the cache)")
-      bias_length = max_decode_length
-    positions = jnp.arange(bias_length)
+    positions = query_positions = jnp.arange(decoder_input_tokens.shape[1])
+    if decode:
+      # One token per step: only the current position's row of the bias, [1, heads, 1, L] for
+      # the whole cache (L = max_decode_length); `cache_index` counts the steps taken.
+      index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if not self.is_initializing():
+        if max_decode_length is None:
+          raise ValueError("decode=True needs max_decode_length (the length of the cache)")
+        positions, query_positions = jnp.arange(max_decode_length), index.value[None]
+        index.value = index.value + 1
     self_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance, cfg.num_heads, dtype,
-                                       name="relpos_bias")(positions, positions,
+                                       name="relpos_bias")(query_positions, positions,
                                                            bidirectional=False)
     if decoder_mask is not None:
       self_bias = self_bias + combine_masks_to_bias(decoder_mask, dtype)
@@ -579,7 +646,10 @@ class Transformer(nn.Module):
     the cache; `reuse_cross_cache=True` (all steps after the first) reads them back instead of
     recomputing them, which is most of a step's work for long inputs."""
     del decoder_positions  # relative attention derives positions itself
-    encoder_mask = self.encoder_mask(encoder_input_tokens)
+    if encoder_segment_ids is not None and self.prompt is not None:
+      encoder_mask = encoder_segment_ids > 0  # packed rows hold their prompt slots already
+    else:
+      encoder_mask = self.encoder_mask(encoder_input_tokens)
     if decode:
       decoder_mask = None
       encoder_decoder_mask = make_attention_mask(jnp.ones_like(decoder_target_tokens) > 0,
@@ -603,7 +673,17 @@ class Transformer(nn.Module):
                decode: bool = False,
                prompt_features: Optional[PromptFeatures] = None) -> Array:
     """Teacher-forced logits [b, t, vocab] (float32); `prompt_features`: the hook's inputs."""
-    del encoder_positions
+    features = dict(prompt_features or {})
+    if self.prompt is not None:
+      # Packed rows (T5X's positional call passes them as arguments): a hook that declares the
+      # packing features gets them; the segment ids also reach the masks from the features.
+      declared = getattr(self.prompt, "input_features", ())
+      if encoder_positions is not None and "encoder_positions" in declared:
+        features.setdefault("encoder_positions", encoder_positions)
+      if encoder_segment_ids is None:
+        encoder_segment_ids = features.get("encoder_segment_ids")
+    prompt_features = features or prompt_features
+    del encoder_positions  # relative attention derives positions itself
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
                           enable_dropout=enable_dropout, prompt_features=prompt_features)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,

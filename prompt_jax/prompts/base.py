@@ -21,6 +21,17 @@ one entry.
 Per-example inputs: a hook lists the batch features it reads in `input_features` (a bank:
 `('prompt_ids',)`); the model hands exactly those to the hook as one mapping, `prompt_features`.
 
+Packed rows (`prompt_jax.data.packing`): several examples share one encoder row, and each keeps
+its own copy of the prompt. The data side reserves the prompt's p positions in front of every
+example, so that `encoder_segment_ids` and `encoder_positions` (T5X's packing features) cover the
+prompt: positions 0..p-1 of a segment are its prompt slots, its tokens follow. `InputPrompt`
+reads these two features (`PACKED_FEATURES`); when they are present it inserts nothing and fills
+each slot (token `PROMPT_SLOT_ID`) with prompt row `position` (`fill_prompt_slots`), and the
+mask is `segment_ids > 0`.
+The model's segment masks keep the examples apart and its relative positions are the unpacked
+ones within a segment. Only the `prefix` placement and input-level hooks pack; without the two
+features the unpacked path runs unchanged.
+
 Export: `export_prompt(hook, params)` folds a trained hook into the plain [length, embed] array
 that serves with zero overhead, by applying the hook's `export` to the frozen embedding table.
 The model never calls `export`.
@@ -54,6 +65,11 @@ Array = jax.Array
 PromptFeatures = Mapping[str, Array]  # per-example hook inputs: name -> [batch, ...]
 
 MAX_ENCODER_LENGTH = 8192
+PACKED_FEATURES = ("encoder_segment_ids", "encoder_positions")  # T5X's packing features
+PACKED_PLACEMENTS = ("prefix",)
+# The token id the data side writes into reserved prompt slots (non-zero: seqio's packer strips
+# zeros as padding); the hook replaces the slots' embeddings.
+PROMPT_SLOT_ID = 1
 LOGICAL_AXIS_RULES = (("prompt", None), ("prompt_embed", None), ("prompt_mlp", None))
 
 
@@ -155,6 +171,23 @@ def prompt_positions(input_tokens: Array, prompt_length: int, placement: str) ->
   return placement_of(placement).positions(input_tokens, prompt_length)
 
 
+def fill_prompt_slots(prompt: Array, embedded: Array, input_tokens: Array, segment_ids: Array,
+                      positions: Array) -> Array:
+  """Packed rows: prompt [b, p, d] into embedded [b, l, d] -> [b, l, d].
+
+  A slot is a position with segment id > 0 and position < p (input_tokens, segment_ids,
+  positions [b, l]); it gets prompt row `position`, every other position keeps its embedding.
+  A slot whose token is not `PROMPT_SLOT_ID` (rows packed without reserving the prompt, e.g.
+  plain `EncDecFeatureConverter(pack=True)`, whose first p tokens would be overwritten) gets a
+  NaN row, so that the loss cannot pass silently."""
+  length = prompt.shape[1]
+  slot = (segment_ids > 0) & (positions < length)
+  index = jnp.clip(positions, 0, length - 1).astype(jnp.int32)
+  rows = jnp.take_along_axis(prompt, index[..., None], axis=1)
+  rows = jnp.where((input_tokens == PROMPT_SLOT_ID)[..., None], rows, jnp.nan)
+  return jnp.where(slot[..., None], rows, embedded)
+
+
 def unread_features(hook: nn.Module, prompt_features: Optional[PromptFeatures]) -> list[str]:
   """The names in `prompt_features` that `hook` does not list in its `input_features`."""
   declared = set(getattr(hook, "input_features", ()))
@@ -208,10 +241,11 @@ class InputPrompt(nn.Module):
     placement: where the prompt goes in the encoder input.
     max_encoder_length: the encoder length budget (keyword only; see the module docstring).
 
-  It holds one prompt for every example and reads no batch features (`input_features = ()`).
+  It holds one prompt for every example. Its only batch features are the packing ones
+  (`PACKED_FEATURES`, present in packed batches only; see the module docstring).
   """
 
-  input_features: ClassVar[tuple[str, ...]] = ()
+  input_features: ClassVar[tuple[str, ...]] = PACKED_FEATURES
 
   prompt: nn.Module
   placement: str = "prefix"
@@ -230,16 +264,49 @@ class InputPrompt(nn.Module):
 
   def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array,
                prompt_features: Optional[PromptFeatures] = None):
-    """-> (embedded [b, p + l, d], mask [b, p + l])."""
+    """-> (embedded [b, p + l, d], mask [b, p + l]); packed rows: ([b, l, d], [b, l])."""
     unread = unread_features(self, prompt_features)
     if unread:
       raise ValueError(f"{type(self).__name__} holds one prompt; {', '.join(unread)} need a "
                        "prompt bank")
+    packed = self._packed_features(input_tokens, prompt_features)
+    if packed is not None:
+      segment_ids, positions = packed
+      prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
+      prompt = prompt.astype(embedded_inputs.dtype)
+      embedded = fill_prompt_slots(prompt, embedded_inputs, input_tokens, segment_ids, positions)
+      return embedded, segment_ids > 0
     check_encoder_length(self.length, input_tokens.shape[1], self.max_encoder_length)
     prompt = self.prompt(input_tokens, embedded_inputs, embedding_table)
     prompt = prompt.astype(embedded_inputs.dtype)
     embedded = insert_prompt(prompt, embedded_inputs, input_tokens, self.placement)
     return embedded, prompt_mask(input_tokens, self.length, self.placement)
+
+  def _packed_features(self, input_tokens: Array, prompt_features: Optional[PromptFeatures]):
+    """(segment_ids, positions) [b, l] of packed rows, or None for unpacked inputs."""
+    features = prompt_features or {}
+    given = [k for k in PACKED_FEATURES if features.get(k) is not None]
+    if not given:
+      return None
+    name = type(self).__name__
+    if len(given) < len(PACKED_FEATURES):
+      missing = [k for k in PACKED_FEATURES if k not in given]
+      raise ValueError(f"packed inputs need {' and '.join(PACKED_FEATURES)}; {name} got "
+                       f"{given[0]} without {missing[0]}")
+    if type(self).layer_inputs is not InputPrompt.layer_inputs:
+      raise ValueError(f"{name} changes the hidden states of the prompt positions inside the "
+                       "encoder; packed inputs (encoder_segment_ids) work with InputPrompt only")
+    if self.placement not in PACKED_PLACEMENTS:
+      raise ValueError(f"packed inputs (encoder_segment_ids) need placement 'prefix', got "
+                       f"{name}.placement={self.placement!r}")
+    for k in PACKED_FEATURES:
+      if features[k].shape != input_tokens.shape:
+        raise ValueError(f"{k} must have the shape of encoder_input_tokens "
+                         f"{input_tokens.shape}, got {features[k].shape}")
+    if input_tokens.shape[1] > self.max_encoder_length:
+      raise ValueError(f"packed rows of {input_tokens.shape[1]} encoder tokens exceed the budget "
+                       f"max_encoder_length={self.max_encoder_length}")
+    return features["encoder_segment_ids"], features["encoder_positions"]
 
   def input_mask(self, input_tokens: Array) -> Array:
     return prompt_mask(input_tokens, self.length, self.placement)
