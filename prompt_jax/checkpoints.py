@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from prompt_jax import params as params_lib
 from prompt_jax import run_dir
+from prompt_jax.models import layer_stack
 
 log = logging.getLogger(__name__)
 
@@ -335,21 +336,37 @@ def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = N
   (Orbax) or a `partitioner` is given (T5X): each host reads only its own slices."""
   path = resolve_path(path)
   fmt = _format_of(path)
+  # Files hold T5X's per-layer layout (`layers_{i}`); a scanned model (config.scan_layers)
+  # gets its blocks stacked after reading (`layer_stack`). Orbax directories may hold either.
+  per_layer_config = None if config is None else config.replace(scan_layers=False)
   if fmt == "npz":
     params = load_params_npz(path)
   elif fmt == "orbax":
-    params = load_params_orbax(path, abstract_params)
+    on_disk = abstract_params
+    if abstract_params is not None:  # read in the checkpoint's layout, convert below
+      on_disk = layer_stack.as_layout_of(abstract_params, _orbax_tree(path))
+    params = load_params_orbax(path, on_disk)
   elif fmt == "t5x":
     from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
-    params = t5x.load_params(path, config, partitioner)
+    params = t5x.load_params(path, per_layer_config, partitioner)
   else:
     from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
     hf_config, params = hf.load_t5(path)
-    if hf_config != config:
+    if hf_config != per_layer_config:
       log.warning("Hugging Face config %s differs from the configured %s", hf_config, config)
   if abstract_params is not None:
+    params = layer_stack.as_layout_of(params, abstract_params)
     params = select_checked(params, abstract_params, path)
+  elif config is not None and config.scan_layers:
+    params = layer_stack.stack_layers(params)
   return params
+
+
+def _orbax_tree(path: str) -> Mapping:
+  """The nested parameter names of an Orbax checkpoint (from its metadata, no array read)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(os.path.abspath(path)).item_metadata
+  return getattr(metadata, "tree", metadata)
 
 
 def select_checked(params: Mapping, abstract_params: Mapping, source: str) -> dict:

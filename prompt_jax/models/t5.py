@@ -92,6 +92,7 @@ class T5Config:
   dtype: str = "float32"
   remat_policy: str = "none"
   layer_norm_epsilon: float = 1e-6
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
@@ -111,6 +112,8 @@ class T5Config:
       jnp.dtype(self.dtype)
     except TypeError as e:
       raise ValueError(f"T5Config.dtype: unknown dtype {self.dtype!r}") from e
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"T5Config.remat_policy must be one of {REMAT_POLICIES}, "
                        f"got {self.remat_policy!r}")
@@ -291,14 +294,15 @@ class MultiHeadDotProductAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
                enable_dropout: bool, decode: bool = False,
-               cross_cache: Optional[str] = None) -> Array:
+               cross_cache: Optional[str] = None, decode_index: Optional[Array] = None) -> Array:
     """inputs_q [b, q, embed], inputs_kv [b, k, embed], bias [b|1, heads, q, k] -> [b, q, embed].
 
     `cross_cache` (cross-attention while decoding): 'write' computes the keys/values of
     `inputs_kv` and stores them, with the key bias, in the `cache` collection
     (`cached_cross_key`/`_value` [b, heads, kv, k], `cached_cross_bias` [b, 1, 1, k]); 'read'
     takes them from there instead of recomputing them (and ignores `bias`); inputs_q may then
-    have n rows per cached row (the beams of an example, example-major)."""
+    have n rows per cached row (the beams of an example, example-major). `decode_index` []: the
+    decoding step (the decoder's `cache_index`), where `decode=True` writes this step's k/v."""
     cfg = self.config
     dtype = cfg.activation_dtype
     joined = cfg.num_heads * cfg.head_dim
@@ -325,7 +329,7 @@ class MultiHeadDotProductAttention(nn.Module):
                         jnp.broadcast_to(key_bias, (k.shape[0], 1, 1, k.shape[1])))
 
     if decode:
-      k, v, bias = self._update_cache(k, v, bias)
+      k, v, bias = self._update_cache(k, v, bias, decode_index)
 
     # Heads-major operands ([b, h, q, d] x [b, h, d, k]): the layout XLA's CPU dot runs fast
     # (one encoder layer 45 -> 12 ms at the small shape); same values.
@@ -369,32 +373,32 @@ class MultiHeadDotProductAttention(nn.Module):
         out.reshape(out.shape[:2] + (joined,)))
     return out.reshape((rows, length, cfg.emb_dim))
 
-  def _update_cache(self, k: Array, v: Array, bias: Optional[Array]):
-    """Autoregressive self-attention: write this step's k/v at `cache_index`, attend to <= it.
+  def _update_cache(self, k: Array, v: Array, bias: Optional[Array], index: Optional[Array]):
+    """Autoregressive self-attention: write this step's k/v at `index`, attend to <= it.
 
     At init (`decode=True` with full-length inputs) this only creates the `cache` variables
     `cached_key`/`cached_value` [b, heads, max_length, kv] (heads-major, as attention reads
-    them) and `cache_index` []. k, v [b, 1, heads, kv]; bias [1, heads, 1, max_length] (the
-    current row) or [1, heads, max_length, max_length] -> (keys, values, step bias).
+    them; every cache array leads with the batch, which scanned layers rely on). k, v
+    [b, 1, heads, kv]; bias [1, heads, 1, max_length] (the current row) or [1, heads,
+    max_length, max_length] -> (keys, values, step bias).
     """
     is_initialized = self.has_variable("cache", "cached_key")
     heads_major = lambda x: x.transpose(0, 2, 1, 3)  # [b, l, heads, kv] <-> [b, heads, l, kv]
     cache_shape = (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
     cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
-    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
     if not is_initialized:
       return k, v, bias
+    if index is None:
+      raise ValueError("decoding steps need decode_index (the decoder's cache_index)")
     length = k.shape[1]
     max_length = cached_key.value.shape[2]
     if length != 1:
       raise ValueError(f"autoregressive decoding takes one token per step, got length {length}")
-    index = cache_index.value
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, heads_major(k),
                                                     (0, 0, index, 0))
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, heads_major(v),
                                                       (0, 0, index, 0))
-    cache_index.value = index + 1
     causal = (jnp.arange(max_length) <= index)[None, None, None, :]
     step_bias = jnp.where(causal, 0.0, -1e10).astype(jnp.float32)
     if bias is not None:
@@ -427,22 +431,48 @@ class MlpBlock(nn.Module):
     return Dense(cfg.emb_dim, ("mlp", "embed"), wo_init, dtype, name="wo")(hidden)
 
 
+def _encoder_layer(cfg: T5Config, x: Array, bias: Array, enable_dropout: bool) -> Array:
+  """One encoder block, x [b, l, embed] -> [b, l, embed]. Its submodules are created in the
+  calling module (`EncoderLayer`, or the scanned step), so both hold T5X's names."""
+  dtype = cfg.activation_dtype
+  drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+  y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
+  y = MultiHeadDotProductAttention(cfg, name="attention")(y, y, bias,
+                                                          enable_dropout=enable_dropout)
+  x = x + drop(y, deterministic=not enable_dropout)
+  y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+  y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
+  x = x + drop(y, deterministic=not enable_dropout)
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _decoder_layer(cfg: T5Config, x: Array, encoded: Array, self_bias: Optional[Array],
+                   cross_bias: Optional[Array], enable_dropout: bool, decode: bool,
+                   reuse_cross_cache: bool, decode_index: Optional[Array]) -> Array:
+  """One decoder block, x [b, t, embed] -> [b, t, embed] (submodules as `_encoder_layer`)."""
+  dtype = cfg.activation_dtype
+  drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+  y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
+  y = MultiHeadDotProductAttention(cfg, name="self_attention")(
+      y, y, self_bias, enable_dropout=enable_dropout, decode=decode, decode_index=decode_index)
+  x = x + drop(y, deterministic=not enable_dropout)
+  y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
+  cross_cache = ("read" if reuse_cross_cache else "write") if decode else None
+  y = MultiHeadDotProductAttention(cfg, name="encoder_decoder_attention")(
+      y, encoded, cross_bias, enable_dropout=enable_dropout, cross_cache=cross_cache)
+  x = x + drop(y, deterministic=not enable_dropout)
+  y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+  y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
+  x = x + drop(y, deterministic=not enable_dropout)
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
 class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
   def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
-    cfg = self.config
-    dtype = cfg.activation_dtype
-    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
-    y = MultiHeadDotProductAttention(cfg, name="attention")(y, y, bias,
-                                                            enable_dropout=enable_dropout)
-    x = x + drop(y, deterministic=not enable_dropout)
-    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
-    x = x + drop(y, deterministic=not enable_dropout)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return _encoder_layer(self.config, x, bias, enable_dropout)
 
 
 class DecoderLayer(nn.Module):
@@ -451,35 +481,81 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Optional[Array],
                cross_bias: Optional[Array], enable_dropout: bool, decode: bool,
-               reuse_cross_cache: bool = False) -> Array:
-    cfg = self.config
-    dtype = cfg.activation_dtype
-    drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
-    y = MultiHeadDotProductAttention(cfg, name="self_attention")(
-        y, y, self_bias, enable_dropout=enable_dropout, decode=decode)
-    x = x + drop(y, deterministic=not enable_dropout)
-    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
-    cross_cache = ("read" if reuse_cross_cache else "write") if decode else None
-    y = MultiHeadDotProductAttention(cfg, name="encoder_decoder_attention")(
-        y, encoded, cross_bias, enable_dropout=enable_dropout, cross_cache=cross_cache)
-    x = x + drop(y, deterministic=not enable_dropout)
-    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
-    x = x + drop(y, deterministic=not enable_dropout)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+               reuse_cross_cache: bool = False, decode_index: Optional[Array] = None) -> Array:
+    return _decoder_layer(self.config, x, encoded, self_bias, cross_bias, enable_dropout,
+                          decode, reuse_cross_cache, decode_index)
 
 
-def _maybe_remat(layer_cls, policy: str, static_argnums: Sequence[int]):
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(layer_cls, policy: str, static_argnums: Sequence[int] = (),
+                 in_scan: bool = False):
+  """Rematerialise each call of `layer_cls` by `policy` (inside a scan, the scan already keeps
+  XLA from merging recomputation across layers: prevent_cse off, as Flax advises)."""
   if policy == "none":
     return layer_cls
-  policies = {
-      "full": None,
-      "dots_saveable": jax.checkpoint_policies.dots_saveable,
-      "dots_with_no_batch_dims_saveable":
-          jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }
-  return nn.remat(layer_cls, policy=policies[policy], static_argnums=tuple(static_argnums))
+  return nn.remat(layer_cls, policy=_REMAT_POLICIES[policy],
+                  static_argnums=tuple(static_argnums), prevent_cse=not in_scan)
+
+
+# ----------------------------------------------------------------------------- scanned layers
+#
+# With `T5Config.scan_layers`, the blocks of a stack are one `nn.scan` over a step that holds a
+# single block's submodules: parameters are stored stacked, `encoder/layers/attention/query/
+# kernel` [layers, embed, joined_kv] (logical axis "layers" first), and XLA compiles one block
+# instead of num_layers copies. The decode cache keeps the batch first: [b, layers, ...].
+# Checkpoints on disk keep T5X's per-layer `layers_{i}`: `layer_stack.stack_layers` converts at
+# load time.
+
+
+class _EncoderScanStep(nn.Module):
+  """Scan body: the prompt hook's per-layer update (if any), then one encoder block.
+
+  layer_update(layer_values, hidden [b, l', d], context) -> hidden: a pure function from the
+  hook (`scan_layer_inputs` in the module docstring); layer_values are this layer's slice."""
+
+  config: T5Config
+  enable_dropout: bool
+  layer_update: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, context: Any, layer_values: Any):
+    if self.layer_update is not None:
+      x = self.layer_update(layer_values, x, context)
+    return _encoder_layer(self.config, x, bias, self.enable_dropout), None
+
+
+class _DecoderScanStep(nn.Module):
+  """Scan body: one decoder block."""
+
+  config: T5Config
+  enable_dropout: bool
+  decode: bool
+  reuse_cross_cache: bool
+
+  @nn.compact
+  def __call__(self, y: Array, encoded: Array, self_bias: Optional[Array],
+               cross_bias: Optional[Array], decode_index: Optional[Array]):
+    return _decoder_layer(self.config, y, encoded, self_bias, cross_bias, self.enable_dropout,
+                          self.decode, self.reuse_cross_cache, decode_index), None
+
+
+def _scanned(step_cls, cfg: T5Config, num_layers: int, num_broadcast: int):
+  """nn.scan of `step_cls` (rematerialised per layer by cfg.remat_policy) over num_layers:
+  params and cache stacked (params on axis 0, cache on axis 1 behind the batch), independent
+  dropout and init randomness per layer, the first `num_broadcast` inputs shared by all."""
+  step = _maybe_remat(step_cls, cfg.remat_policy, in_scan=True)
+  in_axes = (nn.broadcast,) * num_broadcast
+  if step_cls is _EncoderScanStep:
+    in_axes = in_axes + (0,)
+  return nn.scan(step, variable_axes={"params": 0, "cache": 1},
+                 split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
+                 length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Encoder(nn.Module):
@@ -534,13 +610,34 @@ class Encoder(nn.Module):
                                   name="relpos_bias")(positions, positions, bidirectional=True)
     bias = bias + combine_masks_to_bias(attention_mask, dtype)
 
-    layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
-    for i in range(cfg.num_encoder_layers):
-      if self.prompt is not None:
-        x = self.prompt.layer_inputs(i, x, encoder_input_tokens, features)
-      x = layer_cls(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
+    if cfg.scan_layers:
+      x = self._scanned_layers(x, bias, encoder_input_tokens, features, enable_dropout)
+    else:
+      layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
+      for i in range(cfg.num_encoder_layers):
+        if self.prompt is not None:
+          x = self.prompt.layer_inputs(i, x, encoder_input_tokens, features)
+        x = layer_cls(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
+
+  def _scanned_layers(self, x: Array, bias: Array, encoder_input_tokens: Array,
+                      features: dict, enable_dropout: bool) -> Array:
+    """The encoder blocks as one scan; the hook's per-layer changes come from its
+    `scan_layer_inputs` (None: it changes no layer)."""
+    cfg = self.config
+    layer_values = context = update = None
+    if self.prompt is not None:
+      scan_inputs = getattr(self.prompt, "scan_layer_inputs", None)
+      if scan_inputs is None:
+        raise ValueError(f"T5Config.scan_layers=True needs a prompt hook with scan_layer_inputs; "
+                         f"{type(self.prompt).__name__} has none (set scan_layers=False)")
+      per_layer = scan_inputs(cfg.num_encoder_layers, x, encoder_input_tokens, features)
+      if per_layer is not None:
+        layer_values, context, update = per_layer
+    scan = _scanned(_EncoderScanStep, cfg, cfg.num_encoder_layers, num_broadcast=2)
+    x, _ = scan(cfg, enable_dropout, update, name="layers")(x, bias, context, layer_values)
+    return x
 
 
 class Decoder(nn.Module):
@@ -561,6 +658,7 @@ class Decoder(nn.Module):
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
 
     positions = query_positions = jnp.arange(decoder_input_tokens.shape[1])
+    decode_index = None
     if decode:
       # One token per step: only the current position's row of the bias, [1, heads, 1, L] for
       # the whole cache (L = max_decode_length); `cache_index` counts the steps taken.
@@ -568,7 +666,8 @@ class Decoder(nn.Module):
       if not self.is_initializing():
         if max_decode_length is None:
           raise ValueError("decode=True needs max_decode_length (the length of the cache)")
-        positions, query_positions = jnp.arange(max_decode_length), index.value[None]
+        decode_index = index.value
+        positions, query_positions = jnp.arange(max_decode_length), decode_index[None]
         index.value = index.value + 1
     self_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance, cfg.num_heads, dtype,
@@ -578,10 +677,16 @@ class Decoder(nn.Module):
       self_bias = self_bias + combine_masks_to_bias(decoder_mask, dtype)
     cross_bias = combine_masks_to_bias(encoder_decoder_mask, dtype)
 
-    layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6, 7))
-    for i in range(cfg.num_decoder_layers):
-      y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias,
-                                             enable_dropout, decode, reuse_cross_cache)
+    if cfg.scan_layers:
+      scan = _scanned(_DecoderScanStep, cfg, cfg.num_decoder_layers, num_broadcast=4)
+      y, _ = scan(cfg, enable_dropout, decode, reuse_cross_cache, name="layers")(
+          y, encoded, self_bias, cross_bias, decode_index)
+    else:
+      layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6, 7))
+      for i in range(cfg.num_decoder_layers):
+        y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias,
+                                               enable_dropout, decode, reuse_cross_cache,
+                                               decode_index)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
     if cfg.logits_via_embedding:

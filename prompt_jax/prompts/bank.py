@@ -123,6 +123,12 @@ class PromptBank(nn.Module):
     del layer, input_tokens, prompt_features
     return hidden
 
+  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
+                        prompt_features: Optional[base.PromptFeatures] = None):
+    """Scanned layers: input-level prompts change no layer (None; see models/t5.py)."""
+    del num_layers, hidden, input_tokens, prompt_features
+    return None
+
   def export(self, embedding_table: Array) -> Array:
     """All prompts, [num_prompts, length, embed] (row i is prompt i's plain [length, embed])."""
     return self.prompt(embedding_table)

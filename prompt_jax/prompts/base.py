@@ -326,3 +326,9 @@ class InputPrompt(nn.Module):
     """Input-level prompts leave the hidden states of every layer alone."""
     del layer, input_tokens, prompt_features
     return hidden
+
+  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
+                        prompt_features: Optional[PromptFeatures] = None):
+    """Scanned layers: input-level prompts change no layer (None; see models/t5.py)."""
+    del num_layers, hidden, input_tokens, prompt_features
+    return None

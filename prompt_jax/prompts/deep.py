@@ -94,6 +94,30 @@ class DeepPrompt(InputLevelHook):
     values = jnp.broadcast_to(layer_prompt, (hidden.shape[0],) + layer_prompt.shape)
     return replace_at_positions(hidden, values, self.positions(input_tokens))
 
+  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
+                        prompt_features: Optional[PromptFeatures] = None):
+    """Scanned layers (models/t5.py): every layer's prompt stacked, values [layers, b, p, d]
+    (zeros where a layer has none) with `active` [layers], the positions [b, p] as context,
+    and the pure update that `layer_inputs` is per layer. The parameters keep their per-layer
+    names (`layers_{l}`), so prompt checkpoints are the same scanned or not."""
+    del prompt_features
+    if not self.layers:
+      return None
+    positions = self.positions(input_tokens)
+    no_prompt = jnp.zeros(positions.shape + hidden.shape[-1:], hidden.dtype)
+    zeros = jnp.zeros_like(hidden)
+    values = [gather_positions(self.layer_inputs(layer, zeros, input_tokens), positions)
+              if layer in self.layers else no_prompt for layer in range(num_layers)]
+    active = jnp.array([layer in self.layers for layer in range(num_layers)])
+    return (jnp.stack(values), active), positions, replace_if_active
+
+
+def replace_if_active(layer_values, hidden: Array, positions: Array) -> Array:
+  """One scanned layer's deep prompt: (values [b, p, d], active []) -> hidden [b, l, d] with
+  the values at `positions` [b, p] when active, else unchanged."""
+  values, active = layer_values
+  return jnp.where(active, replace_at_positions(hidden, values, positions), hidden)
+
   def export(self, embedding_table: Array) -> Optional[Array]:
     """A single [p, d] input prompt only when no layer has its own prompt; None otherwise."""
     if self.layers:

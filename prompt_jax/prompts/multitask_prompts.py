@@ -135,6 +135,12 @@ class TaskPromptHook(nn.Module):
     del layer, input_tokens, prompt_features
     return hidden
 
+  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
+                        prompt_features: Optional[base.PromptFeatures] = None):
+    """Scanned layers: input-level prompts change no layer (None; see models/t5.py)."""
+    del num_layers, hidden, input_tokens, prompt_features
+    return None
+
   def export(self, embedding_table: Array) -> Array:
     """Every task's prompt folded into a plain array, [num_tasks, length, embed]."""
     return self.task_prompts(embedding_table)

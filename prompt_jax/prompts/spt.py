@@ -33,6 +33,7 @@ Parameters (all under `encoder/prompt/`):
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Mapping, Optional, Sequence
 
@@ -146,10 +147,42 @@ class SelectivePrompt(deep.InputLevelHook):
                              name=f"layers_{layer}")(propagated, pooled)
     return deep.replace_at_positions(hidden, mixed, positions)
 
+  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
+                        prompt_features: Optional[base.PromptFeatures] = None):
+    """Scanned layers (models/t5.py): the candidate layers' gate and generator parameters
+    stacked [layers, ...] (zeros where a layer is no candidate) with `active` [layers], the
+    prompt positions and input mask as context, and the pure per-layer update. The parameters
+    stay `layers_{l}/...`, so checkpoints and gate selection are the same scanned or not."""
+    del prompt_features
+    candidates = [layer for layer in range(num_layers) if self.is_candidate(layer)]
+    if not candidates:
+      return None
+    zeros = jnp.zeros_like(hidden)
+    for layer in candidates:  # creates the parameters at init; XLA drops the unused result
+      self.layer_inputs(layer, zeros, input_tokens)
+    params = nn.meta.unbox(self.variables["params"])
+    per_layer = {layer: params[f"layers_{layer}"] for layer in candidates}
+    none = jax.tree_util.tree_map(jnp.zeros_like, per_layer[candidates[0]])
+    stacked = jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs), *[per_layer.get(layer, none) for layer in range(num_layers)])
+    active = jnp.array([layer in per_layer for layer in range(num_layers)])
+    gated = GatedLayerPrompt(self.length, self.bottleneck, self.gate_init, self.hard, parent=None)
+    context = (self.positions(input_tokens), self.input_mask(input_tokens))
+    return (stacked, active), context, functools.partial(gated_update, gated)
+
   def export(self, embedding_table: Array) -> None:
     """Generated prompts depend on the input: there is no single prompt to export."""
     del embedding_table
     return None
+
+
+def gated_update(gated: GatedLayerPrompt, layer_values, hidden: Array, context) -> Array:
+  """One scanned layer of SPT: `layer_inputs` with the layer's parameters passed in."""
+  (layer_params, active), (positions, mask) = layer_values, context
+  pooled = pool_text_states(hidden, mask, positions)
+  propagated = deep.gather_positions(hidden, positions)
+  mixed = gated.apply({"params": layer_params}, propagated, pooled)
+  return jnp.where(active, deep.replace_at_positions(hidden, mixed, positions), hidden)
 
 
 def pool_text_states(hidden: Array, mask: Array, positions: Array) -> Array:
