@@ -60,10 +60,10 @@ def gib(n) -> str:
 
 
 def table(plans: list[dict]) -> str:
-  rows = ["| size | slice | mesh | remat | train: arguments / temporaries / peak GiB | fits | "
-          "eval / score / predict peak GiB | train FLOPs (XLA) | at peak | compile s (train; "
-          "others) |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  rows = ["| size | slice | mesh | layers | remat | train: arguments / temporaries / peak GiB | "
+          "fits | eval / score / predict peak GiB | train FLOPs (XLA) | at peak | "
+          "compile s (train; others) |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for p in plans:
     programs = p["programs"]
     train = programs["train"]
@@ -74,6 +74,7 @@ def table(plans: list[dict]) -> str:
             if n in programs]
     rows.append(
         f"| {p['size']} | {p['topology']['name']} | {p['mesh']['data']}x{p['mesh']['model']} | "
+        f"{'scanned' if p['config'].get('scan_layers') else 'per layer'} | "
         f"{p['config']['remat_policy']} | "
         + (f"{gib(m['arguments'])} / {gib(m['temporaries'])} / {gib(m['peak'])}" if m else
            train["out_of_memory"]) +

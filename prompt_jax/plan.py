@@ -126,8 +126,41 @@ class Topology:
     return CHIPS[self.generation][1]
 
 
+# The chip grids Cloud TPU builds for a given number of chips (its accelerator types, e.g.
+# v4-32 = 16 chips = 2x2x4, v5litepod-16 = 4x4).
+_STANDARD_GRIDS = {
+    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+        256: (16, 16)},
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+        128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8)},
+}
+
+
+def topology_of_accelerator(accelerator_type: str) -> Topology:
+  """A Cloud TPU accelerator type ('v4-32', 'v5litepod-16', 'v5p-8', 'v6e-8') -> the slice it
+  creates (v4:2x2x4, v5e:4x4, v5p:2x2x1, v6e:2x4); the inverse of `Topology.accelerator_type`."""
+  prefix, _, count = accelerator_type.strip().lower().rpartition("-")
+  by_cloud_name = {g.cloud_name: name for name, g in TPU_GENERATIONS.items()}
+  if prefix not in by_cloud_name or not count.isdigit():
+    raise ValueError(f"--topology {accelerator_type!r} is neither GENERATION:GRID (e.g. "
+                     f"v5e:2x4) nor a Cloud TPU accelerator type ("
+                     f"{', '.join(f'{g.cloud_name}-N' for g in TPU_GENERATIONS.values())})")
+  generation = by_cloud_name[prefix]
+  g = TPU_GENERATIONS[generation]
+  chips, remainder = divmod(int(count), g.cores_in_cloud_name)
+  grids = _STANDARD_GRIDS[g.ndim]
+  if remainder or chips not in grids:
+    raise ValueError(f"TPU accelerator type {accelerator_type!r}: Cloud TPU builds "
+                     f"{g.cloud_name}-N for N in "
+                     f"{', '.join(str(c * g.cores_in_cloud_name) for c in grids)}")
+  return Topology(generation, grids[chips])
+
+
 def parse_topology(topology: str) -> Topology:
-  """'v5e:2x4' -> Topology('v5e', (2, 4)); a one-line ValueError naming what is wrong."""
+  """'v5e:2x4' -> Topology('v5e', (2, 4)); a Cloud TPU accelerator type ('v5litepod-8') gives
+  the slice it creates. A one-line ValueError naming what is wrong."""
+  if ":" not in topology and "-" in topology:
+    return topology_of_accelerator(topology)
   generation, sep, grid = topology.strip().lower().partition(":")
   if not sep or generation not in TPU_GENERATIONS:
     raise ValueError(f"--topology must be GENERATION:GRID with GENERATION one of "
@@ -623,7 +656,8 @@ def build_plan(programs, target_: Target, *, batch_size: int, input_length: int,
                  "encoder_length": int(encoder_length),
                  "activation_dtype": model.config.dtype,
                  "frozen_dtype": str(programs.frozen_dtype or "float32"),
-                 "remat_policy": model.config.remat_policy},
+                 "remat_policy": model.config.remat_policy,
+                 "scan_layers": bool(model.config.scan_layers)},
       "params": programs.param_counts(),
       "matmul_weights": weights,
       "programs": compiled,
@@ -695,7 +729,8 @@ def format_plan(plan: dict) -> str:
   lines += [
       f"batch {c['batch_size']}, inputs {c['inputs']} (+prompt -> encoder {c['encoder_length']}),"
       f" targets {c['targets']}; activations {c['activation_dtype']}, frozen weights "
-      f"{c['frozen_dtype']}, remat {c['remat_policy']}",
+      f"{c['frozen_dtype']}, remat {c['remat_policy']}"
+      f"{', scanned layers' if c.get('scan_layers') else ''}",
       f"parameters: frozen {p['frozen']:,}  trainable {p['trainable']:,}",
   ]
   programs = plan["programs"]

@@ -180,6 +180,15 @@ def test_topology_names_give_the_slice(name, chips, hosts, bounds, cloud):
   assert topology.hbm_gib == plan.CHIPS[name.lower().split(":")[0]][0]
 
 
+@pytest.mark.parametrize("cloud", ["v4-8", "v4-16", "v4-32", "v4-128", "v5p-8", "v5p-64",
+                                   "v5litepod-1", "v5litepod-8", "v5litepod-16", "v5litepod-256",
+                                   "v6e-4", "v6e-8", "v6e-64"])
+def test_cloud_accelerator_types_name_the_slice_they_create(cloud):
+  topology = plan.parse_topology(cloud)  # what scripts/tpu pass (--topology=$ACCELERATOR)
+  assert topology.accelerator_type == cloud
+  assert plan.parse_topology(topology.name) == topology  # a valid GENERATION:GRID slice
+
+
 @pytest.mark.parametrize("name, message", [
     ("v9:2x4", "GENERATION one of v4, v5e, v5p, v6e"),
     ("v5e-8", "GENERATION:GRID"),
@@ -188,6 +197,8 @@ def test_topology_names_give_the_slice(name, chips, hosts, bounds, cloud):
     ("v4:2x0x1", "3-D grid"),
     ("v5e:3x4", "2x2 chips per host"),
     ("v4:1x2x1", "2x2x1 chips per host"),
+    ("v4-12", "v4-N for N in 8, 16, 32"),
+    ("v5litepod-3", "v5litepod-N for N in 1, 4, 8, 16"),
 ])
 def test_bad_topologies_are_one_line_errors(name, message):
   with pytest.raises(ValueError, match=re.escape(message)) as error:
@@ -348,6 +359,34 @@ def test_tiny_model_compiles_for_v5e_and_its_arguments_are_the_shards(tmp_path):
   args = result["programs"]["train"]["memory"]["arguments"]
   assert low <= args <= high, (low, args, high)
   assert args < exact * 1.5  # weights replicated over 'model' would be ~2x the matrices
+
+
+def test_scripts_tpu_plan_compiles_the_scanned_model_for_the_slice_it_names(tmp_path):
+  """scripts/tpu/plan.sh (ACCELERATOR=v5litepod-8 -> v5e:2x4) on the scanned tiny model: the
+  stacked blocks hold the bytes of the per-layer ones, up to the tiling of the small leaves."""
+  code, per_layer, _, stderr = _tpu_plan(
+      tmp_path, "--gin_file=runs/demo.gin", "--mesh=4x2", "--topology=v5e:2x4",
+      "--programs=train", *ALIGNED)
+  assert code == 0, stderr[-3000:]
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  shim = bin_dir / "prompt-jax"  # the console script, for this interpreter
+  shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m prompt_jax.cli \"$@\"\n")
+  shim.chmod(0o755)
+  out = tmp_path / "scanned.json"
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", ACCELERATOR="v5litepod-8", MESH="4x2")
+  proc = subprocess.run(["bash", str(REPO_ROOT / "scripts/tpu/plan.sh"), "--gin_file=runs/demo.gin",
+                         "--programs=train", "--gin.SCAN_LAYERS=True", *ALIGNED, f"--json={out}"],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith("TPU plan: v5e:2x4 (v5litepod-8")
+  scanned = json.loads(out.read_text())
+  assert scanned["config"]["scan_layers"] is True and per_layer["config"]["scan_layers"] is False
+  a = per_layer["programs"]["train"]["memory"]["arguments"]
+  b = scanned["programs"]["train"]["memory"]["arguments"]
+  assert b <= a and a - b < 64 * 1024, (a, b)  # per-layer norms: one (8, 128) tile each
 
 
 def test_an_over_large_batch_is_the_compilers_out_of_memory(tmp_path):

@@ -108,6 +108,15 @@ SCRIPT = textwrap.dedent("""
           'loss': float(loss),
           'grad': np.asarray(jax.tree_util.tree_leaves(grad)[0]).tolist(),
           'temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes)}
+
+    # Scanned layers on the 4x2 mesh: the per-layer npz is stacked at load time.
+    pt, frozen, state, loss, grad = run(meshes['4x2'], model(scan_layers=True))
+    out['scanned'] = {
+        'loss': loss, 'grad': {k: np.asarray(v).tolist() for k, v in grad.items()},
+        'specs': {k: [str(s) for s in v.sharding.spec] for k, v in flat(frozen).items()},
+        'shapes': {k: list(v.shape) for k, v in flat(frozen).items()},
+        'shard_shapes': {k: list(v.addressable_shards[0].data.shape)
+                         for k, v in flat(frozen).items()}}
     print('RESULT' + json.dumps(out))
 """)
 
@@ -188,6 +197,22 @@ def test_bf16_frozen_model_matches_fp32_within_tolerance(result):
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     assert cosine > 0.99, cosine
     np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(a), rtol=5e-2)
+
+
+def test_scanned_layers_on_a_mesh_give_the_single_device_numbers(result):
+  one, scanned = result["meshes"]["1x1"], result["scanned"]
+  np.testing.assert_allclose(scanned["loss"], one["loss"], atol=1e-5, rtol=0)
+  assert scanned["grad"].keys() == one["grad"].keys()
+  for key in one["grad"]:
+    np.testing.assert_allclose(scanned["grad"][key], one["grad"][key], atol=1e-5, rtol=0)
+  # Stacked blocks keep the per-layer rules behind an unsplit leading "layers" axis.
+  kernel = "encoder/layers/attention/query/kernel"
+  layers = len([k for k in one["specs"] if k.startswith("encoder/layers_")
+                and k.endswith("attention/query/kernel")])
+  assert scanned["specs"][kernel] == ["None", "None", "model"]
+  assert scanned["shapes"][kernel] == [layers, 64, 64]
+  assert scanned["shard_shapes"][kernel] == [layers, 64, 32]
+  assert not any("layers_" in k for k in scanned["specs"])
 
 
 def test_remat_gives_the_same_numbers_with_fewer_temporaries(result):

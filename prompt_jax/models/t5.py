@@ -36,10 +36,25 @@ The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuning.
   layer_inputs(layer, hidden [b, l', d], input_tokens [b, l], prompt_features) -> hidden
       Called before every encoder layer (layer = 0 .. num_encoder_layers - 1): deep prompts and
       SPT replace the hidden states at the prompt positions; input-level hooks return `hidden`.
+  scan_layer_inputs(num_layers, hidden [b, l', d], input_tokens [b, l], prompt_features)
+      -> None | (layer_values, context, update)
+      Scanned layers only (`T5Config.scan_layers`), called once before the scan in place of
+      `layer_inputs`: None when no layer changes (input-level hooks); else `layer_values`, a
+      tree of [num_layers, ...] arrays (layer l's slice reaches layer l), `context`, a tree
+      every layer sees, and `update(layer_values_l, hidden, context) -> hidden`, a pure
+      function (no module) run before each block, equal to `layer_inputs(l, ...)`. The hook's
+      parameters keep their own names (deep prompts' `layers_{l}`); only the frozen blocks are
+      stacked. A hook without this method is refused under scan.
 
 A model without a hook refuses non-empty `prompt_features`. Folding a trained prompt into a plain
 array for serving is not the model's business: `prompt_jax.prompts.base.export_prompt(hook,
 params)` applies the hook's `export(embedding_table)` outside the model.
+
+Scanned layers (`T5Config.scan_layers=True`): each stack's blocks are one `nn.scan`, so XLA
+compiles one block per stack instead of num_layers copies; the block parameters are stacked,
+`encoder/layers/attention/query/kernel` [layers, embed, joined_kv] (logical axis `layers`
+first), the decode cache is [b, layers, ...]. Checkpoints keep the per-layer names;
+`prompt_jax.models.layer_stack` converts at load time.
 
 Packed inputs (`encoder_segment_ids`, T5X's packing features) with a hook: the hook must declare
 `encoder_segment_ids` (and reads `encoder_positions`) in `input_features`, or the encoder refuses

@@ -37,6 +37,13 @@ def replace_at_positions(hidden: Array, values: Array, positions: Array) -> Arra
   return jax.vmap(lambda h, v, pos: h.at[pos].set(v.astype(h.dtype)))(hidden, values, positions)
 
 
+def replace_if_active(layer_values, hidden: Array, positions: Array) -> Array:
+  """One scanned layer's deep prompt: (values [b, p, d], active []) -> hidden [b, l, d] with
+  the values at `positions` [b, p] when active, else unchanged."""
+  values, active = layer_values
+  return jnp.where(active, replace_at_positions(hidden, values, positions), hidden)
+
+
 def gather_positions(hidden: Array, positions: Array) -> Array:
   """hidden [b, l, d], positions [b, p] -> [b, p, d]."""
   return jnp.take_along_axis(hidden, positions[..., None], axis=1)
@@ -110,13 +117,6 @@ class DeepPrompt(InputLevelHook):
               if layer in self.layers else no_prompt for layer in range(num_layers)]
     active = jnp.array([layer in self.layers for layer in range(num_layers)])
     return (jnp.stack(values), active), positions, replace_if_active
-
-
-def replace_if_active(layer_values, hidden: Array, positions: Array) -> Array:
-  """One scanned layer's deep prompt: (values [b, p, d], active []) -> hidden [b, l, d] with
-  the values at `positions` [b, p] when active, else unchanged."""
-  values, active = layer_values
-  return jnp.where(active, replace_at_positions(hidden, values, positions), hidden)
 
   def export(self, embedding_table: Array) -> Optional[Array]:
     """A single [p, d] input prompt only when no layer has its own prompt; None otherwise."""
