@@ -379,7 +379,7 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     parser = _new(command, prog, GIN_USAGE.replace(
         "[--verbosity=LEVEL]", "--mesh=DATAxMODEL\n       [--topology=GEN:GRID] "
         "[--programs=train,eval,score,predict] [--max_batch]\n       [--platform=cpu|gpu|tpu] "
-        "[--chip=CHIP] [--json=FILE] [--verbosity=LEVEL]"))
+        "[--chip=CHIP] [--gpu_target_config=FILE] [--json=FILE] [--verbosity=LEVEL]"))
     _add_gin_flags(parser, "gin configuration (the training config)")
     parser.add_argument("--mesh", required=True, metavar="DATAxMODEL",
                         help="the (data, model) mesh, e.g. 4x2 (required)")
@@ -398,6 +398,10 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     parser.add_argument("--chip", default=None, choices=CHIPS,
                         help="without --topology: accelerator whose memory and peak FLOP/s the "
                              "plan is compared with (default: v5e for tpu, h100 for gpu)")
+    parser.add_argument("--gpu_target_config", default=None, metavar="FILE",
+                        help="compile for GPUs without a GPU: an XLA GpuTargetConfigProto text "
+                             "file (e.g. XLA's xla/backends/gpu/target_config/specs/"
+                             "h100_sxm.txtpb); needs jax-cuda12-plugin")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the numbers to this JSON file")
   elif command == "export-prompt":
@@ -682,7 +686,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
     from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
     plan = _import(command, "prompt_jax.plan")
     request = plan.request(mesh=args.mesh, topology=args.topology, platform=args.platform,
-                           chip=args.chip, programs=args.programs, max_batch=args.max_batch)
+                           chip=args.chip, programs=args.programs, max_batch=args.max_batch,
+                           gpu_target_config=args.gpu_target_config)
     checks = {"roots": ["trainer.train"], "optional": ["MODEL_DIR", "MIXTURE_OR_TASK_NAME"],
               "extra_bindings": [f"NUM_PARTITIONS = {request.model}"]}
     gin_utils.check(args.gin_file, args.gin_bindings, args.search_paths, **checks)

@@ -293,6 +293,58 @@ def usable_hbm(device) -> Optional[float]:
   return None
 
 
+# ------------------------------------------------------------ GPUs, without a GPU (deviceless)
+
+
+def check_gpu_compiler() -> str:
+  """The installed jax-cuda12-plugin version (the XLA GPU compiler jax loads); else a one-line
+  ValueError saying what to install."""
+  import jax  # pylint: disable=g-import-not-at-top
+  install = (f'pip install "jax-cuda12-plugin=={jax.__version__}" '
+             f'"jax-cuda12-pjrt=={jax.__version__}"')
+  try:
+    have = metadata.version("jax-cuda12-plugin")
+  except metadata.PackageNotFoundError:
+    raise ValueError(f"--gpu_target_config needs the XLA GPU compiler (jax-cuda12-plugin), "
+                     f"which is not installed; {install} (or pip install -e \".[gpu-plan]\")"
+                     ) from None
+  if have != jax.__version__:
+    raise ValueError(f"jax-cuda12-plugin {have} does not match jax {jax.__version__}; {install}")
+  return have
+
+
+def gpu_devices(target_config_path: str, count: int) -> list:
+  """`count` compile-only GPUs described by an XLA GpuTargetConfigProto text file (e.g. XLA's
+  xla/backends/gpu/target_config/specs/h100_sxm.txtpb): the XLA GPU compiler compiles for them
+  with no GPU and no driver present. Up to 8 GPUs per host."""
+  check_gpu_compiler()
+  try:
+    with open(target_config_path) as f:
+      target_config = f.read()
+  except OSError as e:
+    raise ValueError(f"--gpu_target_config {target_config_path!r}: {e.strerror}") from None
+  per_host = min(count, 8)
+  if count % per_host:
+    raise ValueError(f"a GPU mesh of {count} devices is not whole hosts of {per_host} GPUs")
+  # Without a GPU the compiler cannot pick Triton GEMM tiles from a target config alone
+  # ("Couldn't find output tile sizes"); its cuBLAS GEMMs need the same buffers.
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_gpu_enable_triton_gemm" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_triton_gemm=false".strip()
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")  # compile only: do not look for a GPU
+  try:
+    description = topologies.get_topology_desc(
+        "cuda", platform="cuda", target_config=target_config,
+        topology=f"1x{count // per_host}x{per_host}")
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"--gpu_target_config {target_config_path!r}: the XLA GPU compiler "
+                     f"refused it: {str(e).splitlines()[0]}") from None
+  return list(description.devices)
+
+
 # --------------------------------------------------------------------- fake CPU devices (no TPU)
 
 
@@ -338,13 +390,27 @@ class Request:
   chip: Optional[str]
   programs: tuple[str, ...]
   max_batch: bool = False
+  gpu_target_config: Optional[str] = None
 
 
 def request(*, mesh: str, topology: Optional[str] = None, platform: str = "cpu",
             chip: Optional[str] = None, programs: Optional[str] = None,
-            max_batch: bool = False) -> Request:
+            max_batch: bool = False, gpu_target_config: Optional[str] = None) -> Request:
   """Check the flags together; a one-line ValueError for the first that is wrong."""
   data, model = parse_mesh(mesh)
+  if gpu_target_config is not None:
+    if topology is not None:
+      raise ValueError("--gpu_target_config (GPUs) and --topology (a TPU slice) exclude each "
+                       "other")
+    if platform not in ("cpu", "gpu"):
+      raise ValueError(f"--gpu_target_config describes GPUs; it cannot be planned for "
+                       f"--platform={platform}")
+    if max_batch:
+      raise ValueError("--max_batch needs --topology: the XLA GPU compiler does not refuse a "
+                       "program that needs more memory than the GPU has")
+    chip = chip or DEFAULT_CHIP["gpu"]
+    return Request(data, model, None, "gpu", chip, parse_programs(programs, None), False,
+                   gpu_target_config)
   if platform not in DEFAULT_CHIP:
     raise ValueError(f"--platform must be one of {sorted(DEFAULT_CHIP)}, got {platform!r}")
   if chip is not None and chip not in CHIPS:
@@ -381,6 +447,7 @@ class Target:
   platform: str = "tpu"
   chip: Optional[str] = None
   fake: bool = False
+  gpu_target_config: Optional[str] = None
 
 
 def target(req: Request, reexec_argv: Sequence[str] = ()) -> Target:
@@ -394,6 +461,10 @@ def target(req: Request, reexec_argv: Sequence[str] = ()) -> Target:
                          f"expected {req.topology.chips} (one per chip)")
     return Target(tuple(mesh_ordered(devices, req.data, req.model)), req.data, req.model,
                   req.topology, "tpu", req.chip)
+  if req.gpu_target_config is not None:
+    devices = gpu_devices(req.gpu_target_config, req.data * req.model)
+    return Target(tuple(devices), req.data, req.model, None, "gpu", req.chip, False,
+                  req.gpu_target_config)
   devices, fake = _devices_for(req.platform, req.data * req.model, reexec_argv)
   return Target(tuple(devices), req.data, req.model, None, req.platform, req.chip, fake)
 
@@ -629,7 +700,11 @@ def build_plan(programs, target_: Target, *, batch_size: int, input_length: int,
         result["fits"] = True  # the TPU compiler refuses what does not fit
       elif hbm:
         result["fits"] = result["memory"]["peak"] <= hbm
-      if peak_flops:
+      if model.config.scan_layers:
+        # XLA's cost analysis counts a while loop's body once, not once per layer: a scanned
+        # model's XLA FLOPs are far below its step's (the analytic count below is not).
+        result["xla_flops_count_one_layer_per_stack"] = True
+      elif peak_flops:
         result["seconds_at_peak"] = result["flops_per_device"] / peak_flops
     else:
       result["fits"] = False
@@ -640,7 +715,10 @@ def build_plan(programs, target_: Target, *, batch_size: int, input_length: int,
       "mesh": {"data": target_.data, "model": target_.model},
       "platform": target_.platform,
       "compiled_for": ("TPU compiler" if topology is not None else
+                       "XLA GPU compiler (deviceless)" if target_.gpu_target_config else
                        "fake CPU devices" if target_.fake else target_.devices[0].platform),
+      "gpu_target_config": target_.gpu_target_config,
+      "device_kind": target_.devices[0].device_kind,
       "tpu_plan": topology is not None or target_.devices[0].platform == "tpu",
       "topology": None if topology is None else {
           "name": topology.name, "accelerator_type": topology.accelerator_type,
@@ -722,7 +800,13 @@ def format_plan(plan: dict) -> str:
     head = (f"{where} on {plan['compiled_for']} (planned for {plan['platform']}"
             f"{' ' + plan['chip'] if plan['chip'] else ''})")
   lines = [head]
-  if not plan["tpu_plan"]:
+  compiler = "GPU" if plan.get("gpu_target_config") else "CPU"
+  if plan.get("gpu_target_config"):
+    lines.append(f"GPU plan: {plan['device_kind']} x {mesh['data'] * mesh['model']} (from "
+                 f"{plan['gpu_target_config']}), compiled by the XLA GPU compiler without a GPU; "
+                 f"fit against {plan['chip']}'s {plan['chip_memory_gib']} GiB; no speed is "
+                 "measured")
+  elif not plan["tpu_plan"]:
     lines.append("NOT a TPU plan: these are the XLA CPU compiler's buffers; for the TPU "
                  "compiler's, install libtpu (pip install -e \".[tpu]\") and pass "
                  "--topology=v5e:2x4 (or another slice)")
@@ -748,11 +832,16 @@ def format_plan(plan: dict) -> str:
   if chip:
     lines.append(row(f"fits a {chip} chip", ["yes" if r.get("fits") else "NO"
                                               for r in programs.values()]))
-  lines.append(row("FLOPs (whole mesh)", [f"{ok[n]['flops_total']:.3g}" if n in ok else "-"
-                                          for n in names]))
+  lines.append(row("FLOPs (whole mesh)", [
+      f"{ok[n]['flops_total']:.3g}" if n in ok and ok[n]["flops_total"] == ok[n]["flops_total"]
+      else "-" for n in names]))  # the deviceless GPU compiler gives no cost analysis: NaN
   if plan.get("chip_peak_flops"):
-    lines.append(row("at 100% of peak", [_duration(ok[n]["seconds_at_peak"]) if n in ok
-                                         else "-" for n in names]))
+    lines.append(row("at 100% of peak", [
+        _duration(ok[n]["seconds_at_peak"]) if ok.get(n, {}).get("seconds_at_peak", 0) > 0
+        else "-" for n in names]))
+  if any(r.get("xla_flops_count_one_layer_per_stack") for r in ok.values()):
+    lines.append("scanned layers: XLA's FLOPs count one layer per stack (a loop body once), so "
+                 "they and the time at peak are left out; the analytic count below is whole")
   lines.append(row("compile", [f"{r['compile_seconds']:.1f} s" for r in programs.values()]))
   if chip:
     usable = plan.get("usable_hbm_bytes")
@@ -763,8 +852,8 @@ def format_plan(plan: dict) -> str:
                    f"per {chip} chip); time at peak: XLA's FLOPs at {peak}, a bound, not a "
                    "measurement")
     else:
-      lines.append(f"fit: the CPU compiler's peak against {plan['chip_memory_gib']} GiB per "
-                   f"{chip} chip; time: XLA's FLOPs at {peak}")
+      lines.append(f"fit: the {compiler} compiler's peak against {plan['chip_memory_gib']} GiB "
+                   f"per {chip} chip; time: XLA's FLOPs at {peak}")
   if "flops_per_step" in plan:
     f = plan["flops_per_step"]
     line = (f"train step analytic FLOPs: 4N matmul {f['analytic_matmul']:.4g} + attention "
@@ -774,8 +863,8 @@ def format_plan(plan: dict) -> str:
     lines.append(line)
     if "fits" in plan and chip and not topo:  # the sentence tests and scripts look for
       verdict = "fits" if plan["fits"] else "does NOT fit"
-      lines.append(f"{verdict} in {plan['chip_memory_gib']} GiB per {chip} chip (by the CPU "
-                   "compiler's bytes)")
+      lines.append(f"{verdict} in {plan['chip_memory_gib']} GiB per {chip} chip (by the "
+                   f"{compiler} compiler's bytes)")
   for name, r in programs.items():
     if "out_of_memory" in r:
       lines.append(f"{_TITLES[name]} does NOT fit: {r['out_of_memory']}")

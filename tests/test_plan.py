@@ -90,6 +90,66 @@ def test_argument_bytes_are_the_sharded_sizes(tiny_plan):
   assert result["fits"] is True
 
 
+# An H100 SXM 80GB as XLA's GpuTargetConfigProto describes a GPU (its published characteristics;
+# XLA keeps complete ones under xla/backends/gpu/target_config/specs/).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84942979072 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 8 minor: 9 patch: 4 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def _gpu_compiler_installed() -> bool:
+  try:
+    importlib.metadata.version("jax-cuda12-plugin")
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+def test_gpu_plan_without_a_gpu_counts_the_sharded_arguments(tmp_path):
+  """The XLA GPU compiler, deviceless, for 8 H100s: the same per-device arguments as the
+  independent count above (no tiling on GPUs)."""
+  if not _gpu_compiler_installed():
+    pytest.skip('needs the XLA GPU compiler: pip install -e ".[gpu-plan]" (jax-cuda12-plugin; '
+                "the default environment and CI have none)")
+  config = tmp_path / "h100.txtpb"
+  config.write_text(H100_TARGET_CONFIG)
+  out = tmp_path / "plan.json"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "prompt_jax.cli", "plan", "--gin_file=runs/demo.gin",
+       "--mesh=4x2", f"--gpu_target_config={config}", f"--json={out}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert "GPU plan: NVIDIA H100 80GB HBM3 x 8" in proc.stdout
+  assert result["compiled_for"] == "XLA GPU compiler (deviceless)" and result["chip"] == "h100"
+  test_argument_bytes_are_the_sharded_sizes((result, proc.stdout))
+  memory = result["bytes_per_device"]
+  assert memory["temporaries"] > 0 and memory["peak"] >= memory["arguments"]
+  assert "fits in 80 GiB per h100 chip (by the GPU compiler's bytes)" in proc.stdout
+
+
+@pytest.mark.skipif(_gpu_compiler_installed(), reason="jax-cuda12-plugin is installed here: "
+                    "this checks the message without it")
+def test_gpu_plan_without_the_gpu_compiler_says_what_to_install(capsys, tmp_path):
+  assert cli.main(["plan", "--gin_file=runs/demo.gin", "--mesh=4x2",
+                   f"--gpu_target_config={tmp_path / 'h100.txtpb'}"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "needs the XLA GPU compiler (jax-cuda12-plugin)" in err[0]
+  assert 'pip install "jax-cuda12-plugin==' in err[0]
+
+
 def test_bad_mesh_is_a_one_line_error(capsys):
   assert cli.main(["plan", "--gin_file=runs/demo.gin", "--mesh=4by2"]) == 1
   assert "--mesh must be DATAxMODEL" in capsys.readouterr().err
