@@ -82,7 +82,7 @@ def table(plans: list[dict]) -> str:
         f" | {'yes' if train['fits'] else '**no**'} of {p['usable_hbm_bytes'] / 2 ** 30:.2f} | "
         + (" / ".join(gib(x) for x in others) if others else "-") +
         # XLA counts a scanned stack's loop body once: show the analytic bound instead.
-        + (" | - | " f"{p['ideal_step_seconds'] * 1e3:.1f} ms (analytic) | " if scanned else
+        (" | - | " f"{p['ideal_step_seconds'] * 1e3:.1f} ms (analytic) | " if scanned else
            f" | {train.get('flops_total', float('nan')):.3g} | "
            f"{train.get('seconds_at_peak', float('nan')) * 1e3:.1f} ms | ") +
         f"{train['compile_seconds']:.0f}" + (f"; {', '.join(rest)}" if rest else "") + " |")
