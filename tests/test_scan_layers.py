@@ -29,7 +29,7 @@ from prompt_jax.prompts import (
   spt,
   superpos,
 )
-from prompt_jax.prompts.base import InputPrompt
+from prompt_jax.prompts.base import InputPrompt, export_prompt
 from prompt_jax.prompts.plain import Prompt
 from tests.conftest import shared_fixture
 
@@ -259,3 +259,15 @@ def test_orbax_per_layer_checkpoint_loads_stacked(tmp_path):
   _, _, _, again = _load_both(stacked_path, CONFIG)
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, stacked)
 
+
+
+@pytest.mark.parametrize("hook", ["plain prefix", "bank", "deep prompts"])
+def test_prompt_exports_are_the_same_scanned_or_not(hook):
+  per_layer, scanned = _models(HOOKS[hook])
+  params = _params(per_layer, _batch())
+  exported = export_prompt(per_layer.module.prompt, params)
+  scan_exported = export_prompt(scanned.module.prompt, layer_stack.stack_layers(params))
+  if exported is None:  # deep prompts with layer prompts have no single prompt
+    assert scan_exported is None
+  else:
+    np.testing.assert_array_equal(np.asarray(scan_exported), np.asarray(exported))
