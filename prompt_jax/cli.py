@@ -665,7 +665,8 @@ def configure_compilation_cache() -> Optional[str]:
 
 
 def _run(command: str, args: argparse.Namespace) -> int:
-  configure_compilation_cache()
+  if command != "plan":  # a plan measures the compiler, and compile-only programs never run
+    configure_compilation_cache()
   if command in GIN_COMMANDS:
     _run_gin(command, args)
     return 0

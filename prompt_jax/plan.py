@@ -601,22 +601,26 @@ class Planner:
 
   def compile(self, name: str, batch_size: int) -> dict:
     """{'memory', 'flops_per_device', 'cost_model_seconds', 'compile_seconds'} or, when the
-    compiler runs out of memory, {'out_of_memory': its message, 'compile_seconds'}."""
+    compiler runs out of memory, {'out_of_memory': its message, 'compile_seconds'};
+    'compile_seconds' counts tracing and lowering too, 'lower_seconds' those alone."""
     start = time.perf_counter()
+    lowered = self.lower(name, batch_size)
+    lower_seconds = time.perf_counter() - start
     try:
-      compiled = self.lower(name, batch_size).compile()
+      compiled = lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
       message = out_of_memory(e)
       if message is None:
         raise
-      return {"out_of_memory": message, "compile_seconds": time.perf_counter() - start}
+      return {"out_of_memory": message, "compile_seconds": time.perf_counter() - start,
+              "lower_seconds": lower_seconds}
     seconds = time.perf_counter() - start
     cost = _cost(compiled)
     estimate = cost.get("optimal_seconds")  # XLA:TPU's own estimate; it overflows at 11B
     return {"memory": _memory(compiled, self.tpu),
             "flops_per_device": float(cost.get("flops", "nan")),
             "cost_model_seconds": estimate if estimate and estimate > 0 else None,
-            "compile_seconds": seconds}
+            "compile_seconds": seconds, "lower_seconds": lower_seconds}
 
   def max_batch(self, start: int, log=print) -> dict:
     """The largest global batch (a multiple of the data-parallel size) whose train step the
@@ -843,6 +847,8 @@ def format_plan(plan: dict) -> str:
     lines.append("scanned layers: XLA's FLOPs count one layer per stack (a loop body once), so "
                  "they and the time at peak are left out; the analytic count below is whole")
   lines.append(row("compile", [f"{r['compile_seconds']:.1f} s" for r in programs.values()]))
+  lines.append(row("  of it tracing+lowering", [
+      f"{r['lower_seconds']:.1f} s" if "lower_seconds" in r else "-" for r in programs.values()]))
   if chip:
     usable = plan.get("usable_hbm_bytes")
     peak = f"{plan['chip_peak_flops'] / 1e12:.0f} TFLOP/s bf16 per chip"

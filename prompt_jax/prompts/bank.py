@@ -69,7 +69,7 @@ class PromptStack(nn.Module):
         (self.num_prompts, self.length, embedding_table.shape[-1]))
 
 
-class PromptBank(nn.Module):
+class PromptBank(base.InputLevelOnly, nn.Module):
   """Encoder hook with `num_prompts` prompts; `prompt_ids` [b] picks one per example.
 
   Attributes:
@@ -117,17 +117,6 @@ class PromptBank(nn.Module):
 
   def input_mask(self, input_tokens: Array) -> Array:
     return prompt_mask(input_tokens, self.length, self.placement)
-
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
-                   prompt_features: Optional[base.PromptFeatures] = None) -> Array:
-    del layer, input_tokens, prompt_features
-    return hidden
-
-  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
-                        prompt_features: Optional[base.PromptFeatures] = None):
-    """Scanned layers: input-level prompts change no layer (None; see models/t5.py)."""
-    del num_layers, hidden, input_tokens, prompt_features
-    return None
 
   def export(self, embedding_table: Array) -> Array:
     """All prompts, [num_prompts, length, embed] (row i is prompt i's plain [length, embed])."""

@@ -233,7 +233,24 @@ def export_prompt(hook: Optional[nn.Module], params: Mapping) -> Optional[Array]
   return hook.apply({"params": params["encoder"]["prompt"]}, table, method=hook.export)
 
 
-class InputPrompt(nn.Module):
+class InputLevelOnly:
+  """The layer half of the hook protocol for prompts that only touch the encoder's input: they
+  leave every layer's hidden states alone (a mixin for Linen hooks; it has no fields)."""
+
+  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
+                   prompt_features: Optional[PromptFeatures] = None) -> Array:
+    """hidden [b, l, d] unchanged."""
+    del layer, input_tokens, prompt_features
+    return hidden
+
+  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
+                        prompt_features: Optional[PromptFeatures] = None):
+    """Scanned layers: no layer changes (None; see models/t5.py)."""
+    del num_layers, hidden, input_tokens, prompt_features
+    return None
+
+
+class InputPrompt(InputLevelOnly, nn.Module):
   """Encoder hook for input-level prompts (Lester et al. and its reparameterisations).
 
   Attributes:
@@ -321,14 +338,3 @@ class InputPrompt(nn.Module):
     embedded = jnp.zeros((1, 1, embedding_table.shape[-1]), embedding_table.dtype)
     return self.prompt(tokens, embedded, embedding_table)[0]
 
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
-                   prompt_features: Optional[PromptFeatures] = None) -> Array:
-    """Input-level prompts leave the hidden states of every layer alone."""
-    del layer, input_tokens, prompt_features
-    return hidden
-
-  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
-                        prompt_features: Optional[PromptFeatures] = None):
-    """Scanned layers: input-level prompts change no layer (None; see models/t5.py)."""
-    del num_layers, hidden, input_tokens, prompt_features
-    return None

@@ -87,17 +87,21 @@ class DeepPrompt(InputLevelHook):
     super().__post_init__()
 
   @nn.compact
+  def layer_prompt(self, layer: int, embed: int) -> Array:
+    """Layer `layer`'s prompt parameter `layers_{layer}`, [p, embed]."""
+    return self.param(
+        f"layers_{layer}",
+        nn.with_logical_partitioning(
+            lambda rng, shape: self.layer_init_fn(rng, shape, None), ("prompt", "prompt_embed")),
+        (self.length, embed))
+
   def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
                    prompt_features: Optional[PromptFeatures] = None) -> Array:
     """Before encoder layer `layer`: hidden [b, l', d] -> hidden with the layer's prompt."""
     del prompt_features  # one set of layer prompts for every example
     if layer not in self.layers:
       return hidden
-    layer_prompt = self.param(
-        f"layers_{layer}",
-        nn.with_logical_partitioning(
-            lambda rng, shape: self.layer_init_fn(rng, shape, None), ("prompt", "prompt_embed")),
-        (self.length, hidden.shape[-1]))
+    layer_prompt = self.layer_prompt(layer, hidden.shape[-1])
     values = jnp.broadcast_to(layer_prompt, (hidden.shape[0],) + layer_prompt.shape)
     return replace_at_positions(hidden, values, self.positions(input_tokens))
 
@@ -111,9 +115,10 @@ class DeepPrompt(InputLevelHook):
     if not self.layers:
       return None
     positions = self.positions(input_tokens)
-    no_prompt = jnp.zeros(positions.shape + hidden.shape[-1:], hidden.dtype)
-    zeros = jnp.zeros_like(hidden)
-    values = [gather_positions(self.layer_inputs(layer, zeros, input_tokens), positions)
+    batch, embed = hidden.shape[0], hidden.shape[-1]
+    no_prompt = jnp.zeros(positions.shape + (embed,), hidden.dtype)
+    values = [jnp.broadcast_to(self.layer_prompt(layer, embed).astype(hidden.dtype),
+                               (batch,) + no_prompt.shape[1:])
               if layer in self.layers else no_prompt for layer in range(num_layers)]
     active = jnp.array([layer in self.layers for layer in range(num_layers)])
     return (jnp.stack(values), active), positions, replace_if_active

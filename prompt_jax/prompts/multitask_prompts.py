@@ -82,7 +82,7 @@ def combine_prompts(shared: Array, tasks: Array, combine: str) -> Array:
   raise ValueError(f"combine must be one of {COMBINATIONS}, got {combine!r}")
 
 
-class TaskPromptHook(nn.Module):
+class TaskPromptHook(base.InputLevelOnly, nn.Module):
   """Encoder hook with one computed prompt per task, chosen per example by `prompt_ids` [b].
 
   A subclass defines `num_tasks`, `length` and `placement` (fields or properties) and
@@ -128,18 +128,6 @@ class TaskPromptHook(nn.Module):
 
   def input_mask(self, input_tokens: Array) -> Array:
     return prompt_mask(input_tokens, self.length, self.placement)
-
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
-                   prompt_features: Optional[base.PromptFeatures] = None) -> Array:
-    """Input-level prompts leave the hidden states of every layer alone."""
-    del layer, input_tokens, prompt_features
-    return hidden
-
-  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
-                        prompt_features: Optional[base.PromptFeatures] = None):
-    """Scanned layers: input-level prompts change no layer (None; see models/t5.py)."""
-    del num_layers, hidden, input_tokens, prompt_features
-    return None
 
   def export(self, embedding_table: Array) -> Array:
     """Every task's prompt folded into a plain array, [num_tasks, length, embed]."""
