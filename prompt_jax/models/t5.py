@@ -67,13 +67,14 @@ Relative position biases need no positions: within a segment they equal the unpa
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from prompt_jax.models import matmul
 
 Array = jax.Array
 PromptFeatures = Mapping[str, Array]  # the hook's per-example inputs, name -> [batch, ...]
@@ -186,37 +187,6 @@ def preset(name: str, **overrides) -> T5Config:
 # ------------------------------------------------------------------------------------- layers
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def accumulating_einsum(spec: str, a: Array, b: Array) -> Array:
-  """`jnp.einsum(spec, a, b)` in a's dtype, accumulated in float32 (bf16 x bf16 -> f32 is the
-  fast path of CPU bf16 units and the MXU's; a bf16-output dot is not on CPU).
-
-  The backward pass is the plain dtype einsum's: a cast after an f32 einsum would hand its
-  transpose a float32 cotangent, and XLA would upcast the bf16 weights to float32 for every
-  layer (measured by the TPU compiler: T5 1.1 base, remat full, v5e-8, temporaries 0.47 ->
-  0.78 GiB)."""
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-
-
-def _accumulating_einsum_fwd(spec, a, b):
-  return accumulating_einsum(spec, a, b), (a, b)
-
-
-def _accumulating_einsum_bwd(spec, residuals, g):
-  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), *residuals)
-  return vjp(g.astype(residuals[0].dtype))
-
-
-accumulating_einsum.defvjp(_accumulating_einsum_fwd, _accumulating_einsum_bwd)
-
-
-def _einsum_in(dtype, spec: str, a: Array, b: Array) -> Array:
-  """The model's matmuls: plain in float32, `accumulating_einsum` in a lower precision."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(spec, a, b)
-  return accumulating_einsum(spec, a, b)
-
-
 def _param_with_axes(module: nn.Module, name: str, init, shape, axes):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
@@ -228,13 +198,13 @@ class Dense(nn.Module):
   kernel_axes: tuple[str, str]
   kernel_init: Callable = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
+  out_dtype: Any = None  # the result's dtype (default `dtype`); the sum is float32 either way
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = _param_with_axes(self, "kernel", self.kernel_init,
                               (x.shape[-1], self.features), self.kernel_axes)
-    return _einsum_in(self.dtype, "...i,io->...o", x.astype(self.dtype),
-                      kernel.astype(self.dtype))
+    return matmul.einsum("...i,io->...o", x, kernel, self.dtype, self.out_dtype)
 
 
 class Embed(nn.Module):
@@ -253,9 +223,9 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens.astype(jnp.int32), axis=0).astype(self.dtype)
 
   def attend(self, query: Array) -> Array:
-    """[..., embed] -> [..., vocab] by dot product with every embedding row."""
-    return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype),
-                   preferred_element_type=jnp.float32).astype(self.dtype)
+    """[..., embed] -> float32 [..., vocab] by dot product with every embedding row."""
+    return matmul.einsum("...e,ve->...v", query, self.embedding, self.dtype,
+                         out_dtype=jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -377,8 +347,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
     # Heads-major operands ([b, h, q, d] x [b, h, d, k]): the layout XLA's CPU dot runs fast
     # (one encoder layer 45 -> 12 ms at the small shape); same values.
-    logits = jnp.einsum("bhqd,bhdk->bhqk", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
-                        preferred_element_type=jnp.float32)
+    logits = matmul.einsum("bhqd,bhdk->bhqk", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
+                           dtype, out_dtype=jnp.float32)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -386,8 +356,8 @@ class MultiHeadDotProductAttention(nn.Module):
     # position ([b, heads, 1, k]), as Mesh TF T5 drops along the length dimension.
     weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=not enable_dropout)
-    out = _einsum_in(dtype, "bhqk,bhkd->bhqd", weights.astype(dtype),
-                     v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    out = matmul.einsum("bhqk,bhkd->bhqd", weights, v.transpose(0, 2, 1, 3),
+                        dtype).transpose(0, 2, 1, 3)
     out = out.reshape(out.shape[:2] + (joined,))
     return Dense(cfg.emb_dim, ("joined_kv", "embed"), out_init, dtype, name="out")(out)
 
@@ -733,11 +703,14 @@ class Decoder(nn.Module):
                                                decode_index)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
+    # Logits come out in float32 for the loss; their matmul runs in the activation dtype summed
+    # in float32 (in bf16, casting the [embed, vocab] kernel to float32 every step cost more
+    # than the logits themselves on CPU: 28 -> 3.5 ms forward at the T5 1.1 small shape).
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(y).astype(jnp.float32) / np.sqrt(cfg.emb_dim)
+      logits = self.shared_embedding.attend(y) / np.sqrt(cfg.emb_dim)
     else:
       logits = Dense(cfg.vocab_size, ("embed", "vocab"), nn.initializers.normal(
-          stddev=cfg.emb_dim ** -0.5), jnp.float32, name="logits_dense")(y)
+          stddev=cfg.emb_dim ** -0.5), dtype, jnp.float32, name="logits_dense")(y)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

@@ -1,0 +1,124 @@
+"""The model's matmuls: float32 as they are, lower precisions accumulated in float32.
+
+`einsum(spec, a, b, dtype)` is every matmul of the T5 (dense layers, attention scores and
+values, logits). In float32 it is `jnp.einsum`. In a lower precision (bf16) it is
+`accumulating_einsum`: inputs in that dtype, products summed in float32 (the fast path of a
+TPU's MXU and of a CPU's bf16 matrix units: AMX/AVX-512 BF16 run bf16 x bf16 -> f32 several
+times faster than a bf16-output dot), with a hand-written backward pass:
+
+  * the cotangent is cast to the inputs' dtype before the backward matmuls, so XLA never
+    upcasts the bf16 frozen weights to float32 for a float32 cotangent (measured by the TPU
+    compiler: T5 1.1 base, remat full, v5e-8, temporaries 0.47 -> 0.78 GiB without it);
+  * on CPU, `x @ W^T` (every dense layer's activation gradient `g @ W^T`, and tied logits)
+    hides the transpose from XLA until after XLA:CPU has decided whether the dot stays bf16:
+    seeing a transposed operand, it upcasts the dot to float32 (~250 GFLOP/s here), while its
+    YNNPACK dot runs the same product on the matrix units once the transpose is folded in
+    (~1,300 GFLOP/s at the T5 1.1 small shape, `benchmarks/` and tests/test_matmul.py). Other
+    forms (weight gradients, batched attention products) stay plain: there the late form can be
+    one XLA:CPU cannot execute in bf16. Other platforms (the TPU compiler, GPUs) get the plain
+    einsum everywhere, chosen when the program is lowered (`jax.lax.platform_dependent`).
+"""
+
+from __future__ import annotations
+
+import functools
+import string
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _named_axes(spec: str, a: Array, b: Array) -> tuple[str, str, str]:
+  """'...i,io->...o' with a [b, l, i] -> ('xyi', 'io', 'xyo'): the spec with every axis named."""
+  inputs, out = spec.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  if "..." not in spec:
+    return lhs, rhs, out
+  free = [c for c in string.ascii_letters if c not in spec]
+  names = [free[:operand.ndim - (len(term) - 3)]
+           for term, operand in ((lhs, a), (rhs, b)) if "..." in term]
+  ellipsis = "".join(max(names, key=len))
+  return lhs.replace("...", ellipsis), rhs.replace("...", ellipsis), out.replace("...", ellipsis)
+
+
+def _unfoldable_transpose(x: Array, order: tuple[int, ...]) -> Array:
+  """x transposed to `order`, hidden from XLA's early passes: a dynamic slice at a run-time zero
+  cannot be folded before XLA:CPU decides whether a bf16 dot stays bf16 (it would otherwise see
+  the transposed operand and upcast the dot to float32); later passes fold it away and the
+  matrix units read the weight transposed."""
+  transposed = jnp.transpose(x, order)
+  zero = jax.lax.optimization_barrier(jnp.zeros((), jnp.int32))
+  return jax.lax.dynamic_slice(transposed, (zero,) * x.ndim, transposed.shape)
+
+
+def _transposed_rhs_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array,
+                           out_dtype) -> Array:
+  """einsum(lhs,rhs->out) for lhs [m..., k...], rhs [n..., k...] and out [m..., n...] (the
+  activation gradient `g @ W^T` of a dense layer), summed in float32."""
+  contract = [c for c in lhs if c in rhs and c not in out]
+  n = [c for c in rhs if c not in lhs]
+  b2 = _unfoldable_transpose(b, tuple(rhs.index(c) for c in contract + n))
+  nk, na = len(contract), a.ndim
+  dims = ((tuple(range(na - nk, na)), tuple(range(nk))), ((), ()))
+  return jax.lax.dot_general(a, b2, dims,
+                             preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _plain_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> Array:
+  return jnp.einsum(f"{lhs},{rhs}->{out}", a, b,
+                    preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _is_transposed_rhs(lhs: str, rhs: str, out: str) -> bool:
+  """lhs [m..., k...] x rhs [n..., k...] -> out [m..., n...], with no batch axes."""
+  contract = [c for c in lhs if c in rhs and c not in out]
+  m = [c for c in lhs if c not in rhs]
+  n = [c for c in rhs if c not in lhs]
+  return (bool(contract) and lhs == "".join(m + contract) and rhs == "".join(n + contract)
+          and out == "".join(m + n) and len(m) + len(n) + len(contract) == len(set(lhs + rhs)))
+
+
+def _fast_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> Array:
+  """`x @ W^T` (a dense layer's activation gradient, tied logits) through the CPU's bf16 matrix
+  units with the transpose hidden, every other form as the plain einsum."""
+  plain = functools.partial(_plain_einsum, lhs, rhs, out, out_dtype=out_dtype)
+  if not _is_transposed_rhs(lhs, rhs, out):
+    return plain(a, b)
+  return jax.lax.platform_dependent(
+      a, b, cpu=functools.partial(_transposed_rhs_einsum, lhs, rhs, out, out_dtype=out_dtype),
+      default=plain)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def accumulating_einsum(spec: str, a: Array, b: Array, out_dtype=None) -> Array:
+  """`jnp.einsum(spec, a, b)` of same-dtype inputs, summed in float32, returned in `out_dtype`
+  (default: the inputs' dtype). See the module docstring for its backward pass."""
+  return _fast_einsum(*_named_axes(spec, a, b), a, b, out_dtype or a.dtype)
+
+
+def _accumulating_einsum_fwd(spec, a, b, out_dtype):
+  return accumulating_einsum(spec, a, b, out_dtype), (a, b)
+
+
+def _accumulating_einsum_bwd(spec, out_dtype, residuals, g):
+  del out_dtype
+  a, b = residuals
+  lhs, rhs, out = _named_axes(spec, a, b)
+  g = g.astype(a.dtype)
+  return (_fast_einsum(out, rhs, lhs, g, b, a.dtype),
+          _fast_einsum(lhs, out, rhs, a, g, b.dtype))
+
+
+accumulating_einsum.defvjp(_accumulating_einsum_fwd, _accumulating_einsum_bwd)
+
+
+def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
+  """The model's matmul of a and b cast to `dtype`: `jnp.einsum` in float32 (result in
+  `out_dtype`, default `dtype`), else `accumulating_einsum`."""
+  dtype = jnp.dtype(dtype)
+  a, b = a.astype(dtype), b.astype(dtype)
+  if dtype == jnp.float32:
+    return jnp.einsum(spec, a, b).astype(out_dtype or dtype)
+  return accumulating_einsum(spec, a, b, None if out_dtype is None else jnp.dtype(out_dtype))

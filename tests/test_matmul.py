@@ -1,0 +1,74 @@
+"""The model's matmul: bf16 values and gradients against a float64 NumPy einsum, and both
+platform branches of the backward pass (CPU's row-major copies, everyone else's plain einsum)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prompt_jax.models import matmul
+
+# (spec, lhs shape, rhs shape): the T5's dense layers, tied logits and attention.
+SPECS = [
+    ("...i,io->...o", (2, 5, 16), (16, 24)),
+    ("...e,ve->...v", (2, 5, 16), (40, 16)),
+    ("bhqd,bhdk->bhqk", (2, 3, 5, 8), (2, 3, 8, 7)),
+    ("bhqk,bhkd->bhqd", (2, 3, 5, 7), (2, 3, 7, 8)),
+]
+
+
+def _bf16_values(shape, seed):
+  """Random values exactly representable in bf16, so the float64 reference sees the same inputs."""
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("spec,lhs_shape,rhs_shape", SPECS)
+def test_bf16_value_and_gradients_match_float64(spec, lhs_shape, rhs_shape):
+  a, b = _bf16_values(lhs_shape, 0), _bf16_values(rhs_shape, 1)
+  out_shape = np.einsum(spec, a, b).shape
+  cotangent = _bf16_values(out_shape, 2)
+
+  def loss(a, b):
+    out = matmul.einsum(spec, a, b, jnp.bfloat16, out_dtype=jnp.float32)
+    return jnp.sum(out * cotangent.astype(np.float32))
+
+  value, (grad_a, grad_b) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+      a.astype(np.float32), b.astype(np.float32))
+  named = spec.replace("...", "bl")  # the [2, 5, ...] lhs of the ellipsis specs
+  lhs_spec, rhs_spec = named.split("->")[0].split(",")
+  out_spec = named.split("->")[1]
+  expect_grad_a = np.einsum(f"{out_spec},{rhs_spec}->{lhs_spec}", cotangent, b)
+  expect_grad_b = np.einsum(f"{lhs_spec},{out_spec}->{rhs_spec}", a, cotangent)
+  np.testing.assert_allclose(value, np.sum(np.einsum(spec, a, b) * cotangent), rtol=1e-5)
+  # Gradients are returned in bf16 (8 bits of mantissa): one rounding of a float32 sum.
+  np.testing.assert_allclose(np.asarray(grad_a, np.float64), expect_grad_a, rtol=1e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(grad_b, np.float64), expect_grad_b, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 37, 1824])
+@pytest.mark.parametrize("lhs,rhs,out,sizes", [("xo", "io", "xi", dict(i=16, o=12)),
+                                               ("xyo", "io", "xyi", dict(i=24, o=40, y=3)),
+                                               ("xv", "ev", "xe", dict(v=200, e=8)),
+                                               ("xo", "io", "xi", dict(i=512, o=1024))])
+def test_transposed_rhs_branch_runs_and_equals_float64(rows, lhs, rhs, out, sizes):
+  """The CPU branch of the activation gradient `g @ W^T` at every shape class: tiny, odd and
+  one-row shapes must run (not reach a bf16 dot XLA:CPU cannot execute) and be exact."""
+  sizes = dict(sizes, x=rows)
+  a = jnp.asarray(_bf16_values([sizes[c] for c in lhs], 3), jnp.bfloat16)
+  b = jnp.asarray(_bf16_values([sizes[c] for c in rhs], 4), jnp.bfloat16)
+  assert matmul._is_transposed_rhs(lhs, rhs, out)
+  cpu_branch = jax.jit(
+      lambda a, b: matmul._transposed_rhs_einsum(lhs, rhs, out, a, b, jnp.float32))
+  expected = np.einsum(f"{lhs},{rhs}->{out}", np.float64(a), np.float64(b))
+  np.testing.assert_allclose(np.asarray(cpu_branch(a, b)), expected, rtol=1e-5, atol=1e-4)
+  plain = jax.jit(lambda a, b: matmul._plain_einsum(lhs, rhs, out, a, b, jnp.float32))
+  np.testing.assert_allclose(np.asarray(plain(a, b)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_float32_is_plain_einsum():
+  a = np.random.default_rng(5).normal(size=(3, 4, 16)).astype(np.float32)
+  b = np.random.default_rng(6).normal(size=(16, 8)).astype(np.float32)
+  np.testing.assert_allclose(matmul.einsum("...i,io->...o", a, b, jnp.float32),
+                             np.einsum("...i,io->...o", np.float64(a), np.float64(b)),
+                             rtol=1e-5, atol=1e-5)
