@@ -7,8 +7,11 @@ TPU's MXU and of a CPU's bf16 matrix units: AMX/AVX-512 BF16 run bf16 x bf16 -> 
 times faster than a bf16-output dot), with a hand-written backward pass:
 
   * the cotangent is cast to the inputs' dtype before the backward matmuls, so XLA never
-    upcasts the bf16 frozen weights to float32 for a float32 cotangent (measured by the TPU
-    compiler: T5 1.1 base, remat full, v5e-8, temporaries 0.47 -> 0.78 GiB without it);
+    upcasts the bf16 frozen weights to float32 for a float32 cotangent; off CPU the backward
+    matmuls are the plain dtype einsum's (bf16 results): the TPU compiler measures T5 1.1
+    base, remat full, v5e-8 at 0.47 GiB of temporaries this way, and 0.78 GiB with a float32
+    cotangent or with backward matmuls that return float32 and cast
+    (tests/test_matmul.py checks the TPU lowering);
   * on CPU, `x @ W^T` (every dense layer's activation gradient `g @ W^T`, and tied logits)
     hides the transpose from XLA until after XLA:CPU has decided whether the dot stays bf16:
     seeing a transposed operand, it upcasts the dot to float32 (~250 GFLOP/s here), while its
@@ -91,6 +94,15 @@ def _fast_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) ->
       default=plain)
 
 
+def _backward_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array) -> Array:
+  """A backward-pass matmul of same-dtype a and b, result in that dtype: on CPU `_fast_einsum`
+  (float32 sums, the matrix units' fast path), elsewhere the dtype einsum (the accelerator
+  accumulates in float32 itself; a float32 result then cast costs TPU memory)."""
+  return jax.lax.platform_dependent(
+      a, b, cpu=functools.partial(_fast_einsum, lhs, rhs, out, out_dtype=a.dtype),
+      default=lambda a, b: jnp.einsum(f"{lhs},{rhs}->{out}", a, b))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def accumulating_einsum(spec: str, a: Array, b: Array, out_dtype=None) -> Array:
   """`jnp.einsum(spec, a, b)` of same-dtype inputs, summed in float32, returned in `out_dtype`
@@ -107,8 +119,7 @@ def _accumulating_einsum_bwd(spec, out_dtype, residuals, g):
   a, b = residuals
   lhs, rhs, out = _named_axes(spec, a, b)
   g = g.astype(a.dtype)
-  return (_fast_einsum(out, rhs, lhs, g, b, a.dtype),
-          _fast_einsum(lhs, out, rhs, a, g, b.dtype))
+  return _backward_einsum(out, rhs, lhs, g, b), _backward_einsum(lhs, out, rhs, a, g)
 
 
 accumulating_einsum.defvjp(_accumulating_einsum_fwd, _accumulating_einsum_bwd)
