@@ -1,5 +1,6 @@
-"""The model's matmul: bf16 values and gradients against a float64 NumPy einsum, and both
-platform branches of the backward pass (CPU's row-major copies, everyone else's plain einsum)."""
+"""The model's matmul: bf16 values and gradients against a float64 NumPy einsum, both branches
+of `g @ W^T` (CPU's hidden transpose, everyone else's plain einsum), and the dot result types
+each platform's lowering gets."""
 
 import re
 

@@ -18,8 +18,9 @@ times faster than a bf16-output dot), with a hand-written backward pass:
     YNNPACK dot runs the same product on the matrix units once the transpose is folded in
     (~1,300 GFLOP/s at the T5 1.1 small shape, `benchmarks/` and tests/test_matmul.py). Other
     forms (weight gradients, batched attention products) stay plain: there the late form can be
-    one XLA:CPU cannot execute in bf16. Other platforms (the TPU compiler, GPUs) get the plain
-    einsum everywhere, chosen when the program is lowered (`jax.lax.platform_dependent`).
+    one XLA:CPU cannot execute in bf16. Other platforms (the TPU compiler, GPUs) get plain
+    einsums (float32 sums forward, dtype results backward), chosen when the program is lowered
+    (`jax.lax.platform_dependent`).
 """
 
 from __future__ import annotations
