@@ -21,6 +21,11 @@ times faster than a bf16-output dot), with a hand-written backward pass:
     one XLA:CPU cannot execute in bf16. Other platforms (the TPU compiler, GPUs) get plain
     einsums (float32 sums forward, dtype results backward), chosen when the program is lowered
     (`jax.lax.platform_dependent`).
+
+Every result is named for rematerialisation (`jax.ad_checkpoint.checkpoint_name`): "matmul"
+for products without batch axes (dense layers, logits), "batched_matmul" for those with them
+(attention). The custom VJP hides its dots from `jax.checkpoint_policies.dots_saveable`, so the
+model's remat policies save these names (`REMAT_POLICIES` in models/t5.py).
 """
 
 from __future__ import annotations
@@ -30,8 +35,12 @@ import string
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
+
+MATMUL = "matmul"
+BATCHED_MATMUL = "batched_matmul"
 
 
 def _named_axes(spec: str, a: Array, b: Array) -> tuple[str, str, str]:
@@ -84,23 +93,29 @@ def _is_transposed_rhs(lhs: str, rhs: str, out: str) -> bool:
           and out == "".join(m + n) and len(m) + len(n) + len(contract) == len(set(lhs + rhs)))
 
 
+def _cpu_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> Array:
+  """On CPU: `x @ W^T` (a dense layer's activation gradient, tied logits) through the bf16
+  matrix units with the transpose hidden, every other form as the plain einsum."""
+  if _is_transposed_rhs(lhs, rhs, out):
+    return _transposed_rhs_einsum(lhs, rhs, out, a, b, out_dtype)
+  return _plain_einsum(lhs, rhs, out, a, b, out_dtype)
+
+
 def _fast_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> Array:
-  """`x @ W^T` (a dense layer's activation gradient, tied logits) through the CPU's bf16 matrix
-  units with the transpose hidden, every other form as the plain einsum."""
-  plain = functools.partial(_plain_einsum, lhs, rhs, out, out_dtype=out_dtype)
+  """A forward matmul summed in float32: `_cpu_einsum` on CPU, the plain einsum elsewhere."""
   if not _is_transposed_rhs(lhs, rhs, out):
-    return plain(a, b)
+    return _plain_einsum(lhs, rhs, out, a, b, out_dtype)
   return jax.lax.platform_dependent(
-      a, b, cpu=functools.partial(_transposed_rhs_einsum, lhs, rhs, out, out_dtype=out_dtype),
-      default=plain)
+      a, b, cpu=functools.partial(_cpu_einsum, lhs, rhs, out, out_dtype=out_dtype),
+      default=functools.partial(_plain_einsum, lhs, rhs, out, out_dtype=out_dtype))
 
 
 def _backward_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array) -> Array:
-  """A backward-pass matmul of same-dtype a and b, result in that dtype: on CPU `_fast_einsum`
+  """A backward-pass matmul of same-dtype a and b, result in that dtype: on CPU `_cpu_einsum`
   (float32 sums, the matrix units' fast path), elsewhere the dtype einsum (the accelerator
   accumulates in float32 itself; a float32 result then cast costs TPU memory)."""
   return jax.lax.platform_dependent(
-      a, b, cpu=functools.partial(_fast_einsum, lhs, rhs, out, out_dtype=a.dtype),
+      a, b, cpu=functools.partial(_cpu_einsum, lhs, rhs, out, out_dtype=a.dtype),
       default=lambda a, b: jnp.einsum(f"{lhs},{rhs}->{out}", a, b))
 
 
@@ -126,11 +141,21 @@ def _accumulating_einsum_bwd(spec, out_dtype, residuals, g):
 accumulating_einsum.defvjp(_accumulating_einsum_fwd, _accumulating_einsum_bwd)
 
 
+def _has_batch_axes(spec: str) -> bool:
+  """Whether an axis of `spec` is in both inputs and the output ('bhqd,bhdk->bhqk': b and h)."""
+  inputs, out = spec.replace(" ", "").replace("...", "").split("->")
+  lhs, rhs = inputs.split(",")
+  return any(c in rhs and c in out for c in lhs)
+
+
 def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
   """The model's matmul of a and b cast to `dtype`: `jnp.einsum` in float32 (result in
-  `out_dtype`, default `dtype`), else `accumulating_einsum`."""
+  `out_dtype`, default `dtype`), else `accumulating_einsum`; the result is named MATMUL or
+  BATCHED_MATMUL for remat policies."""
   dtype = jnp.dtype(dtype)
   a, b = a.astype(dtype), b.astype(dtype)
   if dtype == jnp.float32:
-    return jnp.einsum(spec, a, b).astype(out_dtype or dtype)
-  return accumulating_einsum(spec, a, b, None if out_dtype is None else jnp.dtype(out_dtype))
+    out = jnp.einsum(spec, a, b).astype(out_dtype or dtype)
+  else:
+    out = accumulating_einsum(spec, a, b, None if out_dtype is None else jnp.dtype(out_dtype))
+  return checkpoint_name(out, BATCHED_MATMUL if _has_batch_axes(spec) else MATMUL)

@@ -500,10 +500,17 @@ class DecoderLayer(nn.Module):
                           decode, reuse_cross_cache, decode_index)
 
 
+# jax's dots policies plus the named matmul outputs: the bf16 matmuls are a custom VJP whose
+# dots those policies do not see (models/matmul.py); without the names `dots_saveable` compiled
+# to the same program as `full` for per-layer bf16 models.
 _REMAT_POLICIES = {
     "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(matmul.MATMUL, matmul.BATCHED_MATMUL)),
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(matmul.MATMUL)),
 }
 
 
