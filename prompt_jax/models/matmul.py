@@ -66,12 +66,19 @@ def _unfoldable_transpose(x: Array, order: tuple[int, ...]) -> Array:
   return jax.lax.dynamic_slice(transposed, (zero,) * x.ndim, transposed.shape)
 
 
+def _free_and_contracted(lhs: str, rhs: str, out: str) -> tuple[str, str, str]:
+  """(m, k, n) of `lhs,rhs->out`: the lhs-only, contracted and rhs-only axes, in operand order."""
+  m = "".join(c for c in lhs if c not in rhs)
+  k = "".join(c for c in lhs if c in rhs and c not in out)
+  n = "".join(c for c in rhs if c not in lhs)
+  return m, k, n
+
+
 def _transposed_rhs_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array,
                            out_dtype) -> Array:
   """einsum(lhs,rhs->out) for lhs [m..., k...], rhs [n..., k...] and out [m..., n...] (the
   activation gradient `g @ W^T` of a dense layer), summed in float32."""
-  contract = [c for c in lhs if c in rhs and c not in out]
-  n = [c for c in rhs if c not in lhs]
+  _, contract, n = _free_and_contracted(lhs, rhs, out)
   b2 = _unfoldable_transpose(b, tuple(rhs.index(c) for c in contract + n))
   nk, na = len(contract), a.ndim
   dims = ((tuple(range(na - nk, na)), tuple(range(nk))), ((), ()))
@@ -86,11 +93,9 @@ def _plain_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -
 
 def _is_transposed_rhs(lhs: str, rhs: str, out: str) -> bool:
   """lhs [m..., k...] x rhs [n..., k...] -> out [m..., n...], with no batch axes."""
-  contract = [c for c in lhs if c in rhs and c not in out]
-  m = [c for c in lhs if c not in rhs]
-  n = [c for c in rhs if c not in lhs]
-  return (bool(contract) and lhs == "".join(m + contract) and rhs == "".join(n + contract)
-          and out == "".join(m + n) and len(m) + len(n) + len(contract) == len(set(lhs + rhs)))
+  m, k, n = _free_and_contracted(lhs, rhs, out)
+  return (bool(k) and lhs == m + k and rhs == n + k and out == m + n
+          and len(m) + len(n) + len(k) == len(set(lhs + rhs)))
 
 
 def _cpu_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> Array:
