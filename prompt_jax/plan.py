@@ -790,6 +790,21 @@ def _size(n: Optional[float]) -> str:
 
 _TITLES = {"train": "train step", "eval": "eval step", "score": "score", "predict": "predict"}
 
+# Remat policies from the least activation memory to the most (docs/scale.md's plan table:
+# XXL on v5e-8 fits with the first two, not with the last two).
+REMAT_BY_MEMORY = ("full", "dots_with_no_batch_dims_saveable", "dots_saveable", "none")
+
+
+def fit_hint(remat_policy: str) -> str:
+  """What to change when the train step does not fit: remat policies that keep less than
+  `remat_policy`, a smaller batch, a wider model axis or a bigger slice."""
+  leaner = REMAT_BY_MEMORY[:REMAT_BY_MEMORY.index(remat_policy)] if (
+      remat_policy in REMAT_BY_MEMORY) else ()
+  options = [f"--gin.REMAT_POLICY='{p}'" for p in leaner]
+  options += ["a smaller --gin.BATCH_SIZE (--max_batch finds the largest that fits)",
+              "a wider model axis (--mesh=DATAxMODEL)", "a slice with more HBM per chip"]
+  return "to fit, try: " + "; ".join(options)
+
 
 def format_plan(plan: dict) -> str:
   c, p = plan["config"], plan["params"]
@@ -874,6 +889,8 @@ def format_plan(plan: dict) -> str:
   for name, r in programs.items():
     if "out_of_memory" in r:
       lines.append(f"{_TITLES[name]} does NOT fit: {r['out_of_memory']}")
+  if "out_of_memory" in programs.get("train", {}):
+    lines.append(fit_hint(c["remat_policy"]))
   if "max_batch" in plan:
     m = plan["max_batch"]
     if m["max_batch"] == 0:

@@ -460,6 +460,18 @@ def test_an_over_large_batch_is_the_compilers_out_of_memory(tmp_path):
   assert re.search(r"\d+(\.\d+)?G", last)  # the compiler's own numbers
   assert result["programs"]["train"]["fits"] is False
   assert "train step does NOT fit: RESOURCE_EXHAUSTED" in stdout
+  assert plan.fit_hint(result["config"]["remat_policy"]) in stdout
+
+
+def test_fit_hint_offers_only_remat_policies_that_keep_less():
+  from prompt_jax.models import t5
+  assert sorted(plan.REMAT_BY_MEMORY) == sorted(t5.REMAT_POLICIES)
+  hints = {p: plan.fit_hint(p) for p in plan.REMAT_BY_MEMORY}
+  assert "REMAT_POLICY='full'" in hints["none"]
+  assert "REMAT_POLICY='dots_with_no_batch_dims_saveable'" in hints["dots_saveable"]
+  assert "REMAT_POLICY='dots_saveable'" not in hints["dots_with_no_batch_dims_saveable"]
+  assert "REMAT_POLICY" not in hints["full"]
+  assert all("--max_batch" in h for h in hints.values())
 
 
 @pytest.mark.slow
