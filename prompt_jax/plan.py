@@ -798,8 +798,7 @@ REMAT_BY_MEMORY = ("full", "dots_with_no_batch_dims_saveable", "dots_saveable", 
 def fit_hint(remat_policy: str) -> str:
   """What to change when the train step does not fit: remat policies that keep less than
   `remat_policy`, a smaller batch, a wider model axis or a bigger slice."""
-  leaner = REMAT_BY_MEMORY[:REMAT_BY_MEMORY.index(remat_policy)] if (
-      remat_policy in REMAT_BY_MEMORY) else ()
+  leaner = REMAT_BY_MEMORY[:REMAT_BY_MEMORY.index(remat_policy)]
   options = [f"--gin.REMAT_POLICY='{p}'" for p in leaner]
   options += ["a smaller --gin.BATCH_SIZE (--max_batch finds the largest that fits)",
               "a wider model axis (--mesh=DATAxMODEL)", "a slice with more HBM per chip"]

@@ -61,13 +61,13 @@ def _lowered_dots(policy: str, dtype: str, scan_layers: bool = False) -> int:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_policies_recompute_exactly_the_matmuls_they_do_not_save(dtype):
+def test_policies_recompute_only_the_matmuls_they_do_not_save(dtype):
   dots = {p: _lowered_dots(p, dtype) for p in t5.REMAT_POLICIES}
   assert (dots["none"] == dots["dots_saveable"] < dots["dots_with_no_batch_dims_saveable"]
           < dots["full"]), dots
 
 
-def test_scanned_policies_recompute_exactly_the_matmuls_they_do_not_save():
+def test_scanned_policies_recompute_only_the_matmuls_they_do_not_save():
   dots = {p: _lowered_dots(p, "bfloat16", scan_layers=True) for p in t5.REMAT_POLICIES}
   assert (dots["none"] == dots["dots_saveable"] < dots["dots_with_no_batch_dims_saveable"]
           < dots["full"]), dots

@@ -107,11 +107,12 @@ def _cpu_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> 
 
 
 def _fast_einsum(lhs: str, rhs: str, out: str, a: Array, b: Array, out_dtype) -> Array:
-  """A forward matmul summed in float32: `_cpu_einsum` on CPU, the plain einsum elsewhere."""
+  """A forward matmul summed in float32: `x @ W^T` with the transpose hidden on CPU, every
+  other form (and every form elsewhere) the plain einsum."""
   if not _is_transposed_rhs(lhs, rhs, out):
     return _plain_einsum(lhs, rhs, out, a, b, out_dtype)
   return jax.lax.platform_dependent(
-      a, b, cpu=functools.partial(_cpu_einsum, lhs, rhs, out, out_dtype=out_dtype),
+      a, b, cpu=functools.partial(_transposed_rhs_einsum, lhs, rhs, out, out_dtype=out_dtype),
       default=functools.partial(_plain_einsum, lhs, rhs, out, out_dtype=out_dtype))
 
 
@@ -146,10 +147,8 @@ def _accumulating_einsum_bwd(spec, out_dtype, residuals, g):
 accumulating_einsum.defvjp(_accumulating_einsum_fwd, _accumulating_einsum_bwd)
 
 
-def _has_batch_axes(spec: str) -> bool:
-  """Whether an axis of `spec` is in both inputs and the output ('bhqd,bhdk->bhqk': b and h)."""
-  inputs, out = spec.replace(" ", "").replace("...", "").split("->")
-  lhs, rhs = inputs.split(",")
+def _has_batch_axes(lhs: str, rhs: str, out: str) -> bool:
+  """Whether an axis is in both inputs and the output ('bhqd,bhdk->bhqk': b and h)."""
   return any(c in rhs and c in out for c in lhs)
 
 
@@ -163,4 +162,5 @@ def einsum(spec: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
     out = jnp.einsum(spec, a, b).astype(out_dtype or dtype)
   else:
     out = accumulating_einsum(spec, a, b, None if out_dtype is None else jnp.dtype(out_dtype))
-  return checkpoint_name(out, BATCHED_MATMUL if _has_batch_axes(spec) else MATMUL)
+  batched = _has_batch_axes(*_named_axes(spec, a, b))
+  return checkpoint_name(out, BATCHED_MATMUL if batched else MATMUL)
