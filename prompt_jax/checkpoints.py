@@ -233,9 +233,10 @@ def resolve_path(path: str) -> str:
 
 
 def save_params_npz(params: Mapping, path: str) -> None:
-  """A parameter tree as one `.npz` with '/'-joined T5X names (small models only)."""
+  """A parameter tree as one `.npz` with '/'-joined T5X names (small models only), written
+  atomically (a kill leaves the old file or the new one)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+  run_dir.write_npz(path, {k: np.asarray(v) for k, v in flat.items()})
 
 
 def load_params_npz(path: str) -> dict:

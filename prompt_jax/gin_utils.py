@@ -71,12 +71,23 @@ MACRO_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
+def shipped_gin_configs() -> Optional[Path]:
+  """The gin_configs/ folder that came with this code: inside the package when installed from a
+  wheel (setup.py maps it there), the repository's top-level one in a source checkout."""
+  package = Path(__file__).resolve().parent
+  for candidate in (package / "gin_configs", package.parent / "gin_configs"):
+    if candidate.is_dir():
+      return candidate
+  return None
+
+
 def default_gin_search_paths() -> list[str]:
-  """The current directory and the repository's gin_configs/ (when installed from source)."""
+  """The current directory, then the shipped gin_configs/ (so `runs/demo.gin` is found from any
+  directory) and its parent (so a checkout's `gin_configs/runs/demo.gin` is too)."""
   paths = [os.getcwd()]
-  repo_configs = Path(__file__).resolve().parent.parent / "gin_configs"
-  if repo_configs.is_dir():
-    paths += [str(repo_configs.parent), str(repo_configs)]
+  configs = shipped_gin_configs()
+  if configs is not None:
+    paths += [str(configs), str(configs.parent)]
   return paths
 
 

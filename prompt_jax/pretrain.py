@@ -31,13 +31,36 @@ def _eval_token_accuracy(model, params, dataset_cfg) -> float:
   return float(metrics["token_accuracy"])
 
 
+OUTPUT_NAME = "model.npz"  # the trained model's file in MODEL_DIR
+
+
 def default_checkpoint_dir(output_path: str) -> str:
-  """Where `pretrain` keeps its resumable checkpoints: beside the .npz, `<stem>_checkpoints`."""
+  """Where `pretrain` keeps its resumable checkpoints when given only an output path: beside the
+  .npz, `<stem>_checkpoints`."""
   return output_path[:-len(".npz")] + "_checkpoints"
 
 
+def output_paths(model_dir: Optional[str], output_path: Optional[str],
+                 checkpoint_dir: Optional[str], overwrite: bool) -> tuple[str, str]:
+  """(the .npz to write, the checkpoint directory) of a pretraining run; ValueError in one line
+  when neither MODEL_DIR nor OUTPUT_PATH is given, or when the .npz exists and `overwrite` is
+  off (checked before any work)."""
+  if not model_dir and not output_path:
+    raise ValueError("pretrain needs MODEL_DIR (the model goes to MODEL_DIR/model.npz, the "
+                     "checkpoints beside it) or OUTPUT_PATH; pass --gin.MODEL_DIR=\"'/tmp/mini'\"")
+  output_path = output_path or os.path.join(model_dir, OUTPUT_NAME)
+  if not output_path.endswith(".npz"):
+    raise ValueError(f"pretrain output_path must end in .npz, got {output_path!r}")
+  if os.path.exists(output_path) and not overwrite:
+    raise ValueError(f"pretrain output {output_path} exists; pass "
+                     "--gin.pretrain.pretrain.overwrite=True to replace it, or another "
+                     "MODEL_DIR or OUTPUT_PATH")
+  return output_path, checkpoint_dir or model_dir or default_checkpoint_dir(output_path)
+
+
 def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_steps: int,
-             output_path: str, learning_rate: float = 1e-3, warmup_steps: int = 200,
+             model_dir: Optional[str] = None, output_path: Optional[str] = None,
+             overwrite: bool = False, learning_rate: float = 1e-3, warmup_steps: int = 200,
              seed: int = 0, log_every_steps: int = 100,
              eval_dataset_cfg: Optional[pipeline.DatasetConfig] = None,
              lm_adaptation_dataset_cfg: Optional[pipeline.DatasetConfig] = None,
@@ -46,7 +69,8 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
              checkpoint_every_steps: int = 500,
              checkpoint_dir: Optional[str] = None,
              checkpoint_keep: Optional[int] = 2) -> dict:
-  """Train all parameters with AdamW and a cosine schedule; save them to `output_path` (.npz).
+  """Train all parameters with AdamW and a cosine schedule; save them to `output_path` (.npz;
+  default `MODEL_DIR/model.npz`). An existing output is refused unless `overwrite`.
 
   Pretraining is a regime of the one training loop (`trainer.run`): plain `PromptTuning` whose
   trainable pattern matches every parameter (nothing is frozen). With `lm_adaptation_steps > 0`
@@ -54,7 +78,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
   parameters on `lm_adaptation_dataset_cfg` (a prefix-LM task) with a fresh schedule (warmup: a
   tenth of its steps).
 
-  Each phase is a run in its own directory under `checkpoint_dir` (default
+  Each phase is a run in its own directory under `checkpoint_dir` (default `model_dir`, else
   `default_checkpoint_dir(output_path)`): `pretrain/` and `lm_adaptation/`, checkpointed every
   `checkpoint_every_steps` steps of the phase and at its end (Orbax, the last `checkpoint_keep`
   kept, None for all; 0 saves only each phase's end). Rerunning the same command resumes from
@@ -64,8 +88,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
   'parameters': count} plus 'lm_adaptation_loss', 'eval_token_accuracy' and
   'lm_adaptation_eval_token_accuracy' when those phases and eval sets are given.
   """
-  if not output_path.endswith(".npz"):
-    raise ValueError(f"pretrain output_path must end in .npz, got {output_path!r}")
+  output_path, directory = output_paths(model_dir, output_path, checkpoint_dir, overwrite)
   if lm_adaptation_steps and lm_adaptation_dataset_cfg is None:
     raise ValueError(f"lm_adaptation_steps={lm_adaptation_steps} needs "
                      "lm_adaptation_dataset_cfg (a prefix-LM task)")
@@ -73,7 +96,6 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
     raise ValueError(f"pretrain checkpoint_every_steps must be >= 0, got "
                      f"{checkpoint_every_steps}")
   model = EncoderDecoderModel(t5.Transformer(config), z_loss=1e-4)
-  directory = checkpoint_dir or default_checkpoint_dir(output_path)
   # (directory, data, steps, warmup, seed)
   phases = [("pretrain", dataset_cfg, train_steps, warmup_steps, seed)]
   if lm_adaptation_steps:
@@ -99,7 +121,6 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
                       seed=phase_seed, label=name.replace("_", " "))
     params = run.state.prompt_params
     result["loss" if name == "pretrain" else "lm_adaptation_loss"] = run.summary["train"]["loss"]
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   checkpoints.save_params_npz(jax.device_get(params), output_path)
   result.update(seconds=time.perf_counter() - start, parameters=parameters)
   if eval_dataset_cfg is not None:

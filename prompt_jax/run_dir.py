@@ -194,3 +194,8 @@ def read_json(path: str) -> Optional[dict]:
 def write_npy(path: str, array: np.ndarray) -> str:
   """`array` as a `.npy` at `path`, atomically."""
   return _atomic_replace(path, lambda f: np.save(f, array))
+
+
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
+  """Named arrays as one `.npz` at `path`, atomically."""
+  return _atomic_replace(path, lambda f: np.savez(f, **arrays))

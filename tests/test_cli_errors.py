@@ -74,8 +74,8 @@ BAD_INPUTS = [
      ["TRAIN_FN", "old_spt.gin line 2", "run `prompt-jax spt` with the same flags"]),
     ("spt-given-plain-config", ["spt", DEMO, MD],
      ["does not configure spt_training.train_spt", "runs/spt.gin"]),
-    ("spt-model-dir-unset", ["spt", "--gin_file=runs/spt.gin"], ["MODEL_DIR is not set"]),
-    ("spt-misspelt-macro", ["spt", "--gin_file=runs/spt.gin", MD, "--gin.SPT_NUM_LAYER=2"],
+    ("spt-model-dir-unset", ["spt", "--gin_file=runs/spt_demo.gin"], ["MODEL_DIR is not set"]),
+    ("spt-misspelt-macro", ["spt", "--gin_file=runs/spt_demo.gin", MD, "--gin.SPT_NUM_LAYER=2"],
      ["SPT_NUM_LAYER", "did you mean SPT_NUM_LAYERS?"]),
     ("model-dir-unset", ["train", DEMO], ["MODEL_DIR is not set", "--gin.MODEL_DIR="]),
     ("model-dir-none", ["train", DEMO, "--gin.MODEL_DIR=None"], ["MODEL_DIR is not set"]),
@@ -185,11 +185,12 @@ def test_only_spt_and_multitask_configs_among_the_shipped_runs_are_refused_by_tr
     try:
       gin_utils.check_command(config, "train", elsewhere=dict(cli.GIN_COMMANDS["train"].elsewhere))
     except ValueError as e:
-      command = {"spt.gin": "spt", "multitask.gin": "multitask"}.get(path.name)
+      command = path.name.split("_")[0].split(".")[0]  # spt[_demo].gin, multitask[_demo].gin
       assert f"run `prompt-jax {command}` with the same flags" in str(e), e
       refused[path.name] = command
       gin_utils.check_command(config, command, required=cli.GIN_COMMANDS[command].required)
-  assert refused == {"multitask.gin": "multitask", "spt.gin": "spt"}
+  assert refused == {"multitask.gin": "multitask", "multitask_demo.gin": "multitask",
+                     "spt.gin": "spt", "spt_demo.gin": "spt"}
 
 
 # ------------------------------------------------------------------------- --help, --version

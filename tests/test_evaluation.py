@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks  # noqa: F401  (registers the GLUE tasks)
+import prompt_jax.tasks  # noqa: F401  (registers the GLUE tasks)
 from prompt_jax import decoding, evaluation, params, trainer
 from prompt_jax.data import pipeline
 from prompt_jax.models import t5
@@ -35,7 +35,7 @@ def _model():
 
 def _cfg(name, split="validation", batch_size=8, shuffle=False):
   return pipeline.DatasetConfig(name, LENGTHS, split=split, batch_size=batch_size,
-                                shuffle=shuffle, module="tasks")
+                                shuffle=shuffle, module="prompt_jax.tasks")
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_metrics_table_lists_every_metric():
 
 def test_truncated_eval_examples_are_counted_and_logged(caplog):
   cfg = pipeline.DatasetConfig(TASK, {"inputs": 24, "targets": 16}, split="validation",
-                               batch_size=8, shuffle=False, module="tasks")
+                               batch_size=8, shuffle=False, module="prompt_jax.tasks")
   with mock_glue(NUM_EXAMPLES):
     evaluator = seqio.Evaluator(TASK, seqio.EncDecFeatureConverter(pack=False),
                                 eval_split="validation",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks  # noqa: F401  (registers the GLUE tasks)
+import prompt_jax.tasks  # noqa: F401  (registers the GLUE tasks)
 from prompt_jax import decoding, evaluation, inference
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -185,6 +185,6 @@ def test_eval_gin_configures_run_evaluation():
     assert gin.query_parameter("%MODEL_DIR") == "/tmp/run"
     cfg = gin.get_configurable("eval/prompt_jax.data.pipeline.DatasetConfig")()
     assert cfg.mixture_or_task_name == "taskless_glue_rte_v002_rank"
-    assert cfg.split == "validation" and not cfg.shuffle and cfg.module == "tasks"
+    assert cfg.split == "validation" and not cfg.shuffle and cfg.module == "prompt_jax.tasks"
   finally:
     gin.clear_config()

@@ -260,6 +260,14 @@ CASES = [
     ("convert-hf-truncated-safetensors",
      ["convert", "hf-to-orbax", "{hf_truncated}", "{new_out}"],
      ["{hf_truncated}/model.safetensors"], "{new_out}"),
+    # pretrain: an existing model file is never replaced unasked; the output is named
+    ("pretrain-onto-existing-output",
+     ["pretrain", f"--gin_file={GIN_CONFIGS}/runs/pretrain_demo.gin",
+      "--gin.OUTPUT_PATH='{truncated.npz}'"],
+     ["{truncated.npz}", "exists", "overwrite=True"], "{truncated.npz}"),
+    ("pretrain-without-model-dir-or-output",
+     ["pretrain", f"--gin_file={GIN_CONFIGS}/runs/pretrain_demo.gin"],
+     ["MODEL_DIR", "OUTPUT_PATH"], "{model_dir}"),
     # export-prompt
     ("export-prompt-truncated-frozen-checkpoint",
      ["export-prompt", f"--gin_file={GIN_CONFIGS}/models/t5_1_1_tiny.gin",

@@ -343,7 +343,7 @@ def test_mpt_initialisation_is_pefts():
 def test_gin_file_after_the_multitask_run_file_gives_the_hook(gin_file, bindings, kind):
   gin.clear_config()
   try:
-    model, _ = gin_utils.model_from_gin(["runs/multitask.gin", gin_file], bindings)
+    model, _ = gin_utils.model_from_gin(["runs/multitask_demo.gin", gin_file], bindings)
     hook = model.module.prompt
     assert isinstance(hook, kind)
     assert hook.num_tasks == gin.query_parameter("%NUM_TASKS")

@@ -208,7 +208,7 @@ def test_spt_search_rejects_a_non_spt_prompt():
 @pytest.mark.slow  # ~40 s of CPU: seqio input pipeline plus four compilations
 def test_two_phase_cli_run_prints_the_selected_layers(tmp_path, capsys):
   model_dir = tmp_path / "spt"
-  argv = ["spt", f"--gin_file={GIN_CONFIGS / 'runs' / 'spt.gin'}",
+  argv = ["spt", f"--gin_file={GIN_CONFIGS / 'runs' / 'spt_demo.gin'}",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.SPT_SEARCH_STEPS=3", "--gin.TRAIN_STEPS=2",
           "--gin.BATCH_SIZE=4", "--gin.INITIAL_CHECKPOINT_PATH=None",
           "--gin.t5.T5Config.num_encoder_layers=3", "--gin.SPT_NUM_LAYERS=1",

@@ -16,7 +16,7 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-import tasks  # noqa: F401  (registers everything)
+import prompt_jax.tasks  # noqa: F401  (registers everything)
 from prompt_jax.data import glue, pipeline, superglue
 from tests.conftest import shared_fixture
 
@@ -270,14 +270,14 @@ def test_stsb_rounds_to_a_fifth():
 
 def test_unknown_task_lists_closest_names():
   with pytest.raises(ValueError, match="glue_sst2_v002"):
-    pipeline.get_task_or_mixture("glue_sst_v002", "tasks")
+    pipeline.get_task_or_mixture("glue_sst_v002", "prompt_jax.tasks")
 
 
 def test_superglue_mixture_yields_training_batches():
   """The proportional mixture mixes tasks with different extra fields (ReCoRD's answers, WSC's
   label) into one stream of encoder-decoder batches."""
   cfg = pipeline.DatasetConfig("taskless_super_glue_v102_proportional_bytes",
-                               {"inputs": 128, "targets": 16}, batch_size=4, module="tasks")
+                               {"inputs": 128, "targets": 16}, batch_size=4, module="prompt_jax.tasks")
   with mock_glue():
     batch = next(pipeline.iterate_batches(cfg))
   assert batch["encoder_input_tokens"].shape == (4, 128)

@@ -172,9 +172,11 @@ PRESETS: dict[str, T5Config] = {
                      num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0,
                      relative_attention_num_buckets=32, relative_attention_max_distance=128),
 }
-# The LM-adapted checkpoints share the T5 1.1 architecture.
+# The LM-adapted checkpoints share the T5 1.1 architecture; every gin_configs/models/<name>.gin
+# is also a preset name (the tiny model as `tiny` and `t5_1_1_tiny`).
 for _size in ("small", "base", "large", "xl", "xxl"):
   PRESETS[f"t5_1_1_lm_adapted_{_size}"] = PRESETS[f"t5_1_1_{_size}"]
+PRESETS["t5_1_1_tiny"] = PRESETS["tiny"]
 
 
 def preset(name: str, **overrides) -> T5Config:
