@@ -171,8 +171,8 @@ def test_train_multitask_resumes_exports_and_evaluates_every_task(tmp_path):
 def test_multitask_command_runs_the_mixture(tmp_path, capsys):
   from prompt_jax import cli
   model_dir = tmp_path / "run"
-  assert cli.main(["multitask", "--gin_file=runs/multitask_demo.gin", f"--gin.MODEL_DIR='{model_dir}'",
-                   "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=6",
+  assert cli.main(["multitask", "--gin_file=runs/multitask_demo.gin",
+                   f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=6",
                    "--gin.multitask_training.train_multitask.eval_dataset_cfg=None"]) == 0
   tasks = json.loads((model_dir / "tasks.json").read_text())["tasks"]
   assert sorted(tasks) == sorted(synthetic.MULTITASK_TASKS)

@@ -277,7 +277,8 @@ def test_superglue_mixture_yields_training_batches():
   """The proportional mixture mixes tasks with different extra fields (ReCoRD's answers, WSC's
   label) into one stream of encoder-decoder batches."""
   cfg = pipeline.DatasetConfig("taskless_super_glue_v102_proportional_bytes",
-                               {"inputs": 128, "targets": 16}, batch_size=4, module="prompt_jax.tasks")
+                               {"inputs": 128, "targets": 16}, batch_size=4,
+                               module="prompt_jax.tasks")
   with mock_glue():
     batch = next(pipeline.iterate_batches(cfg))
   assert batch["encoder_input_tokens"].shape == (4, 128)
