@@ -8,6 +8,7 @@ by a process that no longer exists (on this host) is taken over with a warning.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -54,88 +55,73 @@ def check_model_dir(model_dir: Optional[str]) -> str:
   return path
 
 
-def _process_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
-
-
 class RunLock:
   """Exclusive ownership of a MODEL_DIR for one process (use as a context manager).
 
-  Creates MODEL_DIR if needed; on release removes the lock and, when the run wrote nothing,
-  the directory it created, so a run refused early leaves no trace."""
+  The operating system's advisory lock (`fcntl.flock`) on MODEL_DIR/.lock: the kernel grants it
+  to one process at a time and drops it when the process dies, so there is no stale lock to
+  take over and no window in which two processes both hold it. The file records the holder
+  (pid, host, start time) for the refusal message. Creates MODEL_DIR if needed; on release
+  removes the lock file and, when the run wrote nothing, the directory it created, so a run
+  refused early leaves no trace."""
 
   def __init__(self, model_dir: str):
     self.model_dir = os.path.abspath(model_dir)
     self.path = os.path.join(self.model_dir, LOCK_NAME)
     self._created_dir = False
-    self._held = False
+    self._fd: Optional[int] = None
 
   def acquire(self) -> RunLock:
     if not os.path.isdir(self.model_dir):
       os.makedirs(self.model_dir, exist_ok=True)
       self._created_dir = True
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(2):
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        self._take_over_if_stale()
-        continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-      self._held = True
-      return self
-    raise ValueError(f"MODEL_DIR {self.model_dir!r} is locked by another run ({self.path}); "
-                     "remove the lock file if no run is using it")
-
-  def _take_over_if_stale(self) -> None:
-    """Remove the lock of a dead process on this host; raise naming a live owner."""
-    try:
-      with open(self.path) as f:
-        owner = json.load(f)
-      pid, host = int(owner["pid"]), str(owner["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-      owner, pid, host = None, None, None
-    if owner is None:
-      # Unreadable: a lock being written this instant, or garbage. Only garbage older than a
-      # few seconds is taken over.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = self._holder(fd)
+        os.close(fd)
+        self._refuse(holder)
+      # A holder that released between our open and our flock unlinked the file first: our lock
+      # is then on a file nobody else will open, so try again on the path's current file.
       try:
-        age = time.time() - os.path.getmtime(self.path)
+        same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
       except FileNotFoundError:
-        return
-      if age < 5:
-        raise ValueError(f"MODEL_DIR {self.model_dir!r} is being locked by another run "
-                         f"({self.path})")
-      log.warning("taking over the unreadable lock %s", self.path)
-    elif host != socket.gethostname():
-      raise ValueError(f"MODEL_DIR {self.model_dir!r} is in use by process {pid} on host "
-                       f"{host!r} (lock {self.path}); wait for that run to end, or remove the "
-                       "lock file if it is dead")
-    elif _process_alive(pid) and pid != os.getpid():
-      raise ValueError(f"MODEL_DIR {self.model_dir!r} is in use by process {pid} on host "
-                       f"{host!r} (lock {self.path}); wait for that run to end or use another "
-                       "MODEL_DIR")
-    else:
-      log.warning("taking over the stale lock %s of process %s on %s, which no longer runs",
-                  self.path, pid, host)
+        same = False
+      if same:
+        break
+      os.close(fd)
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  @staticmethod
+  def _holder(fd: int) -> Optional[dict]:
     try:
-      os.remove(self.path)
-    except FileNotFoundError:
-      pass
+      owner = json.loads(os.pread(fd, 4096, 0).decode())
+      return {"pid": int(owner["pid"]), "host": str(owner["host"])}
+    except (OSError, ValueError, KeyError, TypeError):
+      return None  # the holder is writing its record this instant
+
+  def _refuse(self, holder: Optional[dict]) -> None:
+    who = (f"process {holder['pid']} on host {holder['host']!r}" if holder else
+           "another process")
+    raise ValueError(f"MODEL_DIR {self.model_dir!r} is in use by {who} (lock {self.path}); "
+                     "wait for that run to end or use another MODEL_DIR")
 
   def release(self) -> None:
-    if self._held:
+    if self._fd is not None:
       try:
-        os.remove(self.path)
+        os.remove(self.path)  # before unlocking: a waiter then sees a replaced file and retries
       except FileNotFoundError:
         pass
-      self._held = False
+      os.close(self._fd)
+      self._fd = None
     if self._created_dir:
       try:
         os.rmdir(self.model_dir)  # only if the run left it empty
