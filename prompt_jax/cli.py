@@ -7,7 +7,8 @@ T5X's flags: `--gin_file` (repeatable), `--gin_bindings` (repeatable), `--gin.NA
 through its helper `prompt_jax.gin_utils`, which checks the flags before anything heavy is
 imported. Each gin command names the function it configures (`GIN_COMMANDS`); no gin macro
 chooses it. Errors print one line, `error: ...`; set PROMPT_JAX_TRACEBACK=1 for the full
-traceback. TensorFlow's and gin's start-up messages show with --verbosity=info or debug.
+traceback. TensorFlow's, libtpu's and gin's start-up messages show with --verbosity=info or
+debug (or PROMPT_JAX_VERBOSITY=info).
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import glob
 import importlib
-import importlib.abc
-import importlib.machinery
+import importlib.util
 import logging
 import os
+import pkgutil
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import prompt_jax
 from prompt_jax import preemption
 
 
@@ -131,30 +133,34 @@ Prompt-tune a frozen T5. The gin files configure trainer.train: the model (model
 prompt method (prompts/*.gin) and the run (runs/prompt_finetune.gin: task, steps, batch size,
 optimizer). MODEL_DIR receives the checkpoints, prompts/prompt_<step>.npy exports, TensorBoard
 events and summary.json; a run resumes from MODEL_DIR's latest checkpoint. Selective Prompt
-Tuning (runs/spt.gin) has its own command, `prompt-jax spt`.""",
+Tuning (runs/spt.gin, runs/spt_demo.gin) has its own command, `prompt-jax spt`.""",
     "spt": """\
 Selective Prompt Tuning (SPT / SPT-DARTS) in one run; the gin files configure
-spt_training.train_spt (runs/spt.gin, or a models/ file, prompts/spt.gin, runs/prompt_finetune.gin
-and runs/spt.gin's spt_training.train_spt block). Phase 1 (MODEL_DIR/search) learns a gate per
+spt_training.train_spt (a models/ file, then runs/spt.gin; runs/spt_demo.gin is the demo on the
+shipped tiny model). Phase 1 (MODEL_DIR/search) learns a gate per
 candidate layer, the top SPT_NUM_LAYERS layers are kept (printed, and written to
 MODEL_DIR/search/selection.json), phase 2 (MODEL_DIR/retrain) re-trains them; rerunning the
 same command resumes either phase.""",
     "multitask": """\
 Multi-task prompt tuning: one prompt per task of a seqio mixture, trained in one run; the gin
-files configure multitask_training.train_multitask (runs/multitask.gin, optionally followed by
-prompts/multitask_shared.gin or prompts/mpt.gin). Batches mix the tasks at the mixture's rates
+files configure multitask_training.train_multitask (a models/ file, then runs/multitask.gin, or
+the demo runs/multitask_demo.gin; optionally followed by prompts/multitask_shared.gin or
+prompts/mpt.gin). Batches mix the tasks at the mixture's rates
 and every prompt trains as it would alone on its task's examples; MODEL_DIR/tasks.json maps
 prompt indices to tasks, prompts/<task>.npy and prompts/peft/<task>/ are the tasks' prompts,
 evaluation reports every task and the mixture average (docs/multitask.md).""",
     "pretrain": """\
 Train a small T5 from scratch (every parameter) to serve as a frozen model; the gin files
-configure pretrain.pretrain (runs/pretrain_*.gin) and OUTPUT_PATH receives the .npz.""",
+configure pretrain.pretrain (runs/pretrain_*.gin). MODEL_DIR receives the resumable checkpoints
+and the model as model.npz (or OUTPUT_PATH receives it); an existing .npz is refused unless
+--gin.pretrain.pretrain.overwrite=True.""",
     "eval": """\
 Score a trained prompt on a task's eval split; the gin files (the model and prompt files the
 prompt was trained with, then runs/eval.gin) configure evaluation.run_evaluation. The prompt is
 MODEL_DIR's latest checkpoint (or STEP), or PROMPT_PATH (a .npy export).""",
     "infer": """\
-Greedy predictions of trained prompts, written as JSONL. Two forms:
+Predictions of trained prompts, written as JSONL: greedy by default, beam search or sampling
+with gin's DECODE_FN (runs/infer.gin) or --decode (multi-task serving). Two forms:
 
   single task (gin): the gin files (the model and prompt files the prompt was trained with, then
     runs/infer.gin) configure inference.infer; inputs are INPUTS_PATH (JSONL of {"inputs": ...}
@@ -202,15 +208,15 @@ EXAMPLES = {
     --gin.MODEL_DIR="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME="'taskless_glue_sst2_v002'" \\
     --gin.INITIAL_CHECKPOINT_PATH="'/path/to/frozen/checkpoint'" --gin.TRAIN_STEPS=1000""",
     "spt": """\
-  prompt-jax spt --gin_file=runs/spt.gin --gin.MODEL_DIR="'/tmp/spt'"
-  prompt-jax spt --gin_file=runs/spt.gin --gin.MODEL_DIR="'/tmp/spt'" \\
+  prompt-jax spt --gin_file=runs/spt_demo.gin --gin.MODEL_DIR="'/tmp/spt'"
+  prompt-jax spt --gin_file=runs/spt_demo.gin --gin.MODEL_DIR="'/tmp/spt'" \\
     --gin.SPT_SEARCH_MODE="'joint'" --gin.SPT_NUM_LAYERS=2 --gin.SPT_SEARCH_STEPS=200""",
     "multitask": """\
-  prompt-jax multitask --gin_file=runs/multitask.gin --gin.MODEL_DIR="'/tmp/multitask'"
-  prompt-jax multitask --gin_file=runs/multitask.gin --gin_file=prompts/mpt.gin \
+  prompt-jax multitask --gin_file=runs/multitask_demo.gin --gin.MODEL_DIR="'/tmp/multitask'"
+  prompt-jax multitask --gin_file=runs/multitask_demo.gin --gin_file=prompts/mpt.gin \
     --gin.MODEL_DIR="'/tmp/multitask_mpt'\"""",
     "pretrain": """\
-  prompt-jax pretrain --gin_file=runs/pretrain_demo.gin --gin.OUTPUT_PATH="'/tmp/tiny.npz'\"""",
+  prompt-jax pretrain --gin_file=runs/pretrain_demo.gin --gin.MODEL_DIR="'/tmp/tiny'\"""",
     "eval": """\
   prompt-jax eval --gin_file=runs/demo.gin --gin_file=runs/eval.gin \\
     --gin.MODEL_DIR="'/tmp/demo'" --gin.MIXTURE_OR_TASK_NAME="'demo_sentiment'" \\
@@ -274,9 +280,10 @@ def _task_prompt(text: str) -> tuple[str, str]:
 
 
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--verbosity", default="warning", choices=VERBOSITIES, metavar="LEVEL",
-                      help="log level: debug, info, warning (default) or error; info and debug "
-                           "also show TensorFlow's and gin's start-up messages")
+  parser.add_argument("--verbosity", choices=VERBOSITIES, metavar="LEVEL",
+                      help="log level: debug, info, warning or error (default: "
+                           "$PROMPT_JAX_VERBOSITY, else warning); info and debug also show "
+                           "TensorFlow's, libtpu's and gin's start-up messages")
 
 
 def _add_gin_flags(parser: argparse.ArgumentParser, title: str = "gin configuration") -> None:
@@ -511,63 +518,45 @@ def parse(command: str, argv: Sequence[str], prog: Optional[str] = None) -> argp
 
 # ----------------------------------------------------------------------------- quiet start-up
 
-# TensorFlow's C++ start-up lines (absl logs everything before InitializeLog, ignoring
-# TF_CPP_MIN_LOG_LEVEL): the InitializeLog warning and INFO lines such as oneDNN and CUDA's.
-_TF_NOISE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called"
-                       r"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")
+_NVIDIA_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")  # jax's test for a GPU
 
 
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-  """Drops TensorFlow's C++ start-up INFO lines from stderr while `tensorflow` is imported
-  (whoever imports it); its other output, warnings and errors included, is kept."""
-
-  def find_spec(self, fullname, path=None, target=None):
-    if fullname != "tensorflow":
-      return None
-    if self in sys.meta_path:
-      sys.meta_path.remove(self)
-    spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-      return spec
-    exec_module = spec.loader.exec_module
-
-    def quiet_exec_module(module):
-      with _filtered_stderr():
-        exec_module(module)
-
-    spec.loader.exec_module = quiet_exec_module
-    return spec
+def _tpu_backend_cannot_start() -> bool:
+  """Whether jax would try libtpu (installed; JAX_PLATFORMS unset) where no accelerator can
+  start: no TPU (/dev/accel*, /dev/vfio) or NVIDIA device, no jax plugin but CUDA's. There libtpu
+  fails after writing errors (host bounds, TPU_WORKER_HOSTNAMES) to stderr that no log level
+  (TF_CPP_MIN_LOG_LEVEL, TPU_MIN_LOG_LEVEL, TPU_STDERR_LOG_LEVEL) hides."""
+  if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+    return False
+  if glob.glob("/dev/accel*") or any(map(os.path.exists, ("/dev/vfio", *_NVIDIA_DEVICES))):
+    return False
+  if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+    return False
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  plugins = [e.name for e in metadata.entry_points(group="jax_plugins")]
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and spec.submodule_search_locations:
+    plugins += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+  return all("cuda" in name for name in plugins)  # jax skips CUDA's without an NVIDIA device
 
 
-@contextlib.contextmanager
-def _filtered_stderr():
-  """File descriptor 2 into a temporary file; afterwards its lines, minus `_TF_NOISE`, go on."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-      kept = "".join(line for line in lines if not _TF_NOISE.match(line))
-      if kept:
-        os.write(2, kept.encode())
-
-
-def configure_output(verbosity: str = "warning") -> None:
-  """Logging at `verbosity`; below info, no TensorFlow start-up lines, absl warnings or gin
-  search-path misses."""
+def configure_output(verbosity: Optional[str] = None) -> None:
+  """Logging at `verbosity` (None: $PROMPT_JAX_VERBOSITY, else warning); below info, no
+  TensorFlow start-up lines, no libtpu on a host without TPUs (jax on CPU, see
+  `_tpu_backend_cannot_start`), no absl warnings or gin search-path misses."""
+  verbosity = verbosity or os.environ.get(prompt_jax.VERBOSITY_ENV, "").strip() or "warning"
+  if verbosity.lower() not in VERBOSITIES:
+    raise ValueError(f"{prompt_jax.VERBOSITY_ENV} must be one of {', '.join(VERBOSITIES)}, "
+                     f"got {verbosity!r}")
   level = getattr(logging, verbosity.upper())
   quiet = level > logging.INFO
   if "tensorflow" not in sys.modules:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3" if quiet else "0"
-    if quiet and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
-      sys.meta_path.insert(0, _QuietTensorFlowImport())
+    prompt_jax.quiet_tensorflow_import(quiet)
+  if quiet and _tpu_backend_cannot_start():
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.config.jax_platforms is None:
+      jax.config.update("jax_platforms", "cpu")
   logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.ERROR if quiet else level)
   from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
