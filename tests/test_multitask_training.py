@@ -19,6 +19,9 @@ from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank
 
+# Values compared against tolerances: CI runs these again under another CPU instruction set.
+pytestmark = pytest.mark.numerics
+
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 TASKS = ("a", "b", "c")
 L_IN, L_OUT, P = 12, 4, 3
@@ -82,10 +85,11 @@ def test_n_tasks_in_one_run_equal_n_single_task_runs(placement):
         continue
       alone, metrics = single.train_step(alone, frozen, rows, jax.random.key(1))
       assert multi_losses[step][t] == pytest.approx(float(metrics["loss"]), rel=1e-5), (t, step)
-    # Float32 sums over 6 rows or 2 differ in the last bits, and Adafactor (lr 0.3, scaled by
-    # the prompt's RMS) amplifies that to ~2e-4 after 4 steps of ~0.15 each: the prompts must
-    # agree to 0.5% of how far they moved. Coupled tasks (a shared normaliser, an absent task
-    # stepped with a zero gradient) differ by tens of percent.
+    # Float32 sums over 6 rows or 2 differ in the last bits, and Adafactor (lr 0.3, each entry
+    # divided by the RMS of its own gradients: see adafactor_tolerance) amplifies that to ~1.5e-4
+    # after 4 steps (1.2e-4 of how far the prompts moved, with YNNPACK's AVX-512 kernels; 0 with
+    # Eigen's): the prompts must agree to 0.5% of how far they moved. Coupled tasks (a shared
+    # normaliser, an absent task stepped with a zero gradient) differ by tens of percent.
     moved = np.max(np.abs(bank[t] - bank0[t]))
     diff = np.max(np.abs(bank[t] - np.asarray(single.export_prompt(alone.prompt_params,
                                                                    frozen))))

@@ -18,10 +18,15 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.plan import fake_device_flags
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from tests.adafactor_tolerance import assert_adafactor_runs_agree
 from tests.conftest import REPO_ROOT
+
+# Values compared against tolerances: CI runs these again under another CPU instruction set.
+pytestmark = pytest.mark.numerics
 
 LENGTHS = {"inputs": 64, "targets": 16}
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
@@ -95,7 +100,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
   _train(resumed, 4)
   summary = _train(resumed, 6)
   assert summary["step"] == 6
-  np.testing.assert_allclose(_saved_prompt(resumed, 6), _saved_prompt(straight, 6), atol=1e-6)
+  # Exact: both runs execute the same compiled steps on the same batches from the same state (a
+  # restored checkpoint holds the arrays bit for bit), on any CPU. (It was atol=1e-6.)
+  np.testing.assert_array_equal(_saved_prompt(resumed, 6), _saved_prompt(straight, 6))
   manager = checkpoints.PromptCheckpointManager(str(resumed), 2)
   assert manager.all_steps()[-1] == 6
   with open(resumed / "summary.json") as f:
@@ -166,14 +173,15 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_same_loss_on_a_4x2_mesh_of_fake_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), 8),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT", 1)[1])
+  # Losses of ~1 whose sums the mesh splits across devices: float32 rounding, 3e-7 seen.
   np.testing.assert_allclose(result["4x2"]["losses"], result["1x1"]["losses"], atol=1e-5)
   # After three Adafactor steps at lr 0.3 (updates are normalised, so summation-order noise in
-  # the gradient shows up at lr scale) the prompts agree to 1e-4.
-  np.testing.assert_allclose(result["4x2"]["prompt"], result["1x1"]["prompt"], atol=1e-4)
+  # the gradient shows up at lr scale): relative to how far the steps move the prompt.
+  assert_adafactor_runs_agree(result["4x2"]["prompt"], result["1x1"]["prompt"], steps=3)
   assert result["4x2"]["wi_spec"] == ["None", "model"]
