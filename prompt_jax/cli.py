@@ -220,7 +220,8 @@ EXAMPLES = {
     "eval": """\
   prompt-jax eval --gin_file=runs/demo.gin --gin_file=runs/eval.gin \\
     --gin.MODEL_DIR="'/tmp/demo'" --gin.MIXTURE_OR_TASK_NAME="'demo_sentiment'" \\
-    --gin.INITIAL_CHECKPOINT_PATH="'builtin:demo_t5_tiny.npz'\"""",
+    --gin.INITIAL_CHECKPOINT_PATH="'builtin:demo_t5_tiny.npz'" \\
+    --gin.TASK_FEATURE_LENGTHS="{'inputs': 64, 'targets': 16}\"""",
     "infer": """\
   prompt-jax infer --gin_file=models/t5_1_1_tiny.gin --gin_file=prompts/uniform.gin \\
     --gin_file=runs/infer.gin --gin.PROMPT_LENGTH=10 --gin.MODEL_DIR="'/tmp/demo'" \\

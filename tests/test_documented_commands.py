@@ -241,7 +241,7 @@ def doc_commands(doc: str) -> tuple[Command, ...]:
 def inline_commands(doc: str) -> list[Command]:
   """`prompt-jax ... --gin_file=...` spans in `doc`'s prose (outside fenced blocks)."""
   text = (REPO_ROOT / doc).read_text()
-  prose = [line for line in text.split("\n")]
+  prose = text.split("\n")
   for start, _, body, _ in _fenced_blocks(text):
     for i in range(start - 2, start + len(body)):
       prose[i] = ""
@@ -261,6 +261,7 @@ INLINE_COMMANDS = [c for doc in DOCS for c in inline_commands(doc)]
 
 
 def _argv(text: str) -> list[str]:
+  """`prompt-jax`'s arguments in a command line (after any VAR=value prefixes)."""
   words = shlex.split(text)
   while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value prefixes
     words = words[1:]
@@ -349,6 +350,7 @@ def check_recipe(text: str) -> None:
 
 @dataclasses.dataclass
 class DocState:
+  """One doc's tmp dir (its commands' /tmp and working directory), environment and failures."""
   root: Path
   env: dict
   failed: list

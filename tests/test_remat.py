@@ -75,8 +75,11 @@ def test_scanned_policies_recompute_only_the_matmuls_they_do_not_save():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_policy_gives_the_loss_and_gradient_without_remat(dtype):
-  # float32: the same numbers; bf16: recomputation may fuse and round differently, so within
-  # bf16's 8 mantissa bits (0.4% per rounding) of the largest gradient entry.
+  # float32: the same numbers; bf16: recomputation may fuse and round differently. bf16 keeps 8
+  # mantissa bits: a value one program rounds to bf16 and the other does not (recomputed vs
+  # saved, fused vs not) moves by up to 2^-8 = 0.4%, and dozens of bf16 values through 2 + 1
+  # layers feed the prompt gradient: a few percent of its largest entry at worst. Seen: 0.7%
+  # with YNNPACK's dots, 1.4% with Eigen's (0.68 of the former 2%); allow 5%.
   results = {}
   for policy in t5.REMAT_POLICIES:
     program, args = _gradient_program(policy, dtype)
@@ -86,7 +89,7 @@ def test_every_policy_gives_the_loss_and_gradient_without_remat(dtype):
   scale = float(np.max(np.abs(grad)))
   assert scale > 0
   fp32 = dtype == "float32"
-  tol = dict(rtol=1e-6, atol=1e-6) if fp32 else dict(rtol=0, atol=0.02 * scale)
+  tol = dict(rtol=1e-6, atol=1e-6) if fp32 else dict(rtol=0, atol=0.05 * scale)
   for policy, (other_loss, other_grad) in results.items():
     np.testing.assert_allclose(float(other_loss), float(loss), rtol=1e-6 if fp32 else 1e-2,
                                err_msg=policy)

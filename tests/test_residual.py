@@ -118,8 +118,12 @@ def test_train_fold_and_serve(tmp_path):
   plain = EncoderDecoderModel(t5.Transformer(
       t5.preset("tiny"), InputPrompt(Prompt(6, initializers.from_array(str(tmp_path / "p.npy"))))))
   plain_params = params_lib.unbox(jax.jit(plain.init_missing)(jax.random.key(0), frozen, jbatch))
-  np.testing.assert_allclose(np.asarray(jax.jit(plain.logits)(plain_params, jbatch)),
-                             np.asarray(jax.jit(model.logits)(params, jbatch)), rtol=0, atol=1e-5)
+  # Not bit-equal: the export folds the prompt in its own program, the model inside the logits'
+  # (another fusion), so the prompts differ in the last bits and the logits by ~1e-6 of their scale
+  # (|logit| <= 11.5; 5e-6 seen, 0.5 of a fixed atol=1e-5): 1e-5 of it.
+  want = np.asarray(jax.jit(model.logits)(params, jbatch))
+  np.testing.assert_allclose(np.asarray(jax.jit(plain.logits)(plain_params, jbatch)), want,
+                             rtol=0, atol=1e-5 * float(np.max(np.abs(want))))
   # folding is not the identity: the MLP branch contributes
   raw = np.asarray(state.prompt_params["encoder"]["prompt"]["prompt"]["prompt"])
   assert np.abs(folded - raw).max() > 1e-2
