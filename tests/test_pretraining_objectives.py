@@ -1,6 +1,7 @@
 """Span corruption and prefix-LM preprocessing (prompt_jax/data/pretraining.py) on fixed inputs."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -177,8 +178,11 @@ def test_pretrain_resumes_mid_phase_like_a_straight_run(tmp_path):
   os.remove(out)
   pretrain.pretrain(output_path=out, checkpoint_every_steps=2, **setup)
   assert_same_weights()
+  # The finished model is not replaced unasked, before any work.
+  with pytest.raises(ValueError, match=rf"pretrain output {re.escape(out)} exists"):
+    pretrain.pretrain(output_path=out, checkpoint_every_steps=2, **setup)
   # Other settings against these checkpoints: one line naming both.
   with pytest.raises(ValueError, match=r"were written for .*'train_steps': 5.* this run is "
                                        r".*'train_steps': 6"):
-    pretrain.pretrain(output_path=out, checkpoint_every_steps=2,
+    pretrain.pretrain(output_path=out, checkpoint_every_steps=2, overwrite=True,
                       **{**setup, "train_steps": 6})
