@@ -44,9 +44,6 @@ from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from tests.conftest import REPO_ROOT, shared_fixture
 
-# Values compared against tolerances: CI runs these again under another CPU instruction set.
-pytestmark = pytest.mark.numerics
-
 EOS = 1
 INPUTS = np.array([[2, 3, 4, 1, 0, 0], [3, 3, 2, 4, 2, 1]], np.int32)
 

@@ -9,12 +9,8 @@ would break that, which is what these tests detect.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from prompt_jax.models import t5
-
-# Values compared against tolerances: CI runs these again under another CPU instruction set.
-pytestmark = pytest.mark.numerics
 
 CONFIG = t5.preset("tiny", dropout_rate=0.5)
 

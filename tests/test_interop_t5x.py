@@ -28,9 +28,6 @@ from prompt_jax.models import t5
 from prompt_jax.plan import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
-# Values compared against tolerances: CI runs these again under another CPU instruction set.
-pytestmark = pytest.mark.numerics
-
 LEGACY = "t5x_t5_1_1_tiny_legacy/checkpoint_3"
 
 

@@ -26,9 +26,6 @@ from prompt_jax.prompts.mpt import MPTPrompt
 from prompt_jax.prompts.multitask_prompts import SharedTaskPrompt
 from prompt_jax.prompts.plain import Prompt
 
-# Values compared against tolerances: CI runs these again under another CPU instruction set.
-pytestmark = pytest.mark.numerics
-
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 TASKS = ("a", "b", "c")
 L_IN, L_OUT, EMBED, VOCAB = 12, 4, 64, 384

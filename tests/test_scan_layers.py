@@ -33,9 +33,6 @@ from prompt_jax.prompts.base import InputPrompt, export_prompt
 from prompt_jax.prompts.plain import Prompt
 from tests.conftest import shared_fixture
 
-# Values compared against tolerances: CI runs these again under another CPU instruction set.
-pytestmark = pytest.mark.numerics
-
 CONFIG = t5.preset("tiny", num_encoder_layers=4, num_decoder_layers=2, dropout_rate=0.0)
 P = 3
 TOL = dict(atol=1e-6, rtol=1e-6)
