@@ -39,15 +39,16 @@ def test_every_preset_has_a_gin_file():
 
 
 def test_spt_run_binds_every_required_argument_of_train_spt():
-  """`prompt-jax spt --gin_file=runs/spt.gin` calls spt_training.train_spt with no argument
-  missing; TRAIN_FN (which routed `prompt-jax train` to it) is gone."""
+  """`prompt-jax spt --gin_file=runs/spt_demo.gin` (runs/spt.gin after the tiny model) calls
+  spt_training.train_spt with no argument missing; TRAIN_FN (which routed `prompt-jax train` to
+  it) is gone."""
   import inspect
 
   from prompt_jax import spt_training
   gin.clear_config()
   try:
     gin.add_config_file_search_path(str(GIN_CONFIGS))
-    gin.parse_config_files_and_bindings([str(GIN_CONFIGS / "runs" / "spt.gin")],
+    gin.parse_config_files_and_bindings([str(GIN_CONFIGS / "runs" / "spt_demo.gin")],
                                         ["MODEL_DIR = '/tmp/unused'"], finalize_config=False)
     bound = gin.get_bindings(spt_training.train_spt)
     required = {name for name, p in inspect.signature(spt_training.train_spt).parameters.items()
