@@ -375,9 +375,10 @@ def map_paths(text: str, root: Path) -> str:
   """The doc's paths -> this run's: /tmp/NAME, $(mktemp -d), the shared fixtures."""
   text = re.sub(r"(?<![\w.~/-])/tmp/", f"{root}/", text)  # before root (under /tmp) appears
   text = text.replace("$(mktemp -d)", f"{root}/tmp.XXXX")
-  for name in ("../shared/fixtures", "/work/shared/fixtures"):
-    text = text.replace(name, str(SHARED_FIXTURES))
-  return text
+  # One pass: a second replace would match "/work/shared/fixtures" inside the first's result
+  # when the checkout lives under a directory named work (CI's /check/work/...).
+  return re.sub(r"(?<![\w.~/-])(\.\./shared/fixtures|/work/shared/fixtures)",
+                lambda _: str(SHARED_FIXTURES), text)
 
 
 # What legitimately differs between runs, replaced in the output and in the sample alike.
@@ -552,6 +553,15 @@ def test_the_parser_finds_commands_samples_and_markers():
       "run directory /tmp/x in <time>"]
   assert _skip_reason("gcloud compute tpus list") is None
   assert not RUNNABLE.match("gcloud compute tpus list")  # an unlisted command fails
+
+
+def test_fixture_paths_are_mapped_once_wherever_the_checkout_lives(monkeypatch):
+  """CI checks out under /check/work: ../shared/fixtures becomes a path that itself contains
+  /work/shared/fixtures, which must not be mapped a second time."""
+  monkeypatch.setattr(sys.modules[__name__], "SHARED_FIXTURES",
+                      Path("/check/work/shared/fixtures"))
+  assert map_paths("a ../shared/fixtures/p.npy /work/shared/fixtures/q", Path("/tmp/r")) == (
+      "a /check/work/shared/fixtures/p.npy /check/work/shared/fixtures/q")
 
 
 def test_a_recipe_whose_run_file_replaces_the_model_fails():
