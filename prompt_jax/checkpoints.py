@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 
 
+# Orbax's words for a saved tree that does not fit the requested one (a configuration mismatch,
+# not a damaged file): shapes, or the tree's structure (another method or optimizer).
+MISMATCH_SIGNS = ("not compatible with the stored shape", "tree structures do not match",
+                  "Dict key mismatch", "Missing keys", "Unexpected keys",
+                  "User-provided restore item and on-disk value metadata tree structures")
+
+
 class CheckpointUnusableError(ValueError):
   """No checkpoint of a run restores to a finite state matching the configured one."""
 
@@ -123,10 +130,11 @@ class PromptCheckpointManager:
     """(state, meta, step) of the newest checkpoint that restores and is finite, else None when
     there is no checkpoint.
 
-    A newer checkpoint that fails (truncated file, missing manifest, non-finite values) is
-    reported and moved aside to MODEL_DIR/unusable_checkpoints/<step> (never deleted), so the
-    resumed run can save that step again. A shape mismatch with the configured run is not a
-    corruption: it is raised as ValueError at once."""
+    A checkpoint whose saved tree differs from `abstract_state` (another method, length or
+    optimizer) is not a corruption: it raises ValueError at once and nothing is moved. A newer
+    checkpoint that fails otherwise (truncated file, missing manifest, non-finite values) is
+    reported with the reason and moved aside to MODEL_DIR/unusable_checkpoints/<step> (never
+    deleted), so the resumed run can save that step again."""
     steps = sorted(self.all_steps(), reverse=True)
     if not steps:
       return None
@@ -139,9 +147,12 @@ class PromptCheckpointManager:
       except ValueError as e:
         if "configured run expects" in str(e):
           raise
-        if "not compatible with the stored shape" in str(e):  # a mismatch, not a corruption
-          raise ValueError(f"checkpoint step {step} in {self.directory} does not fit the "
-                           f"configured run: {_first_line(e)}") from e
+        if any(sign in str(e) for sign in MISMATCH_SIGNS):  # a mismatch, not a corruption
+          raise ValueError(
+              f"checkpoint step {step} in {self.directory} was written by a run with other "
+              "settings (another prompt method, prompt length or optimizer: its saved tree "
+              "differs from the configured one); nothing was moved. Use the settings it was "
+              "trained with or another MODEL_DIR") from e
         reason = _first_line(e)
       except Exception as e:  # pylint: disable=broad-except
         reason = _first_line(e)
@@ -208,7 +219,7 @@ def _first_line(error: BaseException) -> str:
 def export_prompt_npy(prompt: np.ndarray, model_dir: str, step: int) -> str:
   """Write a [length, embed] prompt as MODEL_DIR/prompts/prompt_<step>.npy (atomically);
   returns the path."""
-  path = os.path.join(model_dir, "prompts", f"prompt_{step}.npy")
+  path = run_dir.prompt_export_path(model_dir, step)
   return run_dir.write_npy(path, np.asarray(prompt, dtype=np.float32))
 
 

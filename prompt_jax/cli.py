@@ -40,6 +40,10 @@ class GinCommand(NamedTuple):
     elsewhere: (selector or '%MACRO', command): a config that configures the selector (or binds
       the macro) belongs to that command; this one refuses it, naming the command to run.
     required: (selector, hint) when the config must configure the function itself.
+    trains: the function trains a run: it is passed the gin config (`config_text=`), which it
+      writes to MODEL_DIR/config.gin.
+    serves: a command that reads a finished run: given only MODEL_DIR (no --gin_file), it
+      configures itself from MODEL_DIR/config.gin after this base file (`from_run_directory`).
   """
 
   module: str
@@ -47,6 +51,8 @@ class GinCommand(NamedTuple):
   not_empty: tuple[str, ...] = ()
   elsewhere: tuple[tuple[str, str], ...] = ()
   required: Optional[tuple[str, str]] = None
+  trains: bool = False
+  serves: Optional[str] = None
 
   @property
   def root(self) -> str:
@@ -59,17 +65,19 @@ GIN_COMMANDS: dict[str, GinCommand] = {
     # `train` refuses it (and the TRAIN_FN macro that used to route it) instead of running it.
     "train": GinCommand("prompt_jax.trainer", "train", not_empty=("MODEL_DIR",),
                         elsewhere=(("spt_training.train_spt", "spt"), ("%TRAIN_FN", "spt"),
-                                   ("multitask_training.train_multitask", "multitask"))),
+                                   ("multitask_training.train_multitask", "multitask")),
+                        trains=True),
     "spt": GinCommand("prompt_jax.spt_training", "train_spt", not_empty=("MODEL_DIR",),
                       required=("spt_training.train_spt", "include runs/spt.gin (or its "
-                                "spt_training.train_spt block, see docs/spt.md)")),
+                                "spt_training.train_spt block, see docs/spt.md)"), trains=True),
     "multitask": GinCommand("prompt_jax.multitask_training", "train_multitask",
                             not_empty=("MODEL_DIR",),
                             required=("multitask_training.train_multitask",
-                                      "include runs/multitask.gin (see docs/multitask.md)")),
-    "pretrain": GinCommand("prompt_jax.pretrain", "pretrain"),
-    "eval": GinCommand("prompt_jax.evaluation", "run_evaluation"),
-    "infer": GinCommand("prompt_jax.inference", "infer"),
+                                      "include runs/multitask.gin (see docs/multitask.md)"),
+                            trains=True),
+    "pretrain": GinCommand("prompt_jax.pretrain", "pretrain", trains=True),
+    "eval": GinCommand("prompt_jax.evaluation", "run_evaluation", serves="runs/eval.gin"),
+    "infer": GinCommand("prompt_jax.inference", "infer", serves="runs/infer.gin"),
 }
 # Every command and its line in `prompt-jax --help`.
 COMMANDS: dict[str, str] = {
@@ -84,6 +92,7 @@ COMMANDS: dict[str, str] = {
     "convert": "frozen checkpoints to Orbax; prompts between .npy, PEFT and T5X",
     "export-prompt": "fold a trained prompt of any method into .npy and PEFT files (gin)",
     "infer-multitask": "multi-task serving (the same as `prompt-jax infer --inputs=...`)",
+    "curves": "training-loss and validation curves of runs as a PNG, from MODEL_DIR/metrics.jsonl",
 }
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
 VERBOSITIES = ("debug", "info", "warning", "error")
@@ -155,13 +164,21 @@ configure pretrain.pretrain (runs/pretrain_*.gin). MODEL_DIR receives the resuma
 and the model as model.npz (or OUTPUT_PATH receives it); an existing .npz is refused unless
 --gin.pretrain.pretrain.overwrite=True.""",
     "eval": """\
-Score a trained prompt on a task's eval split; the gin files (the model and prompt files the
-prompt was trained with, then runs/eval.gin) configure evaluation.run_evaluation. The prompt is
-MODEL_DIR's latest checkpoint (or STEP), or PROMPT_PATH (a .npy export).""",
+Score a trained prompt on a task's eval split. Given only a run directory (--model_dir or
+--gin.MODEL_DIR), the command is configured from runs/eval.gin and the run's own config
+(MODEL_DIR/config.gin): its model, prompt method, frozen checkpoint, task and lengths;
+--gin.NAME=VALUE overrides (e.g. --gin.EVAL_SPLIT="'test'"). Otherwise the gin files (the model
+and prompt files the prompt was trained with, then runs/eval.gin) configure
+evaluation.run_evaluation. The prompt is MODEL_DIR's latest checkpoint (or STEP), or PROMPT_PATH
+(a .npy export). A model, prompt or frozen checkpoint that contradicts the run's record
+(run.json) is refused unless --gin.ALLOW_CONFIG_CHANGE=True; without any frozen checkpoint the
+command stops unless --gin.RANDOM_FROZEN_MODEL=True.""",
     "infer": """\
 Predictions of trained prompts, written as JSONL: greedy by default, beam search or sampling
 with gin's DECODE_FN (runs/infer.gin) or --decode (multi-task serving). Two forms:
 
+  single task on a run directory: --model_dir=DIR (the run's config.gin, as for eval) with
+    --gin.INPUTS_PATH="'in.jsonl'" (or the run's task split) and --gin.OUTPUT_PATH="'out.jsonl'".
   single task (gin): the gin files (the model and prompt files the prompt was trained with, then
     runs/infer.gin) configure inference.infer; inputs are INPUTS_PATH (JSONL of {"inputs": ...}
     lines) or a task split (MIXTURE_OR_TASK_NAME), the prompt is MODEL_DIR's checkpoint or
@@ -191,13 +208,19 @@ Outputs are never overwritten.""",
     "export-prompt": """\
 Fold a trained prompt of any method into a plain [length, embed] array and write it as .npy and
 in the PEFT prompt-tuning format; it serves with a plain prompt (prompts/from_file.gin) at zero
-overhead. The gin files are the run's model and prompt files (they say which method made the
-prompt); the frozen checkpoint comes from the run's metadata unless --initial_checkpoint_path
-is given.""",
+overhead. Given only --model_dir, the model and prompt method come from the run's own config
+(MODEL_DIR/config.gin); gin files, when given, must build the model the run trained (its
+run.json is checked). The frozen checkpoint is the run's unless --initial_checkpoint_path names
+the same file elsewhere.""",
     "infer-multitask": """\
 Multi-task serving: one frozen model (--checkpoint), a prompt per task (--prompt=TASK=PATH,
 repeatable), and {"task": ..., "inputs": ...} lines from --inputs answered in mixed batches
 (prompts of one length share a prompt bank) into --output, which adds "prediction".""",
+    "curves": """\
+Draw a run's curves from MODEL_DIR/metrics.jsonl (written by every training run; no TensorBoard
+needed): the training loss and each validation metric against step, with the untrained prompt's
+score dashed. One run redraws MODEL_DIR/curves.png (or --output); several runs are compared in one
+figure, a line per run named by its directory, written to --output.""",
 }
 
 EXAMPLES = {
@@ -218,6 +241,7 @@ EXAMPLES = {
     "pretrain": """\
   prompt-jax pretrain --gin_file=runs/pretrain_demo.gin --gin.MODEL_DIR="'/tmp/tiny'\"""",
     "eval": """\
+  prompt-jax eval --model_dir=/tmp/demo
   prompt-jax eval --gin_file=runs/demo.gin --gin_file=runs/eval.gin \\
     --gin.MODEL_DIR="'/tmp/demo'" --gin.MIXTURE_OR_TASK_NAME="'demo_sentiment'" \\
     --gin.INITIAL_CHECKPOINT_PATH="'builtin:demo_t5_tiny.npz'" \\
@@ -245,12 +269,14 @@ EXAMPLES = {
   prompt-jax convert t5x-to-orbax T5X_CHECKPOINT OUT_DIR --config t5_1_1_base [--set emb_dim=4]
   prompt-jax convert prompt SRC DST [--to npy|peft|t5x] [--base_model_name_or_path NAME]""",
     "export-prompt": """\
-  prompt-jax export-prompt --gin_file=models/t5_1_1_tiny.gin --gin_file=prompts/superpos.gin \\
-    --model_dir=/tmp/run [--step=300] [--output=prompt.npy] [--peft_dir=peft/] \\
-    [--base_model_name_or_path=google/t5-base-lm-adapt] [--format=both|npy|peft]""",
+  prompt-jax export-prompt --model_dir=/tmp/run [--step=300] [--output=prompt.npy] \\
+    [--peft_dir=peft/] [--base_model_name_or_path=google/t5-base-lm-adapt] [--format=npy]""",
     "infer-multitask": """\
   prompt-jax infer-multitask --inputs=requests.jsonl --output=answers.jsonl \\
     --prompt=sentiment=a.npy --prompt=nli=peft_dir --checkpoint=builtin:demo_t5_tiny.npz""",
+    "curves": """\
+  prompt-jax curves /tmp/demo
+  prompt-jax curves /tmp/run_a /tmp/run_b --output=compare.png""",
 }
 
 
@@ -331,6 +357,18 @@ def _add_multitask_flags(parser: argparse.ArgumentParser, required: bool = True,
                           "'temperature_sample(temperature=0.7, topk=40, seed=1)'")
   group.add_argument("--return_all_decodes", action="store_true",
                      help="also write every decode and its score per line, best first")
+  group.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --output (default: refuse it)")
+
+
+RUN_USAGE = "{prog} --model_dir=DIR [--gin.NAME=VALUE ...] [--verbosity=LEVEL]"
+
+
+def _add_model_dir_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model_dir", default=None, metavar="DIR",
+                      help="a training run directory: without --gin_file the command is "
+                           "configured from DIR/config.gin, the run's own gin config (the same "
+                           "as --gin.MODEL_DIR=\"'DIR'\")")
 
 
 MULTITASK_USAGE = ("{prog} --inputs=IN.jsonl --output=OUT.jsonl --prompt=TASK=PATH ...\n"
@@ -352,12 +390,18 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
   """The parser of `prompt-jax <command>` (`prog`: its name in messages)."""
   if command not in COMMANDS:
     raise UsageError(_unknown_command(command))
-  if command in ("train", "spt", "multitask", "pretrain", "eval"):
+  if command in ("train", "spt", "multitask", "pretrain"):
     parser = _new(command, prog, GIN_USAGE)
     _add_gin_flags(parser)
+  elif command == "eval":
+    parser = _new(command, prog, RUN_USAGE + "\n   or: " + GIN_USAGE)
+    _add_gin_flags(parser)
+    _add_model_dir_flag(parser)
   elif command == "infer":
-    parser = _new(command, prog, GIN_USAGE + "\n   or: " + MULTITASK_USAGE)
+    parser = _new(command, prog, RUN_USAGE + "\n   or: " + GIN_USAGE + "\n   or: " +
+                  MULTITASK_USAGE)
     _add_gin_flags(parser, "single task: gin configuration")
+    _add_model_dir_flag(parser)
     _add_multitask_flags(parser, required=False, title="multi-task serving (no gin flags)")
   elif command == "infer-multitask":
     parser = _new(command, prog, MULTITASK_USAGE)
@@ -413,9 +457,10 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the numbers to this JSON file")
   elif command == "export-prompt":
-    parser = _new(command, prog, GIN_USAGE.replace(
-        "[--verbosity=LEVEL]", "[--model_dir=DIR] [--step=N]\n       [--output=FILE.npy] "
-        "[--peft_dir=DIR] [--format=both|npy|peft] ..."))
+    parser = _new(command, prog, "{prog} --model_dir=DIR [--step=N] [--output=FILE.npy] "
+                  "[--peft_dir=DIR] [--format=both|npy|peft] ...\n   or: " + GIN_USAGE.replace(
+                      "[--verbosity=LEVEL]", "[--model_dir=DIR] [--step=N]\n       "
+                      "[--output=FILE.npy] [--peft_dir=DIR] [--format=both|npy|peft] ..."))
     _add_gin_flags(parser, "gin configuration (the run's model and prompt files)")
     parser.add_argument("--model_dir", metavar="DIR",
                         help="the training run directory (default: gin MODEL_DIR)")
@@ -429,11 +474,21 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
                         help="recorded in the PEFT adapter config, e.g. google/t5-base-lm-adapt")
     parser.add_argument("--initial_checkpoint_path", metavar="CHECKPOINT",
                         help="the frozen checkpoint (default: the one the run recorded)")
+    parser.add_argument("--random_frozen_model", action="store_true",
+                        help="fold against a randomly initialised frozen model when the run "
+                             "records no frozen checkpoint (otherwise an error)")
     parser.add_argument("--format", choices=("both", "npy", "peft"), default="both",
                         help="what to write (default both)")
     parser.add_argument("--t5x_checkpoint", metavar="DIR",
                         help="fold the prompt of a T5X prompt-tuning checkpoint_<step> instead "
                              "of a prompt_jax run (writes --output; no t5x needed)")
+  elif command == "curves":
+    parser = _new(command, prog, "{prog} MODEL_DIR [MODEL_DIR ...] [--output=PNG]")
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                        help="a training run directory (with metrics.jsonl); several: compared")
+    parser.add_argument("--output", default=None, metavar="PNG",
+                        help="the image to write (default MODEL_DIR/curves.png for one run; "
+                             "required for several)")
   else:  # convert; its sub-commands take --verbosity
     parser = _new(command, prog, "{prog} {{hf-to-orbax,t5x-to-orbax,prompt}} ...")
     _add_convert_commands(parser)
@@ -620,7 +675,7 @@ def _run_gin(command: str, args: argparse.Namespace, function: Optional[Callable
     function = getattr(_import(command, spec.module), spec.function)
   result = gin_utils.run_configured(function, args.gin_file, args.gin_bindings,
                                     args.search_paths, roots=[spec.root],
-                                    not_empty=spec.not_empty)
+                                    not_empty=spec.not_empty, pass_config_text=spec.trains)
   if isinstance(result, dict):
     print_summary(result)
   return result
@@ -654,7 +709,52 @@ def configure_compilation_cache() -> Optional[str]:
   return path
 
 
+def bound_model_dir(gin_bindings: Sequence[str]) -> Optional[str]:
+  """The last `MODEL_DIR = '...'` of the bindings (e.g. from --gin.MODEL_DIR), or None."""
+  import ast  # pylint: disable=g-import-not-at-top
+  found = None
+  for binding in gin_bindings:
+    name, sep, value = binding.partition("=")
+    if sep and name.strip() == "MODEL_DIR":
+      try:
+        found = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        found = None  # gin reports the bad value
+  return found if isinstance(found, str) and found else None
+
+
+def from_run_directory(command: str, args: argparse.Namespace) -> None:
+  """`eval`, `infer` and `export-prompt` given a run directory (--model_dir or a MODEL_DIR
+  binding) and no --gin_file: configured from MODEL_DIR/config.gin, the training run's own gin
+  config, after the command's base file (runs/eval.gin, runs/infer.gin), so the model, prompt,
+  frozen checkpoint, task and lengths are the run's; --gin.NAME=VALUE still overrides."""
+  spec = GIN_COMMANDS.get(command)
+  if not (spec and spec.serves) and command != "export-prompt":
+    return
+  model_dir = getattr(args, "model_dir", None) or bound_model_dir(args.gin_bindings)
+  if not model_dir:
+    return
+  if spec and spec.serves and args.model_dir:
+    args.gin_bindings.insert(0, f"MODEL_DIR = {model_dir!r}")
+  if args.gin_file:
+    return
+  if not os.path.isdir(model_dir):
+    raise ValueError(f"MODEL_DIR {model_dir!r} does not exist (or is not a directory)")
+  from prompt_jax import run_dir  # pylint: disable=g-import-not-at-top
+  config = os.path.join(model_dir, run_dir.CONFIG_FILE)
+  if not os.path.isfile(config):
+    raise ValueError(f"MODEL_DIR {model_dir!r} has no {run_dir.CONFIG_FILE} (not a training run "
+                     "directory, or trained by an older version or through the Python API); "
+                     "pass the gin files it was trained with (--gin_file=...)")
+  args.gin_file = [*([spec.serves] if spec and spec.serves else []), config]
+  if command == "infer" and any(b.split("=")[0].strip() == "INPUTS_PATH"
+                                for b in args.gin_bindings):
+    args.gin_bindings.append("MIXTURE_OR_TASK_NAME = None")  # inputs instead of the run's task
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
+  if command == "curves":  # matplotlib only: no jax, no compilation cache
+    return _run_curves(args)
   if command != "plan":  # a plan measures the compiler, and compile-only programs never run
     configure_compilation_cache()
   if command in GIN_COMMANDS:
@@ -670,9 +770,12 @@ def _run(command: str, args: argparse.Namespace) -> int:
         model=args.model, vocabulary=args.vocabulary, input_length=args.input_length,
         max_decode_length=args.max_decode_length, batch_size=args.batch_size,
         placement=args.placement, decode=args.decode,
-        return_all_decodes=args.return_all_decodes) or 0)
+        return_all_decodes=args.return_all_decodes, overwrite=args.overwrite) or 0)
   _initialize_distributed()
   if command == "plan":
+    if args.json:  # before any compile
+      from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+      output_paths.check_output_path(args.json, "--json")
     # The plan compiles trainer.train's programs: gin is parsed here, the library gets objects.
     from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
     plan = _import(command, "prompt_jax.plan")
@@ -738,10 +841,27 @@ def _run_sweep(args: argparse.Namespace) -> int:
                         count_parameters=count_parameters) or 0)
 
 
+def _run_curves(args: argparse.Namespace) -> int:
+  """`prompt-jax curves`: one run -> MODEL_DIR/curves.png (or --output); several -> --output."""
+  curves = _import("curves", "prompt_jax.curves")
+  if len(args.model_dirs) == 1:
+    path = curves.plot_run(args.model_dirs[0], args.output)
+  elif not args.output:
+    raise ValueError(f"comparing {len(args.model_dirs)} runs needs --output=PNG")
+  else:
+    path = curves.plot_runs(args.model_dirs, args.output)
+  print(f"wrote {path}")
+  return 0
+
+
 def _run_export(args: argparse.Namespace) -> int:
   """`prompt-jax export-prompt`: the run's model (and gin MODEL_DIR) from its gin files."""
   from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
   export = _import("export-prompt", "prompt_jax.export")
+  if args.output:  # refused before the gin files build a model (export.save_npy checks again)
+    from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+    output_paths.check_output_path(output_paths.npy_path(args.output), "--output",
+                                   exists_hint=output_paths.EXISTING_NPY_HINT)
   model, gin_model_dir = gin_utils.model_from_gin(args.gin_file, args.gin_bindings,
                                                   args.search_paths)
   if args.t5x_checkpoint:
@@ -755,7 +875,7 @@ def _run_export(args: argparse.Namespace) -> int:
                          output=args.output, peft_dir=args.peft_dir,
                          base_model_name_or_path=args.base_model_name_or_path,
                          initial_checkpoint_path=args.initial_checkpoint_path,
-                         fmt=args.format) or 0)
+                         fmt=args.format, random_frozen_model=args.random_frozen_model) or 0)
 
 
 def package_version() -> str:
@@ -795,7 +915,7 @@ def _main(argv: list[str]) -> int:
   if command not in COMMANDS:
     raise UsageError(_unknown_command(command))
   prog = None
-  if command == "infer" and not any(a.startswith("--gin") for a in rest):
+  if command == "infer" and not any(a.startswith(("--gin", "--model_dir")) for a in rest):
     if not rest:
       raise UsageError("prompt-jax infer needs --gin_file=... (single-task inference) or "
                        "--inputs, --output, --prompt and --checkpoint (multi-task serving); "
@@ -807,11 +927,13 @@ def _main(argv: list[str]) -> int:
   args = parse(command, rest, prog)
   if command == "infer":
     given = [a.split("=", 1)[0] for a in rest if a.split("=", 1)[0] in (
-        "--inputs", "--output", "--prompt", "--checkpoint", "--model", "--vocabulary")]
+        "--inputs", "--output", "--prompt", "--checkpoint", "--model", "--vocabulary",
+        "--overwrite")]
     if given:
       raise UsageError(f"prompt-jax infer: {given[0]} is a multi-task serving flag, which takes "
                        "no gin flags; single-task inference sets gin macros such as "
                        "--gin.INPUTS_PATH=\"'in.jsonl'\" (see prompt-jax infer --help)")
+  from_run_directory(command, args)
   if hasattr(args, "gin_file") and not args.gin_file:
     name = prog or f"prompt-jax {command}"
     raise ValueError(f"no --gin_file given (see {name} --help)")

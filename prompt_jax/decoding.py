@@ -158,16 +158,51 @@ def _row_keys(model, rng: Array, batch: Batch, n: int) -> Array:
   return jax.vmap(jax.random.fold_in)(keys, decode_index)
 
 
+# Bounds of the integer parameters: beams/samples per example (each multiplies the batch),
+# top-k (int32 indices) and the seed (`jax.random.key` takes 32 bits).
+MAX_DECODES = 1024
+MAX_TOPK = 2**31 - 1
+MAX_SEED = 2**32 - 1
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+  """A finite int or float (not bool); an int too large for a float is not finite."""
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    return False
+  try:
+    return math.isfinite(value)
+  except OverflowError:
+    return False
+
+
+def _show(value, limit: int = 60) -> str:
+  """`repr(value)` for an error message, shortened (a huge integer by its digit count)."""
+  if _is_int(value) and abs(int(value)).bit_length() > 200:
+    return f"an integer of about {int(abs(int(value)).bit_length() * 0.30103) + 1} digits"
+  text = repr(value)
+  return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def _check_sampling(temperature, topk, topp, num_decodes):
-  if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
-      not math.isfinite(temperature) or temperature < 0:
-    raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-  if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 0:
-    raise ValueError(f"topk must be an integer >= 0 (0 = no top-k), got {topk!r}")
+  if not _is_finite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be a finite number >= 0, got {_show(temperature)}")
+  if not _is_int(topk) or not 0 <= topk <= MAX_TOPK:
+    raise ValueError(f"topk must be an integer in [0, {MAX_TOPK}] (0 = no top-k), got "
+                     f"{_show(topk)}")
   if not isinstance(topp, (int, float)) or isinstance(topp, bool) or not 0.0 <= topp <= 1.0:
-    raise ValueError(f"topp must be a number in [0, 1] (0 = no top-p), got {topp!r}")
-  if not isinstance(num_decodes, (int, np.integer)) or num_decodes < 1:
-    raise ValueError(f"num_decodes must be a positive integer, got {num_decodes!r}")
+    raise ValueError(f"topp must be a number in [0, 1] (0 = no top-p), got {_show(topp)}")
+  if not _is_int(num_decodes) or not 1 <= num_decodes <= MAX_DECODES:
+    raise ValueError(f"num_decodes must be an integer in [1, {MAX_DECODES}], got "
+                     f"{_show(num_decodes)}")
+
+
+def _check_seed(seed):
+  if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+    raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {_show(seed)}")
 
 
 def sampling_support(logits: Array, temperature: float, topk: int = 0,
@@ -292,15 +327,13 @@ class _Beams(NamedTuple):
 
 
 def _check_beams(num_decodes, alpha):
-  if not isinstance(num_decodes, (int, np.integer)) or isinstance(num_decodes, bool) or \
-      num_decodes < 1:
-    raise ValueError(f"num_decodes (the beam width) must be a positive integer, got "
-                     f"{num_decodes!r}")
-  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or \
-      not math.isfinite(alpha) or alpha < 0:
+  if not _is_int(num_decodes) or not 1 <= num_decodes <= MAX_DECODES:
+    raise ValueError(f"num_decodes (the beam width) must be an integer in [1, {MAX_DECODES}], "
+                     f"got {_show(num_decodes)}")
+  if not _is_finite(alpha) or alpha < 0:
     # alpha >= 0 makes the early stop exact: no live beam can gain from growing longer.
     raise ValueError(f"alpha (the brevity-penalty exponent) must be a finite number >= 0, got "
-                     f"{alpha!r}")
+                     f"{_show(alpha)}")
 
 
 def _beam_update(state: _Beams, log_probs: Array, alpha: float, eos_id: int, length: int):
@@ -426,8 +459,7 @@ class TemperatureSampling:
 
   def __post_init__(self):
     _check_sampling(self.temperature, self.topk, self.topp, self.num_decodes)
-    if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
-      raise ValueError(f"seed must be an integer, got {self.seed!r}")
+    _check_seed(self.seed)
 
   def __call__(self, model, params, batch: Batch, max_decode_length: int):
     return temperature_sample(model, params, batch, max_decode_length,
@@ -455,6 +487,8 @@ def resolve(decoding: Optional[Decoding]) -> Decoding:
   return decoding
 
 
+_INTEGER_BOUNDS = {"num_decodes": f"[1, {MAX_DECODES}]", "topk": f"[0, {MAX_TOPK}]",
+                   "seed": "[0, 2**32 - 1]"}
 _NAMES = {"greedy": Greedy, "beam_search": BeamSearch, "temperature_sample": TemperatureSampling,
           "Greedy": Greedy, "BeamSearch": BeamSearch, "TemperatureSampling": TemperatureSampling}
 
@@ -464,11 +498,18 @@ def parse(spec: str) -> Decoding:
   'temperature_sample(temperature=0.7, topk=40, seed=1, num_decodes=4)' (T5X's function names
   or the class names; keyword arguments with literal values)."""
   import ast  # pylint: disable=g-import-not-at-top
+  shown = _show(spec, 100)
   match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*", spec or "", re.S)
   if not match or match.group(1) not in _NAMES:
-    raise ValueError(f"unknown decoding {spec!r}; expected greedy, beam_search(...) or "
+    raise ValueError(f"unknown decoding {shown}; expected greedy, beam_search(...) or "
                      f"temperature_sample(...)")
   cls, args = _NAMES[match.group(1)], (match.group(2) or "").strip()
+  # An integer literal too long for any bound is named before Python parses it (a literal of
+  # thousands of digits is refused by int() with a message that names nothing).
+  for name, digits in re.findall(r"\b(\w+)\s*=\s*[+-]?\s*(\d{19,})(?![\w.])", args):
+    if name in _INTEGER_BOUNDS:
+      raise ValueError(f"decoding {shown}: {name}={digits[:12]}... ({len(digits)} digits) is "
+                       f"out of range; {name} must be an integer in {_INTEGER_BOUNDS[name]}")
   kwargs = {}
   if args:
     try:
@@ -477,11 +518,16 @@ def parse(spec: str) -> Decoding:
         raise ValueError("positional arguments")
       kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except (SyntaxError, ValueError) as e:
-      raise ValueError(f"decoding {spec!r}: arguments must be keyword=literal pairs ({e})"
-                       ) from None
+      reason = (str(e).splitlines() or [type(e).__name__])[0]
+      reason = reason if len(reason) <= 120 else reason[:117] + "..."
+      raise ValueError(f"decoding {shown}: arguments must be keyword=literal pairs "
+                       f"({reason})") from None
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f"decoding {spec!r}: {cls.__name__} has no parameter {unknown[0]!r} "
+    raise ValueError(f"decoding {shown}: {cls.__name__} has no parameter {_show(unknown[0])} "
                      f"(it takes {sorted(fields) or 'none'})")
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    raise ValueError(f"decoding {shown}: {e}") from None

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import seqio
 
-from prompt_jax import checkpoints
+from prompt_jax import checkpoints, run_dir
 from prompt_jax import decoding as decoding_lib
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
@@ -217,16 +217,88 @@ def load_prompt_params(programs, frozen_params, *, model_dir: Optional[str] = No
   return programs.init_prompt(frozen_params, jax.random.key(seed)), 0
 
 
+RANDOM_FROZEN_HINT = ("set INITIAL_CHECKPOINT_PATH, or score a randomly initialised frozen "
+                      "model on purpose with --gin.RANDOM_FROZEN_MODEL=True")
+
+
+def recorded_frozen_checkpoint(model_dir: str) -> tuple[Optional[str], Optional[str]]:
+  """(path, fingerprint) of the frozen checkpoint a run in MODEL_DIR was trained on: from its
+  record (run.json), else its latest checkpoint's metadata (runs written before records);
+  (None, None) when neither names one."""
+  record = run_dir.read_record(model_dir)
+  if record is not None:
+    frozen = record.get("frozen_checkpoint") or {}
+    return frozen.get("path"), frozen.get("fingerprint")
+  manager = checkpoints.PromptCheckpointManager(model_dir, 1, None)
+  try:
+    steps = manager.all_steps()
+    meta = manager.restore_meta(max(steps)) if steps else {}
+  finally:
+    manager.close()
+  return meta.get("initial_checkpoint_path"), None
+
+
+def frozen_checkpoint_of(model_dir: Optional[str], initial_checkpoint_path: Optional[str], *,
+                         random_frozen_model: bool = False,
+                         allow_config_change: bool = False) -> Optional[str]:
+  """The frozen checkpoint to serve a run with: `initial_checkpoint_path` when given (refused,
+  `run_dir.RunMismatchError`, when MODEL_DIR was trained on another file, unless
+  `allow_config_change`), else the one MODEL_DIR records. None (a randomly initialised frozen
+  model) only with `random_frozen_model`; otherwise no checkpoint is a ValueError."""
+  recorded, recorded_fingerprint = (None, None)
+  if model_dir and os.path.isdir(model_dir):
+    recorded, recorded_fingerprint = recorded_frozen_checkpoint(model_dir)
+  if initial_checkpoint_path:
+    given = run_dir.fingerprint(checkpoints.resolve_path(initial_checkpoint_path))
+    # (a path that does not exist is left to the loader, which says so)
+    if recorded and initial_checkpoint_path != recorded and given and not allow_config_change:
+      if given != recorded_fingerprint:
+        raise run_dir.RunMismatchError(
+            f"MODEL_DIR {model_dir!r} was trained on the frozen checkpoint {recorded!r}, "
+            f"INITIAL_CHECKPOINT_PATH is {initial_checkpoint_path!r}"
+            f"{' (another file)' if recorded_fingerprint else ''}; leave it unset to use the "
+            "run's, or pass --gin.ALLOW_CONFIG_CHANGE=True")
+    return initial_checkpoint_path
+  if recorded:
+    return recorded
+  if random_frozen_model:
+    log.warning("no frozen checkpoint: the frozen model is randomly initialised "
+                "(RANDOM_FROZEN_MODEL)")
+    return None
+  where = f"MODEL_DIR {model_dir!r} records none" if model_dir else "no MODEL_DIR is set"
+  raise ValueError(f"no frozen checkpoint: INITIAL_CHECKPOINT_PATH is not set and {where}; "
+                   f"{RANDOM_FROZEN_HINT}")
+
+
+def check_model_against_run(model: EncoderDecoderModel, model_dir: Optional[str]) -> None:
+  """Raise `run_dir.RunMismatchError` naming each difference when `model` (its T5 config and
+  prompt hook) is not the one MODEL_DIR's record says the run trained."""
+  if model_dir and os.path.isdir(model_dir):
+    run_dir.check_record(model_dir, run_dir.model_entries(model), keys=("model", "prompt"),
+                         allow_flag="--gin.ALLOW_CONFIG_CHANGE=True")
+
+
 def build_programs(model: EncoderDecoderModel, initial_checkpoint_path: Optional[str],
                    partitioner: Optional[Partitioner] = None,
                    trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
-                   seed: int = 0) -> tuple[PromptPrograms, Any]:
-  """The model's programs (no optimizer: nothing here trains) and its frozen parameters."""
+                   seed: int = 0, *, model_dir: Optional[str] = None,
+                   random_frozen_model: bool = False,
+                   allow_config_change: bool = False) -> tuple[PromptPrograms, Any]:
+  """The model's programs (no optimizer: nothing here trains) and its frozen parameters.
+
+  With `model_dir`, the model must be the one its run trained and the frozen checkpoint
+  defaults to the run's (`check_model_against_run`, `frozen_checkpoint_of`, both relaxed by
+  `allow_config_change`); without any checkpoint the frozen model is random only with
+  `random_frozen_model`."""
+  if not allow_config_change:
+    check_model_against_run(model, model_dir)
   programs = PromptPrograms(model, partitioner, trainable_pattern=trainable_pattern)
-  if initial_checkpoint_path:
-    frozen = programs.load_frozen_params(initial_checkpoint_path)
+  path = frozen_checkpoint_of(model_dir, initial_checkpoint_path,
+                              random_frozen_model=random_frozen_model,
+                              allow_config_change=allow_config_change)
+  if path:
+    frozen = programs.load_frozen_params(path)
   else:
-    log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
     frozen = programs.random_frozen_params(jax.random.key(seed))
   return programs, frozen
 
@@ -240,8 +312,13 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                    trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
                    write_predictions: bool = True, seed: int = 0,
                    evaluate_fn: Optional[Callable] = None,
-                   decoding: Optional[Any] = None) -> dict[str, Any]:
+                   decoding: Optional[Any] = None, random_frozen_model: bool = False,
+                   allow_config_change: bool = False) -> dict[str, Any]:
   """`prompt-jax eval`: metrics of a trained prompt on `dataset_cfg`'s task and split.
+
+  The frozen model is `initial_checkpoint_path`, else the one MODEL_DIR's run was trained on;
+  a model or checkpoint that contradicts MODEL_DIR's record is refused unless
+  `allow_config_change`, and no checkpoint at all is an error unless `random_frozen_model`.
 
   The prompt comes from `prompt_path` (a `.npy` export) or MODEL_DIR's checkpoint at `step`
   (default: the latest; only its prompt is read, so no optimizer is needed). Metrics go to
@@ -264,7 +341,9 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                      f"{getattr(evaluate_fn, '__name__', evaluate_fn)} decodes greedily only; "
                      "use DECODE_FN = @decoding.Greedy()")
   programs, frozen = build_programs(model, initial_checkpoint_path, partitioner,
-                                   trainable_pattern, seed)
+                                   trainable_pattern, seed, model_dir=model_dir,
+                                   random_frozen_model=random_frozen_model,
+                                   allow_config_change=allow_config_change)
   prompt, step = load_prompt_params(programs, frozen, model_dir=model_dir,
                                     prompt_path=prompt_path, step=step, seed=seed)
   out_dir = output_dir or model_dir

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from prompt_jax import checkpoints
 from prompt_jax import params as params_lib
+from prompt_jax.programs import PromptPrograms
 
 
 def load_trained_prompt(model_dir: str, step: Optional[int] = None):
@@ -69,21 +70,34 @@ def fold_prompt(model, prompt_params: Mapping, frozen_params: Mapping) -> np.nda
 
 
 def export_prompt(model, model_dir: str, step: Optional[int] = None,
-                  initial_checkpoint_path: Optional[str] = None) -> tuple[np.ndarray, int]:
-  """Fold the prompt saved in `model_dir` at `step` (default latest). -> (prompt, step)."""
-  prompt_params, meta, step = load_trained_prompt(model_dir, step)
-  path = initial_checkpoint_path or meta.get("initial_checkpoint_path")
-  if not path:
-    raise ValueError(f"the run in {model_dir} records no initial_checkpoint_path (it trained a "
-                     "randomly initialised model); pass --initial_checkpoint_path")
-  frozen = checkpoints.load_frozen_params(path, model.config)
+                  initial_checkpoint_path: Optional[str] = None,
+                  random_frozen_model: bool = False) -> tuple[np.ndarray, int]:
+  """Fold the prompt saved in `model_dir` at `step` (default latest). -> (prompt, step).
+
+  `model` must be the run's (its record is checked: `evaluation.check_model_against_run`); the
+  frozen checkpoint is the run's unless `initial_checkpoint_path` is given (the same file)."""
+  from prompt_jax import evaluation  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(model_dir):
+    raise ValueError(f"--model_dir {model_dir!r} does not exist (or is not a directory)")
+  evaluation.check_model_against_run(model, model_dir)
+  prompt_params, _, step = load_trained_prompt(model_dir, step)
+  path = evaluation.frozen_checkpoint_of(model_dir, initial_checkpoint_path,
+                                         random_frozen_model=random_frozen_model)
+  if path:
+    frozen = checkpoints.load_frozen_params(path, model.config)
+  else:
+    frozen = PromptPrograms(model).random_frozen_params(jax.random.key(0))
   return fold_prompt(model, prompt_params, frozen), step
 
 
 def save_npy(prompt: np.ndarray, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.save(path, np.asarray(prompt, np.float32))
-  return path
+  """`prompt` as float32 .npy at `path` ('.npy' added if missing, as np.save does), written
+  atomically; a new file only: an existing one, or a path under a file, is a ValueError naming
+  it. -> the path written."""
+  from prompt_jax import output_paths, run_dir  # pylint: disable=g-import-not-at-top
+  path = output_paths.check_output_path(output_paths.npy_path(path), "--output",
+                                        exists_hint=output_paths.EXISTING_NPY_HINT)
+  return run_dir.write_npy(path, np.asarray(prompt, np.float32))
 
 
 def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: Optional[str]) -> Any:
@@ -96,14 +110,16 @@ def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: Optio
 def main(model, model_dir: Optional[str], *, step: Optional[int] = None,
          output: Optional[str] = None, peft_dir: Optional[str] = None,
          base_model_name_or_path: Optional[str] = None,
-         initial_checkpoint_path: Optional[str] = None, fmt: str = "both") -> int:
+         initial_checkpoint_path: Optional[str] = None, fmt: str = "both",
+         random_frozen_model: bool = False) -> int:
   """`prompt-jax export-prompt`: fold the prompt that `model` (the run's model, e.g. from its
   gin files) trained in `model_dir` at `step` and write it as `fmt` ('both', 'npy' or 'peft')."""
   if fmt not in ("both", "npy", "peft"):
     raise ValueError(f"--format must be both, npy or peft, got {fmt!r}")
   if not model_dir:
     raise ValueError("no run directory: pass --model_dir=/path/to/run")
-  prompt, step = export_prompt(model, model_dir, step, initial_checkpoint_path)
+  prompt, step = export_prompt(model, model_dir, step, initial_checkpoint_path,
+                               random_frozen_model)
   export_dir = os.path.join(model_dir, "export")
   if fmt in ("both", "npy"):
     path = save_npy(prompt, output or os.path.join(export_dir, f"prompt_{step}.npy"))

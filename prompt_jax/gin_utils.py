@@ -509,9 +509,12 @@ def check_command(config: StaticConfig, command: str, *,
 
 def run_configured(function: Callable, gin_files: Sequence[str],
                    gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = (), *,
-                   roots: Optional[Sequence[str]] = None, not_empty: Iterable[str] = ()):
+                   roots: Optional[Sequence[str]] = None, not_empty: Iterable[str] = (),
+                   pass_config_text: bool = False):
   """Configure gin (`configure_gin` with `roots` and `not_empty`) and call the gin-configured
-  `function`; its result. A `not_empty` macro that gin leaves unset, None or '' is an error."""
+  `function`; its result. A `not_empty` macro that gin leaves unset, None or '' is an error.
+  `pass_config_text`: also pass the whole gin config as `config_text=` (a training function
+  writes it to MODEL_DIR/config.gin, as T5X does)."""
   import gin  # pylint: disable=g-import-not-at-top
   not_empty = list(not_empty)
   configure_gin(gin_files, gin_bindings, search_paths, roots=roots, not_empty=not_empty)
@@ -522,6 +525,8 @@ def run_configured(function: Callable, gin_files: Sequence[str],
       value = None
     if value in (None, "") or value is gin.REQUIRED:
       raise ValueError(f"{name} is not set; pass {_flag_example(name)}")
+  if pass_config_text:
+    return gin.get_configurable(function)(config_text=gin.config_str())
   return gin.get_configurable(function)()
 
 

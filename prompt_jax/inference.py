@@ -20,7 +20,7 @@ import numpy as np
 import seqio
 
 from prompt_jax import decoding as decoding_lib
-from prompt_jax import evaluation
+from prompt_jax import evaluation, output_paths
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -155,27 +155,16 @@ def read_jsonl(path: str, required: Sequence[str] = ("inputs",)) -> list[dict[st
   return [record for _, record in read_jsonl_lines(path, required)]
 
 
-def same_file(a: str, b: str) -> bool:
-  """Whether paths `a` and `b` name the same file (after resolving symlinks and relative
-  parts; hard links too when both exist)."""
-  if os.path.realpath(a) == os.path.realpath(b):
-    return True
-  try:
-    return os.path.samefile(a, b)
-  except OSError:
-    return False
-
-
 def check_output_path(output_path: str, inputs_path: Optional[str],
                       output_name: str = "OUTPUT_PATH", inputs_name: str = "INPUTS_PATH") -> None:
-  """Refuse (ValueError) an output that would overwrite the inputs, or is a directory."""
+  """Refuse (ValueError) an output that would overwrite the inputs, is a directory or lies
+  under a file (`output_paths.check_output_path`)."""
   if not isinstance(output_path, str) or not output_path:
     raise ValueError(f"{output_name} must be a file path, got {output_path!r}")
-  if inputs_path and same_file(output_path, inputs_path):
+  if inputs_path and output_paths.same_file(output_path, inputs_path):
     raise ValueError(f"{output_name} {output_path!r} is the input file {inputs_name} "
                      f"{inputs_path!r}; writing it would overwrite the inputs")
-  if os.path.isdir(output_path):
-    raise ValueError(f"{output_name} {output_path!r} is a directory; give a .jsonl file path")
+  output_paths.check_output_path(output_path, output_name)
 
 
 def check_model_vocabulary(vocabulary: seqio.Vocabulary, vocab_size: int,
@@ -220,12 +209,13 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
           step: Optional[int] = None, partitioner: Optional[Partitioner] = None,
           trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
           seed: int = 0, decoding: Optional[Any] = None,
-          return_all_decodes: bool = False) -> dict[str, Any]:
+          return_all_decodes: bool = False, random_frozen_model: bool = False,
+          allow_config_change: bool = False) -> dict[str, Any]:
   """Predict for every record of `inputs_path` (JSONL; needs `vocabulary`) or of `task`'s
   `split` (the task's own vocabulary), and write `output_path`: JSONL, one line per input with
   `prediction` added (the best decode of `decoding`, default greedy; with `return_all_decodes`
-  also `predictions` and `scores`, every decode best first). The prompt is loaded as in
-  `prompt-jax eval`."""
+  also `predictions` and `scores`, every decode best first). The prompt and the frozen model
+  are loaded as in `prompt-jax eval` (`evaluation.run_evaluation`)."""
   decoding = decoding_lib.resolve(decoding)
   if bool(inputs_path) == bool(task):
     raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
@@ -247,8 +237,9 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
     records = read_jsonl(inputs_path)
   if prompt_path:  # fail on a bad prompt file before the model is built
     initializers.load_prompt_array(prompt_path, allow_bank=True)
-  programs, frozen = evaluation.build_programs(model, initial_checkpoint_path, partitioner,
-                                               trainable_pattern, seed)
+  programs, frozen = evaluation.build_programs(
+      model, initial_checkpoint_path, partitioner, trainable_pattern, seed, model_dir=model_dir,
+      random_frozen_model=random_frozen_model, allow_config_change=allow_config_change)
   prompt, step = evaluation.load_prompt_params(programs, frozen, model_dir=model_dir,
                                                prompt_path=prompt_path, step=step, seed=seed)
   decodes = predict_decodes(programs, prompt, frozen, [r["inputs"] for r in records],

@@ -4,13 +4,62 @@ tensorboardX's `SummaryWriter` queues events for a writer thread and its `flush(
 drain that queue, so a killed run loses what it logged last (the step-0 evaluation, a
 checkpoint step's loss). Here each `write` appends its events to the file and fsyncs it before
 returning: what was written before a kill is on disk. Only the first host writes.
+
+Each `write` also appends one JSON line per metric to MODEL_DIR/metrics.jsonl (`METRICS_FILE`),
+{"step", "time", "split", "name", "value"} with `split` the writer's name ("train", "eval", ...),
+fsynced before it returns: the curves (`prompt_jax.curves`) without TensorBoard. A kill can cut the
+last line short; `read_metrics` skips it and `truncate_metrics` (called on resume) removes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
-from typing import Mapping
+from typing import Mapping, Optional
+
+from prompt_jax import run_dir
+
+METRICS_FILE = run_dir.METRICS_FILE
+# The splits `truncate_metrics` cuts at the resumed step: the training loop writes them again.
+RESUMED_SPLITS = ("train", "eval")
+
+
+def _first_host() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def _fsync_directory(directory: str) -> None:
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _append_lines(path: str, records: list[dict]) -> None:
+  """The records as JSON lines at the end of `path`, fsynced. A cut-short last line (a kill
+  mid-write) is ended first, so it stays one unreadable line instead of spoiling the next."""
+  text = "".join(json.dumps(r) + "\n" for r in records)
+  created = not os.path.exists(path)
+  with open(path, "ab") as f:
+    if f.tell() > 0:
+      with open(path, "rb") as tail:
+        tail.seek(-1, os.SEEK_END)
+        if tail.read(1) != b"\n":
+          text = "\n" + text
+    f.write(text.encode())
+    f.flush()
+    os.fsync(f.fileno())
+  if created:
+    _fsync_directory(os.path.dirname(path) or ".")
 
 
 class MetricWriter:
@@ -18,9 +67,10 @@ class MetricWriter:
 
   def __init__(self, model_dir: str, name: str, *, enabled: bool | None = None):
     self.directory = os.path.join(model_dir, name)
+    self.name = name
+    self.metrics_path = os.path.join(model_dir, METRICS_FILE)
     if enabled is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      enabled = jax.process_index() == 0
+      enabled = _first_host()
     self._writer = None
     self._enabled = enabled
 
@@ -32,7 +82,8 @@ class MetricWriter:
     return self._writer
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    """One scalar event per metric at `step`, on disk when this returns."""
+    """One scalar event per metric at `step`, and one line per metric in MODEL_DIR/metrics.jsonl,
+    both on disk when this returns."""
     if not self._enabled or not metrics:
       return
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
@@ -43,6 +94,11 @@ class MetricWriter:
       writer.write_event(event_pb2.Event(wall_time=now, step=int(step),
                                          summary=scalar(key, float(value))))
     writer.flush()  # flushes and fsyncs
+    # Opened for each write: `truncate_metrics` replaces the file, and a kept descriptor would
+    # write into the replaced one.
+    _append_lines(self.metrics_path, [
+        {"step": int(step), "time": now, "split": self.name, "name": str(key),
+         "value": float(value)} for key, value in metrics.items()])
 
   def close(self) -> None:
     if self._writer is not None:
@@ -74,3 +130,69 @@ def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
   return scalars
+
+
+def _parse_lines(data: bytes) -> tuple[list[dict], bool]:
+  """The complete records of a metrics.jsonl file's bytes, and whether any line was dropped
+  (cut short by a kill: no newline, or not a whole JSON record)."""
+  records, dropped = [], False
+  for line in data.split(b"\n"):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      dropped = True
+      continue
+    if not isinstance(record, dict) or not {"step", "split", "name", "value"} <= record.keys():
+      dropped = True
+      continue
+    records.append(record)
+  return records, dropped
+
+
+def read_metrics(model_dir: str) -> list[dict]:
+  """The records of MODEL_DIR/metrics.jsonl in file order ({"step", "time", "split", "name",
+  "value"}), skipping a line cut short by a kill; [] when the file does not exist."""
+  path = os.path.join(model_dir, METRICS_FILE)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    return []
+  return _parse_lines(data)[0]
+
+
+def truncate_metrics(model_dir: str, after_step: int, *,
+                     enabled: Optional[bool] = None) -> int:
+  """Drop the "train" and "eval" lines of MODEL_DIR/metrics.jsonl with step > `after_step`, and
+  any cut-short line, before a run resumed at `after_step` writes those steps again. The file is
+  replaced atomically (a temporary file in the same directory, fsynced, then `os.replace`); it is
+  left alone when nothing is dropped. Only the first host writes (`enabled`, default
+  `jax.process_index() == 0`). Returns the number of records dropped."""
+  path = os.path.join(model_dir, METRICS_FILE)
+  if enabled is None:
+    enabled = _first_host()
+  if not enabled or not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    data = f.read()
+  records, dropped = _parse_lines(data)
+  kept = [r for r in records
+          if not (r["split"] in RESUMED_SPLITS and int(r["step"]) > int(after_step))]
+  if not dropped and len(kept) == len(records):
+    return 0
+  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=model_dir)
+  try:
+    os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # mkstemp's file is 0600
+    with os.fdopen(fd, "wb") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  _fsync_directory(model_dir)
+  return len(records) - len(kept)

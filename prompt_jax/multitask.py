@@ -32,7 +32,7 @@ import numpy as np
 import seqio
 
 from prompt_jax import decoding as decoding_lib
-from prompt_jax import evaluation, inference
+from prompt_jax import evaluation, inference, output_paths
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
@@ -60,25 +60,45 @@ def load_prompt(source: str) -> np.ndarray:
   """A prompt source (see the module docstring) -> float32 [length, embed], checked by
   `initializers.check_prompt_array` (floating point, finite)."""
   from prompt_jax.interop import peft  # pylint: disable=g-import-not-at-top
-  path, _, row = source.partition("#")
+  path, row = initializers.split_prompt_source(source)
   if os.path.isdir(path):
     if row:
       raise ValueError(f"prompt source {source!r}: '#<row>' only applies to .npy files")
     if os.path.exists(os.path.join(path, peft.CONFIG_FILE)):
       return peft.load_prompt(path)
-    path = _latest_export(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"prompt source {source!r} does not exist")
-  array = initializers.read_npy(path)
-  if row:
-    if array.ndim != 3 or not row.isdigit() or int(row) >= array.shape[0]:
-      raise ValueError(f"prompt source {source!r}: '#<row>' needs a [N, length, embed] bank "
-                       f"export and 0 <= row < N; got shape {array.shape} and row {row!r}")
-    array = array[int(row)]
-  if array.ndim != 2:
-    raise ValueError(f"prompt source {source!r} must hold [length, embed], got shape "
-                     f"{array.shape} (a bank export needs '#<row>')")
-  return initializers.check_prompt_array(array, source)
+    return initializers.load_prompt_source(source, path=_latest_export(path))
+  return initializers.load_prompt_source(source)
+
+
+def prompt_files(source: str) -> list[str]:
+  """The files `load_prompt(source)` reads (none if it would fail): the .npy of `FILE.npy[#ROW]`,
+  a PEFT adapter directory's files, a run directory's latest export."""
+  from prompt_jax.interop import peft  # pylint: disable=g-import-not-at-top
+  path = initializers.split_prompt_source(source)[0]
+  if not os.path.isdir(path):
+    return [path] if os.path.exists(path) else []
+  if os.path.exists(os.path.join(path, peft.CONFIG_FILE)):
+    return [os.path.join(path, name) for name in sorted(os.listdir(path))
+            if os.path.isfile(os.path.join(path, name))]
+  try:
+    return [_latest_export(path)]
+  except FileNotFoundError:
+    return []
+
+
+def check_output(output_path: str, inputs_path: str, prompts: Mapping[str, str],
+                 overwrite: bool = False) -> None:
+  """Refuse (ValueError naming the path) an --output that is --inputs or a file a prompt is
+  read from, is a directory or lies under a file, or exists (unless `overwrite`)."""
+  inference.check_output_path(output_path, inputs_path, "--output", "--inputs")
+  for task, source in prompts.items():
+    for path in prompt_files(source):
+      if output_paths.same_file(output_path, path):
+        raise ValueError(f"--output {output_path!r} is the prompt file {path!r} of task "
+                         f"{task!r}; writing it would overwrite the prompt")
+  output_paths.check_output_path(
+      output_path, "--output", exists_hint=None if overwrite else
+      "pass --overwrite to replace it, or choose another --output")
 
 
 def group_by_length(prompts: Mapping[str, np.ndarray]) -> dict[int, list[str]]:
@@ -181,17 +201,19 @@ def infer_multitask(*, model: EncoderDecoderModel, inputs_path: str, output_path
                     max_decode_length: int = 32, batch_size: int = 32,
                     placement: str = "prefix", partitioner: Optional[Partitioner] = None,
                     seed: int = 0, decoding: Optional[Any] = None,
-                    return_all_decodes: bool = False) -> dict[str, Any]:
+                    return_all_decodes: bool = False, overwrite: bool = True
+                    ) -> dict[str, Any]:
   """Answer every `{task, inputs}` line of `inputs_path` with its task's prompt (sources in
   `prompts`, see the module docstring) and write JSONL with `prediction` to `output_path`
   (the best decode of `decoding`, default greedy; `return_all_decodes` adds `predictions` and
-  `scores`).
+  `scores`). `output_path` must not be `inputs_path` or a prompt's file; an existing file is
+  replaced only with `overwrite`.
 
   `model` is any `EncoderDecoderModel`; its prompt hook is replaced by the banks."""
   if not prompts:
     raise ValueError("infer-multitask needs at least one task prompt, got none")
   decoding = decoding_lib.resolve(decoding)
-  inference.check_output_path(output_path, inputs_path, "--output", "--inputs")  # before reading
+  check_output(output_path, inputs_path, prompts, overwrite)  # before reading anything
   inference.check_model_vocabulary(vocabulary, model.config.vocab_size, "--vocabulary")
   loaded = {task: load_prompt(source) for task, source in prompts.items()}
   dims = {task: p.shape[1] for task, p in loaded.items() if p.shape[1] != model.config.emb_dim}
@@ -229,25 +251,36 @@ def _vocabulary(spec: str) -> seqio.Vocabulary:
   if not os.path.exists(spec):
     raise FileNotFoundError(f"--vocabulary must be 'byte' or a SentencePiece model file; "
                             f"{spec!r} does not exist")
-  return seqio.SentencePieceVocabulary(spec)
+  if os.path.isdir(spec):
+    raise ValueError(f"--vocabulary {spec!r} is a directory, not a SentencePiece model file")
+  vocabulary = seqio.SentencePieceVocabulary(spec)
+  try:
+    _ = vocabulary.tokenizer  # seqio loads the model lazily: load it now
+  except Exception as e:  # pylint: disable=broad-except  # protobuf, sentencepiece, tf errors
+    raise ValueError(f"--vocabulary {spec!r} is not a SentencePiece model file "
+                     f"({type(e).__name__})") from e
+  return vocabulary
 
 
 def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkpoint: str,
          model: str = "tiny", vocabulary: str = "byte", input_length: int = 512,
          max_decode_length: int = 32, batch_size: int = 32, placement: str = "prefix",
-         decode: str = "greedy", return_all_decodes: bool = False) -> int:
+         decode: str = "greedy", return_all_decodes: bool = False,
+         overwrite: bool = False) -> int:
   """`prompt-jax infer-multitask` (and `prompt-jax infer --inputs=...`): `prompts` are
   (task, source) pairs; `model` a T5 preset name (prompt_jax.models.t5), `vocabulary` 'byte' or
   a SentencePiece model file; `decode` a decoding spec for `prompt_jax.decoding.parse`
-  ('greedy', 'beam_search(num_decodes=4, alpha=0.6)', 'temperature_sample(topk=40, seed=1)')."""
+  ('greedy', 'beam_search(num_decodes=4, alpha=0.6)', 'temperature_sample(topk=40, seed=1)');
+  an existing `output` is replaced only with `overwrite`."""
   decoding = decoding_lib.parse(decode)
   by_task = dict(prompts)
   if len(by_task) != len(prompts):
     raise ValueError(f"--prompt names a task twice: {[t for t, _ in prompts]}")
+  check_output(output, inputs, by_task, overwrite)  # before the vocabulary and model load
   frozen_model = EncoderDecoderModel(t5.Transformer(t5.preset(model)))
   infer_multitask(model=frozen_model, inputs_path=inputs, output_path=output, prompts=by_task,
                   vocabulary=_vocabulary(vocabulary), initial_checkpoint_path=checkpoint,
                   input_length=input_length, max_decode_length=max_decode_length,
                   batch_size=batch_size, placement=placement, decoding=decoding,
-                  return_all_decodes=return_all_decodes)
+                  return_all_decodes=return_all_decodes, overwrite=overwrite)
   return 0

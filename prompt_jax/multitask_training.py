@@ -234,7 +234,8 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
                     eval_every_steps: int = 0, eval_at_start: bool = True,
                     log_every_steps: int = 10, max_decode_length: Optional[int] = None,
                     seed: int = 0, frozen_dtype: Optional[str] = None,
-                    allow_config_change: bool = False) -> dict[str, Any]:
+                    allow_config_change: bool = False,
+                    config_text: Optional[str] = None) -> dict[str, Any]:
   """Train a prompt per task of `train_dataset_cfg`'s mixture in one run (see the module
   docstring); `optimizer` is each prompt's optimizer (default: Lester et al.'s Adafactor),
   given its own state per task by `optimizers.per_task`. Returns the loop's summary plus
@@ -253,11 +254,6 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
   if saved is not None and saved["tasks"] != tasks:
     raise ValueError(f"{model_dir} was trained on the tasks {saved['tasks']}, the mixture "
                      f"{train_dataset_cfg.mixture_or_task_name!r} has {tasks}; use a new MODEL_DIR")
-  if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    run_dir.write_json(os.path.join(model_dir, TASKS_FILE), {
-        "mixture": train_dataset_cfg.mixture_or_task_name, "tasks": tasks,
-        "rates": mixtures.task_rates(train_dataset_cfg)})
   print(f"multi-task prompt tuning: {len(tasks)} tasks, one prompt each: {', '.join(tasks)}",
         flush=True)
   single = single_prompt_programs(programs) if eval_dataset_cfg else None
@@ -270,9 +266,14 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
       log_every_steps=log_every_steps,
       max_decode_length=max_decode_length or lengths["targets"], seed=seed,
       evaluate_fn=make_evaluate_fn(tasks, single) if single is not None else None,
-      allow_config_change=allow_config_change, label="multi-task")
+      allow_config_change=allow_config_change, label="multi-task", config_text=config_text)
   paths = {}
   if jax.process_index() == 0:
+    # Written after the loop (which checked the run record under the lock): a refused command
+    # leaves another run's directory untouched. The record's settings hold the tasks meanwhile.
+    run_dir.write_json(os.path.join(model_dir, TASKS_FILE), {
+        "mixture": train_dataset_cfg.mixture_or_task_name, "tasks": tasks,
+        "rates": mixtures.task_rates(train_dataset_cfg)})
     paths = export_task_prompts(programs, result.state.prompt_params, result.frozen_params,
                                 tasks, model_dir)
   summary = dict(result.summary, tasks=tasks, prompts=paths)

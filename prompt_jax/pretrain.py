@@ -68,7 +68,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
              lm_adaptation_eval_dataset_cfg: Optional[pipeline.DatasetConfig] = None,
              checkpoint_every_steps: int = 500,
              checkpoint_dir: Optional[str] = None,
-             checkpoint_keep: Optional[int] = 2) -> dict:
+             checkpoint_keep: Optional[int] = 2, config_text: Optional[str] = None) -> dict:
   """Train all parameters with AdamW and a cosine schedule; save them to `output_path` (.npz;
   default `MODEL_DIR/model.npz`). An existing output is refused unless `overwrite`.
 
@@ -83,6 +83,8 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
   `checkpoint_every_steps` steps of the phase and at its end (Orbax, the last `checkpoint_keep`
   kept, None for all; 0 saves only each phase's end). Rerunning the same command resumes from
   the latest one, repeating a straight run's data order and dropout keys.
+
+  `config_text` (the CLI's gin config) is written to each phase directory's config.gin.
 
   Returns {'loss': final training loss, 'seconds': wall time of this invocation,
   'parameters': count} plus 'lm_adaptation_loss', 'eval_token_accuracy' and
@@ -118,7 +120,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
     run = trainer.run(regime, model_dir=os.path.join(directory, name), train_steps=steps,
                       checkpoint_every_steps=checkpoint_every_steps or steps,
                       keep_checkpoints=checkpoint_keep, log_every_steps=log_every_steps,
-                      seed=phase_seed, label=name.replace("_", " "))
+                      seed=phase_seed, label=name.replace("_", " "), config_text=config_text)
     params = run.state.prompt_params
     result["loss" if name == "pretrain" else "lm_adaptation_loss"] = run.summary["train"]["loss"]
   checkpoints.save_params_npz(jax.device_get(params), output_path)

@@ -1,28 +1,56 @@
-"""The run directory (MODEL_DIR): checked before any work, locked while a run writes to it, and
-written atomically so a kill at any moment leaves either the old file or the new one.
+"""The run directory (MODEL_DIR): its layout, its record, its lock and atomic writes.
 
-The lock is `MODEL_DIR/.lock`, a JSON file with the owner's pid, host and start time, created
-with O_EXCL. A second run on the same MODEL_DIR refuses to start, naming the owner; a lock left
-by a process that no longer exists (on this host) is taken over with a warning.
+Layout (the names below are the only spelling of them in the package):
+  run.json                     the run record: what defines the run (`run_record`), written
+                               before the first step and compared on every resume
+  config.gin                   the operative gin config of the command that trained it (CLI)
+  checkpoints/<step>/          the trainable state (Orbax, `checkpoints.py`)
+  prompts/prompt_<step>.npy    each saved prompt folded to a plain [length, embed] array
+  train/, eval/                TensorBoard events; metrics.jsonl every logged metric as JSON
+  summary.json                 the final metrics; eval_untrained.json the untrained prompt's
+  curves.png                   the training curves (`curves.py`)
+
+The record makes a wrong command harmless: a resume whose configuration differs from run.json
+stops before any work with one line naming each difference (`RunMismatchError`), and nothing in
+MODEL_DIR is moved or rewritten.
+
+The lock is `MODEL_DIR/.lock`, held with the operating system's advisory lock while a run
+writes: a second run on the same MODEL_DIR refuses to start, naming the owner.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
 import socket
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-SUBDIRS = ("checkpoints", "prompts", "train", "eval")
+RECORD_FILE = "run.json"
+CONFIG_FILE = "config.gin"
+SUMMARY_FILE = "summary.json"
+UNTRAINED_EVAL_FILE = "eval_untrained.json"
+CURVES_FILE = "curves.png"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+PROMPTS_DIR = "prompts"
+SUBDIRS = (CHECKPOINTS_DIR, PROMPTS_DIR, "train", "eval")
+
+
+def prompt_export_path(model_dir: str, step: int) -> str:
+  """MODEL_DIR/prompts/prompt_<step>.npy: the prompt saved at `step`, folded to [length, embed]."""
+  return os.path.join(model_dir, PROMPTS_DIR, f"prompt_{int(step)}.npy")
 
 
 def check_model_dir(model_dir: Optional[str]) -> str:
@@ -185,3 +213,164 @@ def write_npy(path: str, array: np.ndarray) -> str:
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
   """Named arrays as one `.npz` at `path`, atomically."""
   return _atomic_replace(path, lambda f: np.savez(f, **arrays))
+
+
+# ------------------------------------------------------------------------------- the record
+
+
+class RunMismatchError(ValueError):
+  """A command's configuration contradicts the record of the run in MODEL_DIR."""
+
+
+def describe(value: Any) -> Any:
+  """A JSON description of a configured object: a Linen module or dataclass as its type and
+  fields (recursively; `parent` and `name` left out), a function or class by its qualified
+  name, a `functools.partial` as its function and arguments."""
+  if isinstance(value, (str, int, float, bool)) or value is None:
+    return value
+  if isinstance(value, functools.partial):
+    return {"type": describe(value.func), **{f"arg{i}": describe(a) for i, a in enumerate(
+        value.args)}, **{k: describe(v) for k, v in sorted(value.keywords.items())}}
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)
+              if f.name not in ("parent", "name") and not f.name.startswith("_")}
+    return {"type": type(value).__name__, **{k: describe(v) for k, v in fields.items()}}
+  if isinstance(value, Mapping):
+    return {str(k): describe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [describe(v) for v in value]
+  if callable(value) and hasattr(value, "__qualname__"):
+    return f"{getattr(value, '__module__', '')}.{value.__qualname__}".lstrip(".")
+  if hasattr(value, "dtype") and hasattr(value, "shape") and not getattr(value, "shape", ()):
+    return describe(value.item())  # a numpy or jax scalar
+  return type(value).__name__
+
+
+def model_entries(model: Any) -> dict[str, Any]:
+  """The record entries of an `EncoderDecoderModel`: `model` (its T5Config, but for
+  `EXECUTION_FIELDS`), `execution` (those) and `prompt` (its prompt hook, `describe`d)."""
+  config = json.loads(json.dumps(dataclasses.asdict(model.config), default=str))
+  return {"model": {k: v for k, v in config.items() if k not in EXECUTION_FIELDS},
+          "execution": {k: v for k, v in config.items() if k in EXECUTION_FIELDS},
+          "prompt": describe(getattr(model.module, "prompt", None))}
+
+
+def fingerprint(path: Optional[str]) -> Optional[str]:
+  """A fingerprint of a frozen checkpoint that survives copying: a file's size and the SHA-256
+  of its first and last MiB; a directory's file names and sizes. None for no path or a path
+  that does not exist (its loader reports that)."""
+  if not path or not os.path.exists(path):
+    return None
+  digest = hashlib.sha256()
+  if os.path.isfile(path):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      digest.update(f.read(1 << 20))
+      if size > 2 << 20:
+        f.seek(-(1 << 20), os.SEEK_END)
+        digest.update(f.read(1 << 20))
+    return f"file of {size} bytes, sha256 {digest.hexdigest()[:16]}"
+  count = total = 0
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      size = os.path.getsize(os.path.join(root, name))
+      digest.update(f"{os.path.relpath(os.path.join(root, name), path)}:{size}\n".encode())
+      count, total = count + 1, total + size
+  return f"directory of {count} files, {total} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+def read_record(model_dir: str) -> Optional[dict]:
+  """MODEL_DIR/run.json, or None for a directory without one (not a run, or written before
+  records existed)."""
+  return read_json(os.path.join(model_dir, RECORD_FILE))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping) and tree:
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+  return {prefix: tree}
+
+
+def record_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       keys: Optional[Sequence[str]] = None) -> list[tuple[str, Any, Any]]:
+  """(name, saved value, current value) of every leaf that differs, for the top-level `keys`
+  (default: all). A value recorded on one side only counts as a difference."""
+  keys = sorted(set(saved) | set(current)) if keys is None else keys
+  differences = []
+  for key in keys:
+    a, b = _flat(saved.get(key), key), _flat(current.get(key), key)
+    for name in sorted(set(a) | set(b)):
+      if a.get(name) != b.get(name):
+        differences.append((name, a.get(name), b.get(name)))
+  return differences
+
+
+def format_differences(differences: Sequence[tuple[str, Any, Any]], limit: int = 4) -> str:
+  """'holds a run with a, b; this run configures a', b'' for the first `limit` differences,
+  types (another method, another optimizer) first."""
+  shown = sorted(differences, key=lambda d: not d[0].endswith("type"))[:limit]
+  more = f" (and {len(differences) - limit} more)" if len(differences) > limit else ""
+  held = ", ".join(f"{name}={old!r}" for name, old, _ in shown)
+  wanted = ", ".join(f"{name}={new!r}" for name, _, new in shown)
+  return f"holds a run with {held}; this command configures {wanted}{more}"
+
+
+# Model config fields that say how the model executes, not what it computes: recorded apart
+# ("execution"), free to change between a run's resumes and its evaluation.
+EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_layers")
+
+# Record entries that define a run: a resume must match them all.
+DEFINING = ("model", "prompt", "frozen_checkpoint", "data", "optimizer", "trainable",
+            "settings", "seed")
+
+
+def check_record(model_dir: str, current: Mapping[str, Any], *, keys: Sequence[str] = DEFINING,
+                 allow_flag: str = "--gin.trainer.train.allow_config_change=True") -> None:
+  """Raise RunMismatchError naming each difference between MODEL_DIR's record and `current`
+  for `keys`; nothing when MODEL_DIR has no record."""
+  saved = read_record(model_dir)
+  if saved is None:
+    return
+  differences = record_differences(saved, current, keys)
+  if differences:
+    raise RunMismatchError(
+        f"MODEL_DIR {model_dir!r} {format_differences(differences)}; nothing was changed. Use "
+        f"the settings it was trained with (its {CONFIG_FILE}), another MODEL_DIR, or "
+        f"{allow_flag}")
+
+
+def write_record(model_dir: str, record: Mapping[str, Any], step: int) -> None:
+  """Write MODEL_DIR/run.json (atomically). An existing record is kept: a different one (a
+  resume allowed to change the config) is appended to its `changes` with the step."""
+  path = os.path.join(model_dir, RECORD_FILE)
+  saved = read_record(model_dir)
+  if saved is None:
+    write_json(path, dict(record))
+    return
+  differences = record_differences(saved, record, DEFINING)
+  if differences:
+    changes = list(saved.get("changes", []))
+    changes.append({"step": int(step), "changed": [
+        {"name": n, "from": a, "to": b} for n, a, b in differences]})
+    write_json(path, dict(saved, changes=changes))
+
+
+def write_config(model_dir: str, config_text: str, step: int) -> None:
+  """Write MODEL_DIR/config.gin; a different existing one (a resume allowed to change it) is
+  kept as config_until_step<step>.gin."""
+  path = os.path.join(model_dir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == config_text:
+        return
+    kept = os.path.join(model_dir, f"config_until_step{int(step)}.gin")
+    suffix = 1
+    while os.path.exists(kept):
+      kept = os.path.join(model_dir, f"config_until_step{int(step)}.{suffix}.gin")
+      suffix += 1
+    os.replace(path, kept)
+  _atomic_replace(path, lambda f: f.write(config_text.encode()))

@@ -270,12 +270,14 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
               keep_checkpoints: Optional[int] = 3, eval_every_steps: int = 0,
               eval_at_start: bool = True, log_every_steps: int = 10,
               max_decode_length: Optional[int] = None, seed: int = 0,
-              evaluate_fn: Optional[Callable] = None) -> dict[str, Any]:
+              evaluate_fn: Optional[Callable] = None,
+              config_text: Optional[str] = None) -> dict[str, Any]:
   """Search (MODEL_DIR/search), select the top-K layers, re-train them (MODEL_DIR/retrain).
 
   Both phases are runs of the one training loop (`trainer.run`): the search with the
   `SptSearch` regime, the re-training with plain prompt tuning (`trainer.train`).
   Returns `trainer.train`'s summary of the re-train phase plus `gates` and `selected_layers`.
+  `config_text` (the CLI's gin config) is written to each phase's config.gin.
   """
   model_dir = run_dir.check_model_dir(model_dir)
   search_steps = trainer.check_count("SPT search_steps", search_steps, 1)
@@ -303,7 +305,7 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
                          initial_checkpoint_path=initial_checkpoint_path,
                          checkpoint_every_steps=checkpoint_every_steps,
                          keep_checkpoints=2, log_every_steps=log_every_steps, seed=seed,
-                         label="SPT search")
+                         label="SPT search", config_text=config_text)
     gates = spt.gate_values(result.state.gates)
     selected = spt.select_layers(gates, num_layers_to_keep)
     if jax.process_index() == 0:
@@ -323,9 +325,9 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
       checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
       eval_every_steps=eval_every_steps, eval_at_start=eval_at_start,
       log_every_steps=log_every_steps, max_decode_length=max_decode_length, seed=seed,
-      evaluate_fn=evaluate_fn)
+      evaluate_fn=evaluate_fn, config_text=config_text)
   summary = dict(summary, gates=gates, selected_layers=list(selected),
                  model_dir=os.path.abspath(model_dir))
   if jax.process_index() == 0:
-    run_dir.write_json(os.path.join(model_dir, "summary.json"), summary)
+    run_dir.write_json(os.path.join(model_dir, run_dir.SUMMARY_FILE), summary)
   return summary

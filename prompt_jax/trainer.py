@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import checkpoints, evaluation, preemption, run_dir
+from prompt_jax import checkpoints, evaluation, metric_writer, preemption, run_dir
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.metric_writer import MetricWriter
@@ -71,8 +71,8 @@ class PromptTrainer(PromptPrograms):
 
 # ---------------------------------------------------------------------------------- the loop
 
-UNTRAINED_EVAL_FILE = "eval_untrained.json"
-SUMMARY_FILE = "summary.json"
+UNTRAINED_EVAL_FILE = run_dir.UNTRAINED_EVAL_FILE
+SUMMARY_FILE = run_dir.SUMMARY_FILE
 
 
 def _progress(total: int, initial: int, label: str = "train"):
@@ -133,14 +133,16 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
           evaluate_fn: Optional[Callable] = None,
           frozen_dtype: Optional[str] = None,
           batch_transforms: Sequence[Callable[[dict], dict]] = (),
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False,
+          config_text: Optional[str] = None) -> dict[str, Any]:
   """Prompt-tune `model` for `train_steps` steps; resumes from MODEL_DIR's latest checkpoint.
 
   `frozen_dtype='bfloat16'` stores the frozen model in bf16 (the prompt and optimizer stay fp32).
   `batch_transforms` map each host-local numpy training batch before the step, in order (e.g.
   `ensemble.ReplicateAcrossPrompts()` then `bucketing.trim_to_bucket`: they compose).
-  `allow_config_change` resumes a MODEL_DIR whose checkpoint records another
-  INITIAL_CHECKPOINT_PATH or model config.
+  `allow_config_change` resumes a MODEL_DIR whose record (run.json) differs from this run;
+  the change is appended to the record. `config_text` (the CLI's gin config) is written to
+  MODEL_DIR/config.gin.
 
   Safety: MODEL_DIR is locked for the run; a step whose loss or updated prompt is not finite
   stops training without saving (`TrainingDivergedError`); SIGINT/SIGTERM save the current step
@@ -162,7 +164,8 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
              eval_every_steps=eval_every_steps, eval_at_start=eval_at_start,
              log_every_steps=log_every_steps,
              max_decode_length=max_decode_length or lengths["targets"], seed=seed,
-             evaluate_fn=evaluate_fn, allow_config_change=allow_config_change).summary
+             evaluate_fn=evaluate_fn, allow_config_change=allow_config_change,
+             config_text=config_text).summary
 
 
 @dataclasses.dataclass
@@ -181,7 +184,8 @@ def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
         keep_checkpoints: Optional[int] = 3, eval_every_steps: int = 0,
         eval_at_start: bool = True, log_every_steps: int = 10, max_decode_length: int = 8,
         seed: int = 0, evaluate_fn: Optional[Callable] = None,
-        allow_config_change: bool = False, label: str = "train") -> RunResult:
+        allow_config_change: bool = False, label: str = "train",
+        config_text: Optional[str] = None) -> RunResult:
   """The training loop of every regime (`regimes.Regime`): `train_steps` steps of
   `regime.step_fn` in MODEL_DIR, resumed from its newest good checkpoint.
 
@@ -191,6 +195,11 @@ def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
   evaluation of `eval_dataset_cfg` by `evaluate_fn` (before training, every `eval_every_steps`
   and after), prompt exports and preemption (`preemption.Preempted` after a saved step).
   `label` names the progress bar.
+
+  The run record (MODEL_DIR/run.json, `run_record`) is compared before anything is read or
+  written: a MODEL_DIR trained with another model, prompt, frozen checkpoint, data, optimizer
+  or seed is refused in one line naming each difference (`run_dir.RunMismatchError`) unless
+  `allow_config_change`; it is written before the first step with `config_text` as config.gin.
   """
   train_steps = check_count("TRAIN_STEPS", train_steps, 1)
   checkpoint_every_steps = check_count("CHECKPOINT_PERIOD", checkpoint_every_steps, 1)
@@ -205,13 +214,66 @@ def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
                 keep_checkpoints=keep_checkpoints, eval_every_steps=eval_every_steps,
                 eval_at_start=eval_at_start, log_every_steps=log_every_steps,
                 max_decode_length=max_decode_length, seed=seed, evaluate_fn=evaluate_fn,
-                allow_config_change=allow_config_change, label=label)
+                allow_config_change=allow_config_change, label=label,
+                config_text=config_text)
+
+
+def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int) -> dict:
+  """What defines a run of `regime` (MODEL_DIR/run.json): the model config (how it executes,
+  `run_dir.EXECUTION_FIELDS`, apart: it may change on resume), the prompt hook and its
+  settings, the frozen checkpoint (path and `run_dir.fingerprint`), the data, the optimizer
+  (its state's types), the trainable parameters' shapes, the regime's settings, the seed, and
+  the package version (informative only)."""
+  from prompt_jax import __version__  # pylint: disable=g-import-not-at-top
+  programs = regime.programs
+  data = getattr(regime, "dataset_cfg", None)
+  frozen_path = initial_checkpoint_path
+  resolved = checkpoints.resolve_path(frozen_path) if frozen_path else None
+  return {
+      **run_dir.model_entries(programs.model),
+      "frozen_checkpoint": {"path": frozen_path, "fingerprint": run_dir.fingerprint(resolved)},
+      "data": None if data is None else {
+          "task": data.mixture_or_task_name, "split": data.split,
+          "feature_lengths": dict(data.task_feature_lengths), "batch_size": data.batch_size},
+      "optimizer": optimizer_state_types(regime.abstract_state()),
+      "trainable": {name: list(shape) for name, shape in
+                    params_lib.shapes(programs.abstract_prompt).items()},
+      "trainable_pattern": programs.trainable_pattern,
+      "settings": _json_value(dict(regime.settings)),
+      "seed": int(seed),
+      "prompt_jax_version": __version__,
+  }
+
+
+def optimizer_state_types(state: Any) -> list[str]:
+  """The names of the optimizer state types in a training state, in tree order (e.g.
+  ['FactoredState', ...] for Adafactor, ['ScaleByAdamState', ...] for Adam)."""
+  names: list[str] = []
+
+  def walk(node):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      if type(node).__name__ not in names:
+        names.append(type(node).__name__)
+      for value in node:
+        walk(value)
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+      for field in dataclasses.fields(node):
+        walk(getattr(node, field.name))
+    elif isinstance(node, Mapping):
+      for value in node.values():
+        walk(value)
+    elif isinstance(node, (list, tuple)):
+      for value in node:
+        walk(value)
+
+  walk(state)
+  return names
 
 
 def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_checkpoint_path,
          checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_at_start,
          log_every_steps, max_decode_length, seed, evaluate_fn, allow_config_change,
-         label) -> RunResult:
+         label, config_text) -> RunResult:
   programs = regime.programs
   counts = programs.param_counts()
   log.info("parameters: %s frozen, %s trainable", f"{counts['frozen']:,}",
@@ -224,6 +286,10 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
           "config": _json_value(dataclasses.asdict(programs.model.config))}
   if regime.settings:
     meta["settings"] = _json_value(dict(regime.settings))
+
+  record = run_record(regime, initial_checkpoint_path, seed)
+  if not allow_config_change:
+    run_dir.check_record(model_dir, record)
 
   # Resume: the newest checkpoint that restores and is finite (older ones if it does not).
   manager = checkpoints.PromptCheckpointManager(model_dir, checkpoint_every_steps,
@@ -256,6 +322,13 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     if counts["frozen"]:
       log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
     frozen_params = programs.random_frozen_params(frozen_rng)
+  # Everything is checked and loaded: the run is recorded before its first step.
+  if jax.process_index() == 0:
+    run_dir.write_record(model_dir, record, start_step)
+    if config_text is not None:
+      run_dir.write_config(model_dir, config_text, start_step)
+    if complete is None:  # steps after the resumed one are logged again: no duplicates
+      metric_writer.truncate_metrics(model_dir, start_step if start_step else -1)
   if complete is not None:
     manager.close()
     return RunResult(complete, state, frozen_params)
@@ -341,15 +414,17 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
           finite.update(metrics, step)
           window_steps += 1
           progress.update(1)
-          if step % log_every_steps == 0 or step == train_steps:
+          if step % log_every_steps == 0 or step in (start_step + 1, train_steps):
             checked()
             last_metrics = {k: float(v) for k, v in metrics.items() if k not in FLAGS}
             elapsed = time.perf_counter() - window_start - paused
-            last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
+            if step != start_step + 1:  # the first step's time is mostly compilation
+              last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
             train_writer.write(step, last_metrics)
             progress.set_postfix({k: f"{last_metrics[k]:.4f}" for k in POSTFIX
-                                  if k in last_metrics},
-                                 steps_per_s=f"{last_metrics['steps_per_second']:.1f}")
+                                  if k in last_metrics}, **({
+                                      "steps_per_s": f"{last_metrics['steps_per_second']:.1f}"}
+                                      if "steps_per_second" in last_metrics else {}))
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0
           if stop.requested(step):
             checked()
@@ -380,7 +455,18 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     eval_writer.close()
   if jax.process_index() == 0:
     run_dir.write_json(summary_path, summary)
+    draw_curves(model_dir)
   return RunResult(summary, state, frozen_params)
+
+
+def draw_curves(model_dir: str) -> None:
+  """MODEL_DIR/curves.png from metrics.jsonl; a failure to draw is reported, not raised (the
+  run itself is done and saved)."""
+  from prompt_jax import curves  # pylint: disable=g-import-not-at-top
+  try:
+    curves.plot_run(model_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    log.warning("could not draw %s: %s", os.path.join(model_dir, run_dir.CURVES_FILE), e)
 
 
 POSTFIX = ("cross_ent_loss", "loss")  # the training metrics shown beside the progress bar
@@ -436,7 +522,7 @@ def _recreate_missing_exports(regime: Regime, manager, frozen_params, model_dir:
   if jax.process_index() != 0:
     return
   for step in manager.all_steps():
-    path = os.path.join(model_dir, "prompts", f"prompt_{step}.npy")
+    path = run_dir.prompt_export_path(model_dir, step)
     if os.path.exists(path):
       continue
     step_state = state if step == state_step else manager.restore(

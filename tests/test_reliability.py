@@ -316,8 +316,15 @@ def test_metrics_written_before_a_kill_are_on_disk(tmp_path):
 # ------------------------------------------------------------------------- resume mismatches
 
 
-def test_resuming_with_another_prompt_length_names_both_shapes(tmp_path):
+def test_resuming_with_another_prompt_length_names_both_lengths(tmp_path):
   _train(tmp_path, 2)
+  before = snapshot(tmp_path)
+  with pytest.raises(run_dir.RunMismatchError, match=r"holds a run with prompt.prompt.length=4"
+                     r".*; this command configures prompt.prompt.length=6"):
+    _train(tmp_path, 4, model=_model(prompt_length=6))
+  assert snapshot(tmp_path) == before
+  # A run written before records existed (no run.json): the checkpoint's own shapes refuse it.
+  os.remove(tmp_path / run_dir.RECORD_FILE)
   before = snapshot(tmp_path)
   with pytest.raises(ValueError, match=r"of shape \(4, 64\), the configured run expects "
                                        r"\(6, 64\)"):
@@ -328,11 +335,16 @@ def test_resuming_with_another_prompt_length_names_both_shapes(tmp_path):
 def test_resuming_from_another_frozen_checkpoint_or_config_is_refused(tmp_path):
   _train(tmp_path, 2)
   before = snapshot(tmp_path)
-  with pytest.raises(ValueError, match="INITIAL_CHECKPOINT_PATH='builtin:demo_t5_tiny.npz', "
-                                       "this run sets None"):
+  with pytest.raises(run_dir.RunMismatchError,
+                     match="frozen_checkpoint.path='builtin:demo_t5_tiny.npz'.*; this command "
+                           "configures .*frozen_checkpoint.path=None"):
     _train(tmp_path, 4, initial_checkpoint_path=None)
-  with pytest.raises(ValueError, match="model config dropout_rate=0.0, this run has 0.1"):
+  with pytest.raises(run_dir.RunMismatchError, match="model.dropout_rate=0.0; this command "
+                                                     "configures model.dropout_rate=0.1"):
     _train(tmp_path, 4, model=_model(dropout_rate=0.1))
   assert snapshot(tmp_path) == before
   assert _train(tmp_path, 4, model=_model(dropout_rate=0.1),
                 allow_config_change=True)["step"] == 4
+  changes = run_dir.read_record(str(tmp_path))["changes"]  # the record keeps what changed
+  assert changes == [{"step": 2, "changed": [
+      {"name": "model.dropout_rate", "from": 0.0, "to": 0.1}]}]

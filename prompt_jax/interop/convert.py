@@ -4,10 +4,12 @@
   prompt-jax convert t5x-to-orbax T5X_CHECKPOINT OUT_DIR --config t5_1_1_base [--set emb_dim=4 ...]
   prompt-jax convert prompt SRC DST [--to npy|peft|t5x] [--base_model_name_or_path NAME] [--step N]
 
-Prompt formats: `npy` (a [length, embed] .npy file), `peft` (a PEFT PROMPT_TUNING adapter
-directory), `t5x` (a T5X checkpoint whose `target/encoder/prompt/prompt/prompt` is the prompt;
-written in T5X's legacy format as DST/checkpoint_<step>). The source format is detected; the
-destination is `npy` when DST ends in `.npy`, otherwise `--to` names it.
+Prompt formats: `npy` (a [length, embed] .npy file; as a source also `FILE.npy#ROW`, row ROW
+of a prompt bank's [N, length, embed] export, as `prompt-jax infer-multitask` takes), `peft`
+(a PEFT PROMPT_TUNING adapter directory), `t5x` (a T5X checkpoint whose
+`target/encoder/prompt/prompt/prompt` is the prompt; written in T5X's legacy format as
+DST/checkpoint_<step>). The source format is detected; the destination is `npy` when DST ends
+in `.npy`, otherwise `--to` names it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def _count(params) -> int:
 
 
 def _refuse_existing_orbax(out: str) -> None:
+  from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+  output_paths.check_parent(out, "output")
   if os.path.lexists(out):
     raise FileExistsError(f"output {out!r} already exists; choose a new directory")
 
@@ -94,10 +98,18 @@ def t5x_to_orbax(args) -> int:
   return 0
 
 
+def _bank_row_source(path: str) -> bool:
+  """Whether `path` is `FILE.npy#ROW` (a row of a prompt bank) rather than a file of that name
+  (parsed as `prompt-jax infer-multitask` parses its prompt sources)."""
+  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
+  file, row = initializers.split_prompt_source(path)
+  return bool(row) and file.endswith(".npy")
+
+
 def prompt_format(path: str) -> str:
-  """The format of an existing prompt file or directory."""
+  """The format of an existing prompt file or directory (`FILE.npy#ROW`: npy)."""
   from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
-  if path.endswith(".npy") and os.path.isfile(path):
+  if path.endswith(".npy") and os.path.isfile(path) or _bank_row_source(path):
     return "npy"
   if peft.is_adapter_dir(path):
     return "peft"
@@ -108,10 +120,12 @@ def prompt_format(path: str) -> str:
 
 
 def read_prompt(path: str) -> np.ndarray:
-  """A [length, embed] float32 prompt from any supported format, checked by
+  """A [length, embed] float32 prompt from any supported format (or `FILE.npy#ROW`), checked by
   `initializers.check_prompt_array` (floating point, finite, two-dimensional)."""
   from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
   from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
+  if _bank_row_source(path):  # the row parser of multi-task serving's prompt sources
+    return initializers.load_prompt_source(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"prompt source {path!r} does not exist")
   fmt = prompt_format(path)
@@ -129,7 +143,9 @@ def output_path(path: str, fmt: str) -> str:
 
 def refuse_existing(path: str) -> None:
   """Raise ValueError if `path` exists (an empty directory is fine): outputs are never
-  overwritten."""
+  overwritten; or if it lies under a file."""
+  from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+  output_paths.check_parent(path, "output")
   if os.path.isdir(path) and not os.listdir(path):
     return
   if os.path.lexists(path):

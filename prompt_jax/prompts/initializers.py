@@ -6,6 +6,7 @@ Each returns `init(rng, shape, embedding_table) -> [length, embed] float32`, whe
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -200,6 +201,38 @@ def load_prompt_array(path: str, expected_shape: Optional[Sequence[int]] = None,
   """A `[length, embed]` prompt from a `.npy` file, checked by `check_prompt_array`, as
   float32."""
   return check_prompt_array(read_npy(path), path, expected_shape, allow_bank=allow_bank)
+
+
+def split_prompt_source(source: str) -> tuple[str, str]:
+  """`FILE.npy#ROW` -> (`FILE.npy`, `ROW`); a source without '#', or naming an existing file
+  (whose name has a '#'), -> (source, '')."""
+  if "#" not in source or os.path.lexists(source):
+    return source, ""
+  path, _, row = source.partition("#")
+  return path, row
+
+
+def load_prompt_source(source: str, path: Optional[str] = None) -> np.ndarray:
+  """A `[length, embed]` float32 prompt from `FILE.npy` or `FILE.npy#ROW` (row ROW of a prompt
+  bank's `[N, length, embed]` export, 0 <= ROW < N; see `split_prompt_source`), checked by
+  `check_prompt_array`; one-line errors name `source`. `path`: the .npy to read when `source`
+  names it otherwise (e.g. a run directory's latest export)."""
+  path, row = split_prompt_source(source) if path is None else (path, "")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"prompt source {source!r} does not exist")
+  array = read_npy(path)
+  if row:
+    valid = row.isascii() and row.isdigit() and len(row) <= 18
+    if array.ndim != 3 or not valid or int(row) >= array.shape[0]:
+      shown = row if len(row) <= 30 else f"{row[:20]}... ({len(row)} characters)"
+      raise ValueError(f"prompt source {f'{path}#{shown}'!r}: '#<row>' needs a "
+                       f"[N, length, embed] bank export and 0 <= row < N; got shape "
+                       f"{array.shape} and row {shown!r}")
+    array = array[int(row)]
+  if array.ndim != 2:
+    raise ValueError(f"prompt source {source!r} must hold [length, embed], got shape "
+                     f"{array.shape} (a bank export needs '#<row>')")
+  return check_prompt_array(array, source)
 
 
 def from_array(path: str, bank_mean: bool = False) -> PromptInit:
