@@ -42,8 +42,21 @@ class CheckpointUnusableError(ValueError):
   """No checkpoint of a run restores to a finite state matching the configured one."""
 
 
+def best_metric(scores: Mapping[str, float]) -> Optional[tuple[str, bool]]:
+  """(name, higher is better) of the validation metric that ranks checkpoints: a mixture's
+  average when reported, else the first metric by name; lower is better for losses and
+  perplexities. None for no scores."""
+  if not scores:
+    return None
+  averages = sorted(k for k in scores if k.endswith("average"))
+  name = averages[0] if averages else sorted(scores)[0]
+  return name, not any(word in name for word in ("loss", "perplexity"))
+
+
 class PromptCheckpointManager:
-  """Saves and restores the trainable state of a run every `save_every_steps`, keeping `keep`.
+  """Saves and restores the trainable state of a run every `save_every_steps`, keeping the
+  newest `keep` (None: all) and, besides them, the best by validation metric (`best_step`):
+  rotation never deletes the best checkpoint.
 
   Constructing one writes nothing: `checkpoints/` is created by the first save, so reading a
   mistyped MODEL_DIR (eval, export-prompt) leaves no directory behind."""
@@ -51,9 +64,13 @@ class PromptCheckpointManager:
   def __init__(self, model_dir: str, save_every_steps: int, keep: Optional[int] = 3):
     if save_every_steps < 1:
       raise ValueError(f"checkpoint save_every_steps must be >= 1, got {save_every_steps}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+      raise ValueError(f"keep_checkpoints must be an integer >= 1 or None (all), got {keep!r}")
     self.model_dir = os.path.abspath(model_dir)
-    self.directory = os.path.join(self.model_dir, "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every_steps,
+    self.directory = os.path.join(self.model_dir, run_dir.CHECKPOINTS_DIR)
+    self.keep = keep
+    # Rotation is ours (`rotate`), so that the best checkpoint survives it.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=save_every_steps,
                                            create=False, enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -73,7 +90,46 @@ class PromptCheckpointManager:
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=force)
     self.manager.wait_until_finished()
+    if saved:
+      self.rotate()
     return bool(saved)
+
+  def best_step(self, extra: Optional[Mapping[int, Mapping[str, float]]] = None
+                ) -> Optional[dict[str, Any]]:
+    """{'step', 'metric', 'value'} of the kept checkpoint with the best validation metric (its
+    meta's `eval_metrics`, or `extra[step]` for a step evaluated after its save), or None when
+    no kept checkpoint was evaluated. Ties go to the earlier step."""
+    scored = {}
+    for step in self.all_steps():
+      scores = (extra or {}).get(step)
+      if scores is None:
+        try:
+          scores = self.restore_meta(step).get("eval_metrics")
+        except Exception:  # pylint: disable=broad-except  # unreadable: not a candidate
+          scores = None
+      if scores:
+        scored[step] = scores
+    if not scored:
+      return None
+    name, higher = best_metric(scored[max(scored)])
+    candidates = [(step, s[name]) for step, s in sorted(scored.items()) if name in s]
+    # max() and min() return the first extreme: of equal scores the earlier step wins
+    step, value = (max if higher else min)(candidates, key=lambda c: c[1])
+    return {"step": step, "metric": name, "value": value}
+
+  def rotate(self, extra: Optional[Mapping[int, Mapping[str, float]]] = None) -> None:
+    """Delete all but the newest `keep` checkpoints and the best one (`best_step(extra)`);
+    every save rotates, and the loop again after its final evaluation."""
+    if self.keep is None:
+      return
+    steps = sorted(self.all_steps())
+    kept = set(steps[-self.keep:])
+    best = self.best_step(extra)
+    if best is not None:
+      kept.add(best["step"])
+    for step in steps:
+      if step not in kept:
+        self.manager.delete(step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """`abstract_state`: a tree of `jax.ShapeDtypeStruct` with shardings, like the saved one.

@@ -169,6 +169,7 @@ class StaticConfig:
     references: macros some value references (`%NAME`).
     configurables: selector (without scope) -> the values bound to its parameters.
     user_macros: (macro, binding) for each macro set by a (user) binding.
+    history: macro name -> every definition in order (the last is `macros[name]`).
     complete: False when some file could not be read here (a remote path, which only gin's
       registered readers open): then unused and unset macros are not reported.
   """
@@ -178,6 +179,7 @@ class StaticConfig:
   references: set[str] = dataclasses.field(default_factory=set)
   configurables: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
   user_macros: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  history: dict[str, list[_Definition]] = dataclasses.field(default_factory=dict)
   complete: bool = True
 
   def final(self, name: str) -> tuple[Any, Optional[_Definition]]:
@@ -284,6 +286,7 @@ def read_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
           continue
         name = f"{statement.scope}/{statement.selector}" if statement.scope else statement.selector
         config.macros[name] = _Definition(statement.value, where_of(statement.location))
+        config.history.setdefault(name, []).append(config.macros[name])
         if binding is None:
           config.file_macros.add(name)
         elif user:
@@ -330,14 +333,16 @@ def _matching_configurables(config: StaticConfig, scoped_selector: str) -> list[
   return keys
 
 
-def reachable_macros(config: StaticConfig, roots: Optional[Sequence[str]]) -> set[str]:
+def reachable_macros(config: StaticConfig, roots: Optional[Sequence[str]],
+                     values: Sequence[Any] = ()) -> set[str]:
   """Macros the roots use, directly or through references: a root is a configurable's selector
-  ('trainer.train') or a macro ('%MODEL'). All referenced macros when `roots` is None."""
+  ('trainer.train') or a macro ('%MODEL'); `values` are more starting points (bound values).
+  All referenced macros when `roots` is None."""
   if roots is None:
     return set(config.references)
   found: set[str] = set()
   visited: set[str] = set()
-  stack: list[Any] = []
+  stack: list[Any] = list(values)
 
   def add_configurable(scoped_selector: str):
     for key in _matching_configurables(config, scoped_selector):
@@ -378,6 +383,8 @@ def check_config(config: StaticConfig, *, roots: Optional[Sequence[str]] = None,
       raise ValueError(f"gin binding {binding!r} sets macro {name}, which no gin config "
                        f"uses{hint}")
   used = reachable_macros(config, roots)
+  if config.complete and roots is not None:
+    check_overridden(config, used)
   user_set = {name for name, _ in config.user_macros}
   optional = set(optional)
   for name, (expected, ok) in MACRO_TYPES.items():
@@ -402,6 +409,25 @@ def check_config(config: StaticConfig, *, roots: Optional[Sequence[str]] = None,
     if (value is _REQUIRED or value in (None, "")) and (definition or config.complete):
       raise ValueError(f"{name} is not set; pass {_flag_example(name)}")
   return used
+
+
+def check_overridden(config: StaticConfig, used: set[str]) -> None:
+  """ValueError when a macro the user set (a binding) never reaches the run because a later
+  definition replaced the value that read it: e.g. PROMPT_FILE, read by the
+  `PROMPT_INIT = @initializers.from_array()` of prompts/from_file.gin, when a later file's
+  `PROMPT_INIT = @initializers.uniform()` wins. Names both definitions."""
+  for name, binding in config.user_macros:
+    if name in used or name.rsplit("/", 1)[-1] in CODE_MACROS:
+      continue
+    for macro, definitions in config.history.items():
+      if macro not in used:
+        continue
+      for earlier in definitions[:-1]:
+        if name in reachable_macros(config, [], [earlier.value]):
+          raise ValueError(
+              f"gin binding {binding!r} never reaches the run: {macro} as set at "
+              f"{earlier.where} reads {name}, but {definitions[-1].where} sets {macro} again "
+              "later and wins; order the gin files so that the one that reads it comes last")
 
 
 def check(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),

@@ -62,6 +62,14 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def tree_max_abs(tree: Any) -> jax.Array:
+  """A float32 scalar: the largest |value| over the floating leaves of `tree` (0 for none;
+  traceable)."""
+  leaves = [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
+  return jnp.max(jnp.stack(leaves)) if leaves else jnp.array(0.0, jnp.float32)
+
+
 def check_same_shapes(tree: Any, reference: Any, what: str = "parameters") -> None:
   """Raise ValueError naming the first path whose presence or shape in `tree` differs from
   `reference` (both parameter trees)."""

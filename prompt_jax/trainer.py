@@ -134,7 +134,9 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
           frozen_dtype: Optional[str] = None,
           batch_transforms: Sequence[Callable[[dict], dict]] = (),
           allow_config_change: bool = False,
-          config_text: Optional[str] = None) -> dict[str, Any]:
+          config_text: Optional[str] = None,
+          divergence_loss_factor: Optional[float] = 10.0,
+          divergence_param_factor: Optional[float] = 1e3) -> dict[str, Any]:
   """Prompt-tune `model` for `train_steps` steps; resumes from MODEL_DIR's latest checkpoint.
 
   `frozen_dtype='bfloat16'` stores the frozen model in bf16 (the prompt and optimizer stay fp32).
@@ -145,7 +147,9 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
   MODEL_DIR/config.gin.
 
   Safety: MODEL_DIR is locked for the run; a step whose loss or updated prompt is not finite
-  stops training without saving (`TrainingDivergedError`); SIGINT/SIGTERM save the current step
+  stops training without saving (`TrainingDivergedError`), and so does a finite run that runs
+  away (`DivergenceGuard`: `divergence_loss_factor`, `divergence_param_factor`; None turns
+  each off); SIGINT/SIGTERM save the current step
   and raise `preemption.Preempted`; rerunning a finished run returns its summary, and a run
   whose final evaluation was cut short runs only that.
 
@@ -165,7 +169,8 @@ def train(*, model: EncoderDecoderModel, model_dir: Optional[str], train_steps: 
              log_every_steps=log_every_steps,
              max_decode_length=max_decode_length or lengths["targets"], seed=seed,
              evaluate_fn=evaluate_fn, allow_config_change=allow_config_change,
-             config_text=config_text).summary
+             config_text=config_text,
+             divergence=DivergenceGuard(divergence_loss_factor, divergence_param_factor)).summary
 
 
 @dataclasses.dataclass
@@ -185,7 +190,8 @@ def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
         eval_at_start: bool = True, log_every_steps: int = 10, max_decode_length: int = 8,
         seed: int = 0, evaluate_fn: Optional[Callable] = None,
         allow_config_change: bool = False, label: str = "train",
-        config_text: Optional[str] = None) -> RunResult:
+        config_text: Optional[str] = None,
+        divergence: Optional[DivergenceGuard] = None) -> RunResult:
   """The training loop of every regime (`regimes.Regime`): `train_steps` steps of
   `regime.step_fn` in MODEL_DIR, resumed from its newest good checkpoint.
 
@@ -194,7 +200,8 @@ def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
   finiteness check (`TrainingDivergedError`, nothing non-finite is saved), TensorBoard events,
   evaluation of `eval_dataset_cfg` by `evaluate_fn` (before training, every `eval_every_steps`
   and after), prompt exports and preemption (`preemption.Preempted` after a saved step).
-  `label` names the progress bar.
+  `label` names the progress bar; `divergence` (default `DivergenceGuard()`) stops a finite run
+  that runs away, as a non-finite step does.
 
   The run record (MODEL_DIR/run.json, `run_record`) is compared before anything is read or
   written: a MODEL_DIR trained with another model, prompt, frozen checkpoint, data, optimizer
@@ -215,7 +222,7 @@ def run(regime: Regime, *, model_dir: Optional[str], train_steps: int,
                 eval_at_start=eval_at_start, log_every_steps=log_every_steps,
                 max_decode_length=max_decode_length, seed=seed, evaluate_fn=evaluate_fn,
                 allow_config_change=allow_config_change, label=label,
-                config_text=config_text)
+                config_text=config_text, divergence=divergence or DivergenceGuard())
 
 
 def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int) -> dict:
@@ -273,7 +280,7 @@ def optimizer_state_types(state: Any) -> list[str]:
 def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_checkpoint_path,
          checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_at_start,
          log_every_steps, max_decode_length, seed, evaluate_fn, allow_config_change,
-         label, config_text) -> RunResult:
+         label, config_text, divergence) -> RunResult:
   programs = regime.programs
   counts = programs.param_counts()
   log.info("parameters: %s frozen, %s trainable", f"{counts['frozen']:,}",
@@ -306,6 +313,7 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
                        f"{manager.directory}; raise TRAIN_STEPS or use a new MODEL_DIR")
     start_step = int(restored_meta.get("data_position", latest))
     last_metrics = dict(restored_meta.get("train_metrics") or {})
+    divergence.reference.update(restored_meta.get("divergence_reference") or {})
     previous = run_dir.read_json(summary_path)
     if latest == train_steps and previous and previous.get("step") == train_steps and (
         not eval_dataset_cfg or "eval_trained" in previous):
@@ -334,6 +342,7 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     return RunResult(complete, state, frozen_params)
   if restored is None:
     state = regime.init_state(frozen_params, init_rng)
+    divergence.start(float(_max_abs(regime.prompt_params(state))))
   else:
     _recreate_missing_exports(regime, manager, frozen_params, model_dir, state, latest)
 
@@ -349,10 +358,13 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
   # One seqio Evaluator per run for the default evaluation (others build their own).
   reuse = {"evaluators": {}} if evaluate_fn is evaluation.evaluate else {}
 
+  evaluated: dict[int, dict] = {}  # step -> validation metrics, this invocation
+
   def run_eval(what: str, step: int) -> dict:
     scores = evaluate_fn(programs, regime.prompt_params(state), frozen_params,
                          eval_dataset_cfg, max_decode_length=max_decode_length, **reuse)
     eval_writer.write(step, scores)
+    evaluated[step] = scores
     say(f"eval ({what}, step {step}): " + ", ".join(
         f"{k} {v:.2f}" for k, v in sorted(scores.items())))
     return scores
@@ -369,18 +381,23 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
         summary["eval_untrained"] = untrained
 
   def save(step: int, metrics: Mapping[str, float]):
+    extra = {"eval_metrics": evaluated[step]} if step in evaluated else {}
     saved = manager.save(step, state, dict(meta, data_position=step,
-                                           train_metrics=dict(metrics)), force=True)
+                                           train_metrics=dict(metrics),
+                                           divergence_reference=divergence.reference, **extra),
+                         force=True)
     if saved:
       exported = programs.export_prompt(regime.prompt_params(state), frozen_params)
       if exported is not None and jax.process_index() == 0:
         checkpoints.export_prompt_npy(exported, model_dir, step)
 
-  def diverged(step: int, loss: float, prompt_finite: bool) -> TrainingDivergedError:
+  def diverged(step: int, loss: float, prompt_finite: bool,
+               reason: Optional[str] = None) -> TrainingDivergedError:
     good = manager.latest_step()
+    reason = reason or (f"loss {loss}, updated prompt "
+                        f"{'finite' if prompt_finite else 'non-finite'}")
     return TrainingDivergedError(
-        f"training diverged at step {step}: loss {loss}, updated prompt "
-        f"{'finite' if prompt_finite else 'non-finite'}; stopped without saving it. Last good "
+        f"training diverged at step {step}: {reason}; stopped without saving it. Last good "
         f"checkpoint: {'none' if good is None else f'step {good} in {manager.directory}'}")
 
   train_writer = MetricWriter(model_dir, "train")
@@ -417,6 +434,10 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
           if step % log_every_steps == 0 or step in (start_step + 1, train_steps):
             checked()
             last_metrics = {k: float(v) for k, v in metrics.items() if k not in FLAGS}
+            runaway = divergence.check(last_metrics["loss"],
+                                       float(_max_abs(regime.prompt_params(state))))
+            if runaway:
+              raise diverged(step, last_metrics["loss"], True, runaway)
             elapsed = time.perf_counter() - window_start - paused
             if step != start_step + 1:  # the first step's time is mostly compilation
               last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
@@ -433,13 +454,15 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
                 f"stopped by {stop.signal_name or 'a preemption notice'} after step {step}; "
                 f"saved a checkpoint in {manager.directory}; rerun the same command to "
                 "continue")
-          if step % checkpoint_every_steps == 0:
-            checked()
-            pause(save, step, last_metrics)
+          # Evaluation before the save of the same step: the checkpoint keeps its score, by
+          # which rotation spares the best one.
           if eval_dataset_cfg and eval_every_steps and step % eval_every_steps == 0 \
               and step != train_steps:
             checked()
             pause(run_eval, "training", step)
+          if step % checkpoint_every_steps == 0:
+            checked()
+            pause(save, step, last_metrics)
     finally:
       progress.close()
       progress = None
@@ -447,12 +470,17 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     checked()
     if manager.latest_step() != step:
       save(step, last_metrics)
-  manager.close()
   summary["train"] = last_metrics
   summary["step"] = step
   if eval_dataset_cfg:
     summary["eval_trained"] = run_eval("trained prompt", step)
     eval_writer.close()
+    final = {step: summary["eval_trained"]}
+    manager.rotate(final)
+    best = manager.best_step(final)
+    if best is not None:
+      summary["best_checkpoint"] = best
+  manager.close()
   if jax.process_index() == 0:
     run_dir.write_json(summary_path, summary)
     draw_curves(model_dir)
@@ -469,10 +497,61 @@ def draw_curves(model_dir: str) -> None:
     log.warning("could not draw %s: %s", os.path.join(model_dir, run_dir.CURVES_FILE), e)
 
 
+class DivergenceGuard:
+  """Stops a run that runs away while staying finite (the on-device check catches NaN/inf).
+
+  Two signs, each switchable off with None:
+    loss: the mean of the last `window` logged training losses exceeds `loss_factor` times the
+      untrained loss (the first logged loss of the run); training that works lowers the loss,
+      so ten times the untrained loss is a run that went wrong, not a slow one.
+    parameters: the largest |trainable value| exceeds `param_factor` times its value before
+      the first step (at least 1.0); Adafactor and Adam move parameters by about the learning
+      rate per step, so a 1000-fold growth is a learning rate that is orders too large (an
+      lr of 1e30 leaves the loss near the untrained one, but the prompt at ~1e29).
+  `reference` carries the untrained loss and initial size across resumes (saved in each
+  checkpoint's metadata).
+  """
+
+  def __init__(self, loss_factor: Optional[float] = 10.0, param_factor: Optional[float] = 1e3,
+               window: int = 3, reference: Optional[Mapping[str, float]] = None):
+    for name, value in (("divergence_loss_factor", loss_factor),
+                        ("divergence_param_factor", param_factor)):
+      if value is not None and (isinstance(value, bool) or not value > 1):
+        raise ValueError(f"{name} must be a number > 1 or None (off), got {value!r}")
+    self.loss_factor, self.param_factor = loss_factor, param_factor
+    self.window = check_count("divergence window", window, 1)
+    self.reference = dict(reference or {})
+    self.losses: collections.deque = collections.deque(maxlen=self.window)
+
+  def start(self, max_abs: float) -> None:
+    """The trainable parameters' largest |value| before the first step of a fresh run."""
+    self.reference.setdefault("initial_max_abs", float(max_abs))
+
+  def check(self, loss: float, max_abs: Optional[float]) -> Optional[str]:
+    """Why the run diverged at this log point, or None."""
+    self.reference.setdefault("untrained_loss", float(loss))
+    self.losses.append(float(loss))
+    untrained = self.reference["untrained_loss"]
+    if self.loss_factor is not None and len(self.losses) == self.window and untrained > 0:
+      mean = sum(self.losses) / self.window
+      if mean > self.loss_factor * untrained:
+        return (f"mean loss {mean:.4g} over the last {self.window} logged steps is above "
+                f"{self.loss_factor:g} x the untrained loss {untrained:.4g}")
+    initial = self.reference.get("initial_max_abs")
+    if self.param_factor is not None and max_abs is not None and initial is not None:
+      limit = self.param_factor * max(initial, 1.0)
+      if max_abs > limit:
+        return (f"the trainable parameters reached |value| {max_abs:.3g}, above "
+                f"{self.param_factor:g} x their initial {max(initial, 1.0):.3g}")
+    return None
+
+
 POSTFIX = ("cross_ent_loss", "loss")  # the training metrics shown beside the progress bar
 
 
 FLAGS = ("all_finite", "prompt_finite")  # step outputs that are checks, not metrics
+
+_max_abs = jax.jit(params_lib.tree_max_abs)
 
 
 class FiniteTracker:

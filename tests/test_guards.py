@@ -1,0 +1,111 @@
+"""Guards against a hostile user: finite runs that run away stop like NaN ones, rotation keeps
+the best checkpoint, and a gin value that a later file overrides is refused before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from prompt_jax import checkpoints, gin_utils, metric_writer, trainer
+from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
+from prompt_jax.models import t5
+from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.prompts import initializers
+from prompt_jax.prompts.base import InputPrompt
+from prompt_jax.prompts.plain import Prompt
+from tests.cli_harness import assert_one_line_error, run_cli, snapshot
+
+LENGTHS = {"inputs": 64, "targets": 16}
+DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
+
+
+def _model():
+  config = dataclasses.replace(t5.preset("tiny"), dropout_rate=0.0)
+  return EncoderDecoderModel(t5.Transformer(config, InputPrompt(
+      Prompt(4, initializers.uniform()))))
+
+
+def _data(split="train", batch_size=8, shuffle=True):
+  return pipeline.DatasetConfig("demo_sentiment", LENGTHS, split=split, batch_size=batch_size,
+                                shuffle=shuffle)
+
+
+def _train(model_dir, steps, **kwargs):
+  kwargs.setdefault("initial_checkpoint_path", DEMO_CHECKPOINT)
+  return trainer.train(model=_model(), model_dir=str(model_dir), train_steps=steps,
+                       train_dataset_cfg=_data(), **kwargs)
+
+
+# ------------------------------------------------------------------------------- divergence
+
+
+def test_the_loss_guard_fires_on_a_window_of_high_losses_only():
+  guard = trainer.DivergenceGuard(loss_factor=10.0, param_factor=None, window=3)
+  assert [guard.check(loss, None) for loss in (1.0, 12.0, 12.0)] == [None, None, None]
+  assert "above 10 x the untrained loss 1" in guard.check(12.0, None)  # mean(12, 12, 12)
+  spiky = trainer.DivergenceGuard(loss_factor=10.0, param_factor=None, window=3)
+  assert [spiky.check(loss, None) for loss in (1.0, 25.0, 1.0, 2.0, 25.0, 1.0)] == [None] * 6
+
+
+def test_a_finite_runaway_stops_like_nan_and_leaves_the_good_checkpoints(tmp_path):
+  """lr 1e30 keeps the loss near the untrained one but puts the prompt at ~1e29 (finite)."""
+  _train(tmp_path, 4, checkpoint_every_steps=2, log_every_steps=1)
+  before = snapshot(tmp_path)
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r"at step 5: the trainable parameters reached .* stopped without "
+                           r"saving it. Last good checkpoint: step 4"):
+    _train(tmp_path, 8, checkpoint_every_steps=2, log_every_steps=1,
+           optimizer=trainer.adafactor(learning_rate=1e30))
+  after = snapshot(tmp_path)
+  assert {k: v for k, v in after.items() if "metrics.jsonl" not in k} == {
+      k: v for k, v in before.items() if "metrics.jsonl" not in k}  # no checkpoint lost
+  # Switched off, the same run trains on (and is saved): the guard is what stopped it.
+  summary = _train(tmp_path, 6, checkpoint_every_steps=2, log_every_steps=1,
+                   optimizer=trainer.adafactor(learning_rate=1e30),
+                   divergence_param_factor=None)
+  assert summary["step"] == 6
+
+
+# ------------------------------------------------------------------------------- rotation
+
+
+def test_rotation_keeps_the_best_checkpoint_besides_the_newest(tmp_path):
+  summary = _train(tmp_path, 12, checkpoint_every_steps=2, keep_checkpoints=2,
+                   eval_every_steps=2, log_every_steps=2,
+                   eval_dataset_cfg=_data("validation", 100, False))
+  # Every checkpoint step was evaluated; metrics.jsonl keeps all scores, deleted steps' too.
+  accuracy = {r["step"]: r["value"] for r in metric_writer.read_metrics(str(tmp_path))
+              if r["split"] == "eval" and r["name"] == "accuracy" and r["step"] > 0}
+  best_step = min(step for step, value in accuracy.items() if value == max(accuracy.values()))
+  manager = checkpoints.PromptCheckpointManager(str(tmp_path), 1)
+  kept = manager.all_steps()
+  manager.close()
+  assert sorted(kept) == sorted({best_step, 10, 12})
+  assert summary["best_checkpoint"] == {"step": best_step, "metric": "accuracy",
+                                        "value": accuracy[best_step]}
+
+
+def test_best_metric_prefers_a_mixture_average_and_minimises_losses():
+  assert checkpoints.best_metric({"b": 1.0, "a": 2.0}) == ("a", True)
+  assert checkpoints.best_metric({"t1/accuracy": 1.0, "mixture_average": 2.0}) == (
+      "mixture_average", True)
+  assert checkpoints.best_metric({"loss": 1.0}) == ("loss", False)
+  assert checkpoints.best_metric({}) is None
+
+
+# -------------------------------------------------------------------------- gin overrides
+
+
+def test_a_flag_that_a_later_file_overrides_is_refused_naming_both_files(tmp_path, capsys):
+  run = tmp_path / "run"
+  result = run_cli(["train", "--gin_file=prompts/from_file.gin", "--gin_file=runs/demo.gin",
+                    f"--gin.PROMPT_FILE={str(tmp_path / 'p.npy')!r}",
+                    f"--gin.MODEL_DIR={str(run)!r}"], capsys)
+  assert_one_line_error(result, ["PROMPT_FILE", "prompts/from_file.gin line",
+                                 "prompts/uniform.gin line", "wins"])
+  assert snapshot(run) == {}
+  # In the documented order the file that reads PROMPT_FILE comes last: accepted statically.
+  gin_utils.check(["runs/demo.gin", "prompts/from_file.gin"],
+                  ["PROMPT_FILE = 'p.npy'", "PROMPT_LENGTH = 10", "MODEL_DIR = '/tmp/x'"],
+                  roots=["trainer.train"])
