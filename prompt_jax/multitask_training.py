@@ -241,6 +241,7 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
   given its own state per task by `optimizers.per_task`. Returns the loop's summary plus
   `tasks` and the exported `prompts`."""
   model_dir = run_dir.check_model_dir(model_dir)
+  mixtures.check_trainable_mixture(train_dataset_cfg)
   tasks = mixtures.task_names(train_dataset_cfg)
   check_bank(model, tasks)
   pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import seqio
 
 from prompt_jax import checkpoints, gin_utils, metric_writer, trainer
-from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
+from prompt_jax.data import mixtures, pipeline, synthetic  # synthetic registers demo tasks
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
@@ -109,3 +110,27 @@ def test_a_flag_that_a_later_file_overrides_is_refused_naming_both_files(tmp_pat
   gin_utils.check(["runs/demo.gin", "prompts/from_file.gin"],
                   ["PROMPT_FILE = 'p.npy'", "PROMPT_LENGTH = 10", "MODEL_DIR = '/tmp/x'"],
                   roots=["trainer.train"])
+
+
+# ------------------------------------------------------------------------------ mixtures
+
+
+def test_a_training_mixture_with_an_untrainable_task_is_refused_before_any_work(
+    tmp_path, capsys):
+  for name, tasks in (("guard_rate0_mixture", [("demo_sentiment", 1.0), ("demo_topic", 0.0)]),
+                      ("guard_eval_only_mixture", [("demo_sentiment", 1.0),
+                                                   ("demo_sentiment_rank", 1.0)])):
+    if name not in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.add(name, tasks)
+  cfg = lambda name: pipeline.DatasetConfig(name, LENGTHS, split="train", batch_size=8)  # noqa: E731
+  with pytest.raises(ValueError, match="'demo_topic' has rate 0.0 in mixture"):
+    mixtures.check_trainable_mixture(cfg("guard_rate0_mixture"))
+  with pytest.raises(ValueError, match="'demo_sentiment_rank' .* has no 'train' split"):
+    mixtures.check_trainable_mixture(cfg("guard_eval_only_mixture"))
+  mixtures.check_trainable_mixture(cfg(synthetic.MULTITASK_MIXTURE))  # the demo's is fine
+  run = tmp_path / "run"
+  result = run_cli(["multitask", "--gin_file=runs/multitask_demo.gin",
+                    "--gin.MIXTURE_OR_TASK_NAME='guard_rate0_mixture'", "--gin.NUM_TASKS=2",
+                    f"--gin.MODEL_DIR={str(run)!r}"], capsys)
+  assert_one_line_error(result, ["demo_topic", "rate 0.0"])
+  assert snapshot(run) == {}

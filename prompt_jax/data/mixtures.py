@@ -39,6 +39,23 @@ def task_rates(cfg: pipeline.DatasetConfig) -> dict[str, float]:
   return {name: rate / total for name, rate in rates.items()}
 
 
+def check_trainable_mixture(cfg: pipeline.DatasetConfig) -> None:
+  """ValueError naming the task when a task of `cfg`'s mixture would never be trained: its
+  rate is 0 (it would be reported at its untrained score as if trained) or it has no `cfg.split`
+  split (an evaluation-only task)."""
+  provider = pipeline.get_task_or_mixture(cfg.mixture_or_task_name, cfg.module)
+  for task in getattr(provider, "tasks", [provider]):
+    if isinstance(provider, seqio.Mixture) and not float(provider.get_rate(task)) > 0:
+      raise ValueError(f"task {task.name!r} has rate {provider.get_rate(task)} in mixture "
+                       f"{cfg.mixture_or_task_name!r}: its prompt would never be trained; give "
+                       "it a positive rate or leave it out of the training mixture")
+    if cfg.split not in task.splits:
+      raise ValueError(f"task {task.name!r} of {cfg.mixture_or_task_name!r} has no "
+                       f"{cfg.split!r} split (its splits: {sorted(task.splits)}): an "
+                       "evaluation-only task cannot be trained; leave it out of the training "
+                       "mixture")
+
+
 def task_config(cfg: pipeline.DatasetConfig, task: str) -> pipeline.DatasetConfig:
   """`cfg` reading only `task` (e.g. to evaluate one task of the mixture)."""
   return dataclasses.replace(cfg, mixture_or_task_name=task)
