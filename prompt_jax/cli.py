@@ -94,7 +94,8 @@ COMMANDS: dict[str, str] = {
     "infer-multitask": "multi-task serving (the same as `prompt-jax infer --inputs=...`)",
     "curves": "training-loss and validation curves of runs as a PNG, from MODEL_DIR/metrics.jsonl",
 }
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+# OSError: a full disk, a read-only or vanished directory (named by the error's filename).
+USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 VERBOSITIES = ("debug", "info", "warning", "error")
 # The same as prompt_jax.interop.convert.PROMPT_FORMATS, prompt_jax.plan.CHIPS and
 # prompt_jax.prompts.base placements (tests/test_cli_errors.py checks), without importing them.
@@ -140,16 +141,20 @@ DESCRIPTIONS = {
     "train": """\
 Prompt-tune a frozen T5. The gin files configure trainer.train: the model (models/*.gin), the
 prompt method (prompts/*.gin) and the run (runs/prompt_finetune.gin: task, steps, batch size,
-optimizer). MODEL_DIR receives the checkpoints, prompts/prompt_<step>.npy exports, TensorBoard
-events and summary.json; a run resumes from MODEL_DIR's latest checkpoint. Selective Prompt
-Tuning (runs/spt.gin, runs/spt_demo.gin) has its own command, `prompt-jax spt`.""",
+optimizer). MODEL_DIR receives run.json (the run record) and config.gin, the checkpoints,
+prompts/prompt_<step>.npy exports, metrics.jsonl, TensorBoard events, summary.json and
+curves.png (docs/runs.md); a run resumes from MODEL_DIR's latest checkpoint, and a MODEL_DIR
+whose run.json differs from this command's configuration is refused, naming each difference.
+Selective Prompt Tuning (runs/spt.gin, runs/spt_demo.gin) has its own command, `prompt-jax spt`.""",
     "spt": """\
 Selective Prompt Tuning (SPT / SPT-DARTS) in one run; the gin files configure
 spt_training.train_spt (a models/ file, then runs/spt.gin; runs/spt_demo.gin is the demo on the
 shipped tiny model). Phase 1 (MODEL_DIR/search) learns a gate per
 candidate layer, the top SPT_NUM_LAYERS layers are kept (printed, and written to
 MODEL_DIR/search/selection.json), phase 2 (MODEL_DIR/retrain) re-trains them; rerunning the
-same command resumes either phase.""",
+same command resumes either phase. Another SPT_NUM_LAYERS on a finished search selects again
+from its recorded gates; a MODEL_DIR/retrain of another selection is refused in one line
+(remove it, or use another MODEL_DIR), as are other search settings.""",
     "multitask": """\
 Multi-task prompt tuning: one prompt per task of a seqio mixture, trained in one run; the gin
 files configure multitask_training.train_multitask (a models/ file, then runs/multitask.gin, or
@@ -170,9 +175,10 @@ Score a trained prompt on a task's eval split. Given only a run directory (--mod
 --gin.NAME=VALUE overrides (e.g. --gin.EVAL_SPLIT="'test'"). Otherwise the gin files (the model
 and prompt files the prompt was trained with, then runs/eval.gin) configure
 evaluation.run_evaluation. The prompt is MODEL_DIR's latest checkpoint (or STEP), or PROMPT_PATH
-(a .npy export). A model, prompt or frozen checkpoint that contradicts the run's record
-(run.json) is refused unless --gin.ALLOW_CONFIG_CHANGE=True; without any frozen checkpoint the
-command stops unless --gin.RANDOM_FROZEN_MODEL=True.""",
+(a .npy export, FILE.npy#ROW, a PEFT adapter directory or a run directory MODEL_DIR[@STEP]).
+A model, prompt or frozen checkpoint that contradicts the run's record (run.json) is refused
+unless --gin.ALLOW_CONFIG_CHANGE=True; without any frozen checkpoint the command stops
+unless --gin.RANDOM_FROZEN_MODEL=True.""",
     "infer": """\
 Predictions of trained prompts, written as JSONL: greedy by default, beam search or sampling
 with gin's DECODE_FN (runs/infer.gin) or --decode (multi-task serving). Two forms:
@@ -191,7 +197,9 @@ A scale-ablation grid in one command: the sweep gin file configures sweep.SweepC
 sizes, methods, initialisers, prompt lengths, learning rates, seeds); each cell is one
 `prompt-jax train` run in <sweep_dir>/<cell>. Every mode ends by writing
 <sweep_dir>/results.csv and the plots score_vs_parameters.png, score_vs_prompt_length.png and
-score_vs_initializer.png. Finished cells are skipped, so an interrupted sweep resumes.""",
+score_vs_initializer.png. Finished cells are skipped, so an interrupted sweep resumes; SIGTERM
+or SIGINT makes the running cell save and the sweep exit 75. A cell trained with other bindings
+is never reused: only more TRAIN_STEPS continue it, other changes are refused in one line.""",
     "plan": """\
 What the programs of the training gin config (train step; with --topology also the eval step,
 score and predict) cost per device, without allocating a weight: they are compiled ahead of time
@@ -335,8 +343,8 @@ def _add_multitask_flags(parser: argparse.ArgumentParser, required: bool = True,
   group.add_argument("--prompt", action="append", type=_task_prompt, default=[],
                      required=required, metavar="TASK=PATH",
                      help="a task's prompt (repeatable): a .npy [length, embed] file, "
-                          "FILE.npy#ROW of a prompt bank, a PEFT adapter directory or a run "
-                          "directory (its latest prompts/prompt_<step>.npy)")
+                          "FILE.npy#ROW of a prompt bank, a PEFT adapter directory, a run "
+                          "directory (its latest prompts/prompt_<step>.npy) or MODEL_DIR@STEP")
   group.add_argument("--checkpoint", required=required, metavar="CHECKPOINT",
                      help="the frozen model: .npz, Orbax, T5X or Hugging Face checkpoint, or "
                           "builtin:<name> (e.g. builtin:demo_t5_tiny.npz)")
@@ -520,7 +528,8 @@ def _add_convert_commands(parser: argparse.ArgumentParser) -> None:
                      description="A prompt from one format to another. The source format is "
                                  "detected; the destination is npy\nwhen DST ends in .npy, "
                                  "otherwise --to names it.", epilog="example:\n" + examples[2])
-  p.add_argument("src", help=".npy file, PEFT adapter directory or T5X checkpoint")
+  p.add_argument("src", help=".npy file (or FILE.npy#ROW), PEFT adapter directory, run "
+                             "directory (MODEL_DIR or MODEL_DIR@STEP) or T5X checkpoint")
   p.add_argument("dst", help="output path (.npy file or directory)")
   p.add_argument("--to", choices=PROMPT_FORMATS, help="output format (default: from dst)")
   p.add_argument("--base_model_name_or_path", default=None, metavar="NAME",
@@ -723,11 +732,25 @@ def bound_model_dir(gin_bindings: Sequence[str]) -> Optional[str]:
   return found if isinstance(found, str) and found else None
 
 
+def run_evaluator(config_text: str) -> Optional[str]:
+  """How to score a run the way its training did, from its config.gin: the training's own
+  evaluate_fn as a gin reference (`trainer.train.evaluate_fn`, e.g. an ensemble's), the gin
+  file runs/multitask_eval.gin for a multi-task run (every task with its own prompt), else None
+  (the default evaluation)."""
+  match = re.search(r"^trainer\.train\.evaluate_fn = (@[\w.]+)\s*$", config_text, re.MULTILINE)
+  if match:
+    return match.group(1)
+  if re.search(r"^multitask_training\.train_multitask\.", config_text, re.MULTILINE):
+    return "runs/multitask_eval.gin"
+  return None
+
+
 def from_run_directory(command: str, args: argparse.Namespace) -> None:
   """`eval`, `infer` and `export-prompt` given a run directory (--model_dir or a MODEL_DIR
   binding) and no --gin_file: configured from MODEL_DIR/config.gin, the training run's own gin
   config, after the command's base file (runs/eval.gin, runs/infer.gin), so the model, prompt,
-  frozen checkpoint, task and lengths are the run's; --gin.NAME=VALUE still overrides."""
+  frozen checkpoint, task and lengths are the run's, and `eval` scores it with the run's own
+  evaluator (`run_evaluator`); --gin.NAME=VALUE still overrides."""
   spec = GIN_COMMANDS.get(command)
   if not (spec and spec.serves) and command != "export-prompt":
     return
@@ -747,6 +770,12 @@ def from_run_directory(command: str, args: argparse.Namespace) -> None:
                      "directory, or trained by an older version or through the Python API); "
                      "pass the gin files it was trained with (--gin_file=...)")
   args.gin_file = [*([spec.serves] if spec and spec.serves else []), config]
+  if command == "eval":
+    evaluator = run_evaluator(Path(config).read_text())
+    if evaluator and evaluator.endswith(".gin"):
+      args.gin_file.append(evaluator)
+    elif evaluator:
+      args.gin_bindings.insert(0, f"evaluation.run_evaluation.evaluate_fn = {evaluator}")
   if command == "infer" and any(b.split("=")[0].strip() == "INPUTS_PATH"
                                 for b in args.gin_bindings):
     args.gin_bindings.append("MIXTURE_OR_TASK_NAME = None")  # inputs instead of the run's task

@@ -9,14 +9,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import re
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
 import seqio
 
-from prompt_jax import checkpoints, run_dir
+from prompt_jax import checkpoints, prompt_files, run_dir
 from prompt_jax import decoding as decoding_lib
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
@@ -24,7 +23,6 @@ from prompt_jax.metric_writer import MetricWriter
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.prompts import initializers
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +184,15 @@ def prompt_params_from_array(programs, prompt: np.ndarray):
 def load_prompt_params(programs, frozen_params, *, model_dir: Optional[str] = None,
                        prompt_path: Optional[str] = None, step: Optional[int] = None,
                        seed: int = 0):
-  """The prompt to evaluate and its step: from a `.npy` file, else MODEL_DIR's checkpoint
-  (`step`, default the latest), else a freshly initialised (untrained) prompt."""
+  """The prompt to evaluate and its step: from `prompt_path`, any prompt source of
+  `prompt_files` (a [length, embed] or bank `.npy`, `FILE.npy#ROW`, a PEFT adapter directory, a
+  run directory `MODEL_DIR[@STEP]`; its step is `prompt_files.step_of`, else 0), else MODEL_DIR's
+  checkpoint (`step`, default the latest), else a freshly initialised (untrained) prompt."""
   if prompt_path:
-    if not os.path.exists(prompt_path):
-      raise FileNotFoundError(f"PROMPT_PATH {prompt_path!r} does not exist")
-    match = re.search(r"prompt_(\d+)\.npy$", prompt_path)  # MODEL_DIR/prompts/prompt_<step>.npy
-    step = step if step is not None else int(match.group(1)) if match else 0
-    prompt = initializers.load_prompt_array(prompt_path, allow_bank=True)
-    return prompt_params_from_array(programs, prompt), step
+    prompt = prompt_files.read_prompt(prompt_path, allow_bank=True)
+    if step is None:
+      step = prompt_files.step_of(prompt_path)
+    return prompt_params_from_array(programs, prompt), 0 if step is None else step
   if model_dir:
     if not os.path.isdir(model_dir):
       raise ValueError(f"MODEL_DIR {model_dir!r} does not exist (or is not a directory); "
@@ -320,7 +318,8 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
   a model or checkpoint that contradicts MODEL_DIR's record is refused unless
   `allow_config_change`, and no checkpoint at all is an error unless `random_frozen_model`.
 
-  The prompt comes from `prompt_path` (a `.npy` export) or MODEL_DIR's checkpoint at `step`
+  The prompt comes from `prompt_path` (a prompt source of `prompt_files`, e.g. a `.npy` export)
+  or MODEL_DIR's checkpoint at `step`
   (default: the latest; only its prompt is read, so no optimizer is needed). Metrics go to
   TensorBoard under `<output_dir or model_dir>/eval_<split>`, predictions (with
   `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.

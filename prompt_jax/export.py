@@ -94,10 +94,8 @@ def save_npy(prompt: np.ndarray, path: str) -> str:
   """`prompt` as float32 .npy at `path` ('.npy' added if missing, as np.save does), written
   atomically; a new file only: an existing one, or a path under a file, is a ValueError naming
   it. -> the path written."""
-  from prompt_jax import output_paths, run_dir  # pylint: disable=g-import-not-at-top
-  path = output_paths.check_output_path(output_paths.npy_path(path), "--output",
-                                        exists_hint=output_paths.EXISTING_NPY_HINT)
-  return run_dir.write_npy(path, np.asarray(prompt, np.float32))
+  from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+  return prompt_files.write_npy(prompt, path, what="--output")
 
 
 def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: Optional[str]) -> Any:

@@ -20,12 +20,11 @@ import numpy as np
 import seqio
 
 from prompt_jax import decoding as decoding_lib
-from prompt_jax import evaluation, output_paths
+from prompt_jax import evaluation, output_paths, prompt_files
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.prompts import initializers
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +235,7 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
     check_model_vocabulary(vocabulary, model.config.vocab_size)
     records = read_jsonl(inputs_path)
   if prompt_path:  # fail on a bad prompt file before the model is built
-    initializers.load_prompt_array(prompt_path, allow_bank=True)
+    prompt_files.read_prompt(prompt_path, allow_bank=True)
   programs, frozen = evaluation.build_programs(
       model, initial_checkpoint_path, partitioner, trainable_pattern, seed, model_dir=model_dir,
       random_frozen_model=random_frozen_model, allow_config_change=allow_config_change)

@@ -3,11 +3,10 @@
 Input: JSONL lines `{"task": "<name>", "inputs": "<text>", ...}` (other fields are copied to the
 output, which adds `prediction`: the best decode of `decoding`, greedy by default, or beam search
 / sampling from `prompt_jax.decoding`; `return_all_decodes` adds `predictions` and `scores`, every
-decode best first). Prompts: `{task: source}` where a source is
-  - a `.npy` file holding [length, embed] (our `prompts/prompt_<step>.npy` exports, released
-    prompts), or `<file>.npy#<i>` for row i of a prompt bank's [N, length, embed] export;
-  - a PEFT prompt-tuning adapter directory (`adapter_config.json` + safetensors);
-  - one of our run directories (MODEL_DIR): its latest `prompts/prompt_<step>.npy`.
+decode best first). Prompts: `{task: source}` where a source is any prompt source of
+`prompt_jax.prompt_files`: a [length, embed] `.npy` file, `FILE.npy#ROW` (a bank's row), a PEFT
+prompt-tuning adapter directory, a run directory (MODEL_DIR: its latest export) or
+`MODEL_DIR@STEP`.
 
 All prompts of one length go into one `PromptBank`, so lines of different tasks share batches and
 the frozen model runs once per batch; each line gets exactly the prediction it gets alone with its
@@ -21,10 +20,8 @@ infer-multitask`.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -32,12 +29,12 @@ import numpy as np
 import seqio
 
 from prompt_jax import decoding as decoding_lib
-from prompt_jax import evaluation, inference, output_paths
+from prompt_jax import evaluation, inference, output_paths, prompt_files
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.prompts import base, initializers
+from prompt_jax.prompts import base
 from prompt_jax.prompts.bank import PromptBank
 
 log = logging.getLogger(__name__)
@@ -46,44 +43,9 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ prompts
 
 
-def _latest_export(model_dir: str) -> str:
-  paths = glob.glob(os.path.join(model_dir, "prompts", "prompt_*.npy"))
-  steps = {int(m.group(1)): p for p in paths
-           if (m := re.search(r"prompt_(\d+)\.npy$", p))}
-  if not steps:
-    raise FileNotFoundError(f"{model_dir!r} has no prompts/prompt_<step>.npy export and is not "
-                            "a PEFT adapter directory")
-  return steps[max(steps)]
-
-
 def load_prompt(source: str) -> np.ndarray:
-  """A prompt source (see the module docstring) -> float32 [length, embed], checked by
-  `initializers.check_prompt_array` (floating point, finite)."""
-  from prompt_jax.interop import peft  # pylint: disable=g-import-not-at-top
-  path, row = initializers.split_prompt_source(source)
-  if os.path.isdir(path):
-    if row:
-      raise ValueError(f"prompt source {source!r}: '#<row>' only applies to .npy files")
-    if os.path.exists(os.path.join(path, peft.CONFIG_FILE)):
-      return peft.load_prompt(path)
-    return initializers.load_prompt_source(source, path=_latest_export(path))
-  return initializers.load_prompt_source(source)
-
-
-def prompt_files(source: str) -> list[str]:
-  """The files `load_prompt(source)` reads (none if it would fail): the .npy of `FILE.npy[#ROW]`,
-  a PEFT adapter directory's files, a run directory's latest export."""
-  from prompt_jax.interop import peft  # pylint: disable=g-import-not-at-top
-  path = initializers.split_prompt_source(source)[0]
-  if not os.path.isdir(path):
-    return [path] if os.path.exists(path) else []
-  if os.path.exists(os.path.join(path, peft.CONFIG_FILE)):
-    return [os.path.join(path, name) for name in sorted(os.listdir(path))
-            if os.path.isfile(os.path.join(path, name))]
-  try:
-    return [_latest_export(path)]
-  except FileNotFoundError:
-    return []
+  """A prompt source -> float32 [length, embed] (`prompt_files.read_prompt`)."""
+  return prompt_files.read_prompt(source)
 
 
 def check_output(output_path: str, inputs_path: str, prompts: Mapping[str, str],
@@ -92,7 +54,7 @@ def check_output(output_path: str, inputs_path: str, prompts: Mapping[str, str],
   read from, is a directory or lies under a file, or exists (unless `overwrite`)."""
   inference.check_output_path(output_path, inputs_path, "--output", "--inputs")
   for task, source in prompts.items():
-    for path in prompt_files(source):
+    for path in prompt_files.source_files(source):
       if output_paths.same_file(output_path, path):
         raise ValueError(f"--output {output_path!r} is the prompt file {path!r} of task "
                          f"{task!r}; writing it would overwrite the prompt")

@@ -210,6 +210,21 @@ def make_evaluate_fn(tasks, single: PromptPrograms,
   return evaluate
 
 
+def evaluate_per_task(programs: PromptPrograms, prompt_params, frozen_params,
+                      dataset_cfg: pipeline.DatasetConfig, max_decode_length: int,
+                      log_dir: Optional[str] = None, step: Optional[int] = None
+                      ) -> dict[str, float]:
+  """`evaluation.run_evaluation`'s evaluate_fn for a multi-task run (a bank of one prompt per
+  task of `dataset_cfg`'s mixture): the scores the run itself reports, every task with its
+  own prompt -> {'<task>/<metric>': value, ..., 'average': mixture average}. `log_dir` and
+  `step` are accepted for the interface; predictions are not logged per task."""
+  del log_dir, step
+  tasks = mixtures.task_names(dataset_cfg)
+  check_bank(programs.model, tasks)
+  evaluate = make_evaluate_fn(tasks, single_prompt_programs(programs))
+  return evaluate(programs, prompt_params, frozen_params, dataset_cfg, max_decode_length)
+
+
 def export_task_prompts(programs: PromptPrograms, prompt_params, frozen_params, tasks,
                         model_dir: str) -> dict[str, str]:
   """MODEL_DIR/prompts/<task>.npy and the PEFT adapter MODEL_DIR/prompts/peft/<task>/ of every

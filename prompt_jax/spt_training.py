@@ -24,7 +24,11 @@ generators), each with its own optax optimizer and state.
 
 Selection: after `search_steps`, a_l are read, the top K (`num_layers_to_keep`, ties broken by
 the lower layer index) are kept (`spt.select_layers`); MODEL_DIR/search/selection.json records
-the gates and the choice, and a rerun skips the finished search.
+the gates, the search's settings (search_mode, search_steps, held_out_fraction) and the choice,
+and a rerun skips the finished search. The search does not depend on K: a rerun with another K
+selects again from the recorded gates (refused in one line while MODEL_DIR/retrain holds a
+re-training of the other selection: remove that directory, or use another MODEL_DIR); a rerun
+with other search settings is refused in one line.
 
 Phase 2, re-train (MODEL_DIR/retrain): a fresh `SelectivePrompt(hard=True, layers=kept)` (no
 gates; a_l = 1 at kept layers, 0 elsewhere) is prompt-tuned by `trainer.train` for
@@ -258,6 +262,31 @@ def retrain_model(model: EncoderDecoderModel, layers) -> EncoderDecoderModel:
   return dataclasses.replace(model, module=model.module.clone(prompt=hook))
 
 
+def check_search_settings(selection: dict, settings: dict, search_dir: str,
+                          retrain_dir: str) -> None:
+  """ValueError in one line when the finished search (its selection.json) ran with other search
+  settings than `settings` (a setting it did not record is not compared)."""
+  differing = [(k, selection[k], v) for k, v in settings.items()
+               if k in selection and selection[k] != v]
+  if differing:
+    held = ", ".join(f"{k}={old!r}" for k, old, _ in differing)
+    wanted = ", ".join(f"{k}={new!r}" for k, _, new in differing)
+    raise ValueError(f"{search_dir} holds a finished SPT search with {held}; this command "
+                     f"configures {wanted}: use the search's settings, remove {search_dir} and "
+                     f"{retrain_dir} to search again, or use another MODEL_DIR")
+
+
+def check_retrain_selection(retrain_dir: str, stored, stored_k, selected, k: int) -> None:
+  """ValueError in one line when the re-train phase started (MODEL_DIR/retrain holds a run
+  record or checkpoints) for the `stored` layers and this command selects other ones."""
+  if any(os.path.exists(os.path.join(retrain_dir, name))
+         for name in (run_dir.RECORD_FILE, run_dir.CHECKPOINTS_DIR, run_dir.SUMMARY_FILE)):
+    raise ValueError(f"{retrain_dir} re-trains layers {list(stored)} (K={stored_k}); this "
+                     f"command selects {list(selected)} (K={k}) from the same search: remove "
+                     f"{retrain_dir} to re-train for K={k} (the search is kept), or use another "
+                     "MODEL_DIR")
+
+
 def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_steps: int,
               train_steps: int, num_layers_to_keep: int,
               train_dataset_cfg: pipeline.DatasetConfig,
@@ -288,11 +317,20 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
   search_dir = os.path.join(model_dir, "search")
   selection_path = os.path.join(search_dir, "selection.json")
 
+  retrain_dir = os.path.join(model_dir, "retrain")
+  search_settings = {"search_mode": search_mode, "search_steps": search_steps,
+                     "held_out_fraction": held_out_fraction}
+
   selection = run_dir.read_json(selection_path)
   if selection is not None:
+    check_search_settings(selection, search_settings, search_dir, retrain_dir)
     gates = {int(k): v for k, v in selection["gates"].items()}
-    selected = tuple(selection["selected_layers"])
-    print(f"SPT search already finished ({selection_path}); re-training", flush=True)
+    selected = spt.select_layers(gates, num_layers_to_keep)  # K is not a setting of the search
+    stored = tuple(selection["selected_layers"])
+    print(f"SPT search already finished ({selection_path}); "
+          + ("" if selected == stored else
+             f"selecting K={num_layers_to_keep} layers from its gates; ") + "re-training",
+          flush=True)
   else:
     pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
     search = SptSearch(model, optimizer, gate_optimizer, partitioner, lengths["inputs"],
@@ -311,14 +349,20 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
     if jax.process_index() == 0:
       run_dir.write_json(selection_path, {
           "gates": gates, "selected_layers": list(selected), "k": num_layers_to_keep,
-          "search_mode": search_mode, "search_steps": search_steps})
+          **search_settings})
     del result, search
   print("SPT gate values a_l: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in gates.items()),
         flush=True)
   print(f"SPT selected layers (K={num_layers_to_keep}): {list(selected)}", flush=True)
+  if selection is not None and selected != stored:
+    check_retrain_selection(retrain_dir, stored, selection.get("k"), selected,
+                            num_layers_to_keep)
+    if jax.process_index() == 0:
+      run_dir.write_json(selection_path, dict(selection, selected_layers=list(selected),
+                                              k=num_layers_to_keep))
 
   summary = trainer.train(
-      model=retrain_model(model, selected), model_dir=os.path.join(model_dir, "retrain"),
+      model=retrain_model(model, selected), model_dir=retrain_dir,
       train_steps=train_steps, train_dataset_cfg=train_dataset_cfg,
       eval_dataset_cfg=eval_dataset_cfg, initial_checkpoint_path=initial_checkpoint_path,
       optimizer=optimizer, partitioner=partitioner,

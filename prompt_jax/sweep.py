@@ -10,15 +10,29 @@ the grid; each cell is one `prompt-jax train` run with
 
 Modes (`--mode`):
   local     run the cells one after another, each in its own `python -m prompt_jax.cli train`
-            process (no gin or JAX state is shared between cells); a cell whose summary.json
-            exists is finished and skipped, so an interrupted sweep resumes where it stopped (and
-            a half-trained cell resumes from its own checkpoint);
+            process (no gin or JAX state is shared between cells); a finished cell is skipped,
+            so an interrupted sweep resumes where it stopped (and a half-trained cell resumes
+            from its own checkpoint). SIGTERM or SIGINT to the sweep (`kill`, `docker stop`, a
+            scheduler, Ctrl-C) is passed on to the running cell, which saves a checkpoint; the
+            sweep then starts no further cell and exits with code 75 (`preemption.EXIT_CODE`);
+            a second signal stops at once;
   commands  write one job command per cell to <sweep_dir>/commands.sh (e.g. Cloud TPU VMs,
             via `command_template`) and run nothing;
   collect   only gather results.
 Every mode ends by writing <sweep_dir>/results.csv (one row per cell: its configured values,
 parameter count and final metrics from its summary.json and sweep_cell.json, or status
-'pending'/'failed') and the plots of `prompt_jax.sweep_plots`.
+'pending'/'failed'/'changed') and the plots of `prompt_jax.sweep_plots`.
+
+A cell's identity includes its settings: <sweep_dir>/<cell>/sweep_cell.json records its gin
+files and bindings when it starts (`cell_state`). A cell is finished when its summary.json
+exists, its record says it finished and the recorded gin files and bindings are the current
+ones. A cell trained with other bindings is never reused: when only TRAIN_STEPS changed
+(`CONTINUABLE`) it runs again and its training run continues from its checkpoint (or refuses
+fewer steps than it holds, in one line); any other change (a binding, the gin files) is refused
+in one line naming the cell and the differing binding (results.csv status 'changed', exit code
+1): remove the cell's directory, or use another sweep_dir. (Only the gin files' names are
+compared, not their contents: a training run's own record, MODEL_DIR/run.json, refuses a
+resume whose model, prompt, data, optimizer or seed differ, and the cell fails with that line.)
 
 Nothing here parses gin: the command line builds the `SweepConfig` (from the sweep's gin file)
 and hands in `count_parameters`, which counts a size's frozen parameters from its gin config; both
@@ -40,6 +54,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -151,8 +166,13 @@ class Cell:
   def summary_path(self) -> str:
     return os.path.join(self.model_dir, "summary.json")
 
+  @property
+  def record_path(self) -> str:
+    return os.path.join(self.model_dir, CELL_FILE)
+
   def finished(self) -> bool:
-    return _gfile().exists(self.summary_path)
+    """Trained to the end with the bindings and gin files it has now (`cell_state`)."""
+    return cell_state(self)[0] == "finished"
 
   def train_argv(self) -> list[str]:
     return ([f"--gin_file={f}" for f in self.gin_files]
@@ -162,6 +182,83 @@ class Cell:
     """The cell's `prompt-jax train` as this Python's `python -m prompt_jax.cli train ...`."""
     flags = [f"--gin_search_paths={','.join(search_paths)}"] if search_paths else []
     return [sys.executable, "-m", "prompt_jax.cli", "train", *self.train_argv(), *flags]
+
+
+# ------------------------------------------------------------------- a cell's identity
+
+CELL_FILE = "sweep_cell.json"  # the cell's record: values, gin files, bindings, status
+# Bindings whose change does not make a cell another run: a cell trained with another value is
+# re-run, and its training run continues from its checkpoint (more steps) or refuses in one line
+# (fewer steps than its checkpoint holds). Any other change is refused (`cell_state`).
+CONTINUABLE = ("TRAIN_STEPS",)
+# Bindings that name where a cell lives, not what it trains (a moved sweep_dir changes them).
+_LOCATION = ("MODEL_DIR",)
+
+
+def _binding_values(bindings: Sequence[str]) -> dict[str, str]:
+  """{name: value} of gin bindings 'name = value' (the last binding of a name wins, as in gin);
+  whitespace-insensitive."""
+  values = {}
+  for binding in bindings:
+    name, equals, value = binding.partition("=")
+    values[name.strip()] = " ".join(value.split()) if equals else ""
+  return {k: v for k, v in values.items() if k not in _LOCATION}
+
+
+def binding_changes(recorded: Mapping[str, Any], cell: Cell) -> list[tuple[str, Any, Any]]:
+  """(name, recorded, current) for each gin binding and for the gin files where the cell's record
+  (sweep_cell.json) and the cell's current configuration differ."""
+  changes = []
+  if list(recorded.get("gin_files", [])) != list(cell.gin_files):
+    changes.append(("gin files", list(recorded.get("gin_files", [])), list(cell.gin_files)))
+  old, new = _binding_values(recorded.get("bindings", [])), _binding_values(cell.bindings)
+  for name in sorted(set(old) | set(new)):
+    if old.get(name) != new.get(name):
+      changes.append((name, old.get(name), new.get(name)))
+  return changes
+
+
+def _has_training_state(cell: Cell) -> bool:
+  """Whether the cell's MODEL_DIR holds a run: summary, run record or checkpoints."""
+  return any(_gfile().exists(os.path.join(cell.model_dir, name))
+             for name in ("summary.json", "run.json", "checkpoints"))
+
+
+def cell_state(cell: Cell) -> tuple[str, list[tuple[str, Any, Any]]]:
+  """('finished' | 'continue' | 'changed' | 'pending', changes) of `cell` from its directory.
+
+  finished: summary.json exists, its record says it finished (a record from before records had
+    a status counts) and it was trained with the cell's current bindings and gin files;
+  continue: its directory holds a run trained with other values of `CONTINUABLE` bindings only
+    (e.g. TRAIN_STEPS): run it again, its training run resumes from its checkpoint;
+  changed: its directory holds a run trained with other bindings or gin files: never reused nor
+    resumed (`changed_message`);
+  pending: anything else (not started, stopped, failed): run it.
+  """
+  record = _read_json(cell.record_path)
+  changes = binding_changes(record, cell) if record is not None else []
+  if changes and _has_training_state(cell):
+    if all(name in CONTINUABLE for name, _, _ in changes):
+      return "continue", changes
+    return "changed", changes
+  if (not changes and _gfile().exists(cell.summary_path)
+      and (record or {}).get("status", "finished") == "finished"):
+    return "finished", []
+  return "pending", changes
+
+
+def describe_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
+  return ", ".join(f"{name}: {old!r} -> {new!r}" if name == "gin files"
+                   else f"'{name} = {old}' -> '{name} = {new}'"
+                   for name, old, new in changes)
+
+
+def changed_message(cell: Cell, changes: Sequence[tuple[str, Any, Any]]) -> str:
+  """The one line refusing a cell trained with other settings."""
+  shown = [c for c in changes if c[0] not in CONTINUABLE] or list(changes)
+  return (f"cell {cell.name} was trained with other settings ({describe_changes(shown)}); it "
+          f"is neither reused nor resumed: remove {cell.model_dir} to train it with the new ones, "
+          "or use another --sweep_dir")
 
 
 def _substitute(texts: Sequence[str], cfg: SweepConfig) -> tuple[str, ...]:
@@ -265,34 +362,111 @@ def _tee_stderr(proc: subprocess.Popen) -> str:
   return last_line(tail + decoder.decode(b"", final=True))
 
 
-def run_cell(cell: Cell, search_paths: Sequence[str] = ()) -> float:
+class _ForwardSignals:
+  """While a local sweep runs: SIGTERM / SIGINT to the sweep are passed on to its running cell.
+
+  Each cell runs in its own process group, so a signal reaches it only through here (Ctrl-C at
+  a terminal reaches the sweep's group; `kill <sweep pid>`, `docker stop` or a scheduler signal
+  the sweep alone). The first signal is forwarded to the running cell, which saves a checkpoint
+  and exits with `preemption.EXIT_CODE`; the sweep launches no further cell. A second signal
+  kills the running cell and stops the sweep at once (KeyboardInterrupt).
+
+  Outside the main thread no handler can be installed: then cells share the sweep's process
+  group and a Ctrl-C reaches them directly."""
+
+  def __init__(self):
+    self.signal_name: Optional[str] = None
+    self.proc: Optional[subprocess.Popen] = None
+    self._forwarded = False
+    self._previous: dict = {}
+
+  @property
+  def active(self) -> bool:
+    return bool(self._previous)
+
+  def __enter__(self) -> _ForwardSignals:
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
+    if self.signal_name is not None:
+      if self.proc is not None and self.proc.poll() is None:
+        self.proc.kill()
+      raise KeyboardInterrupt(f"second {name}")
+    self.signal_name = name
+    print(f"sweep: {name} received: the running cell saves a checkpoint and stops, no further "
+          "cell starts (send it again to stop at once)", file=sys.stderr, flush=True)
+    self.forward()
+
+  def started(self, proc: subprocess.Popen) -> None:
+    self.proc, self._forwarded = proc, False
+    if self.signal_name is not None:
+      self.forward()
+
+  def forward(self) -> None:
+    proc = self.proc
+    if proc is None or self._forwarded or proc.poll() is not None:
+      return
+    self._forwarded = True
+    proc.send_signal(signal.Signals[self.signal_name])
+
+
+# A cell's exit codes when it stopped because the sweep passed a signal on: saved after a step
+# (75), or stopped before its training loop (by the signal, or KeyboardInterrupt: 130).
+_STOPPED_CODES = (preemption.EXIT_CODE, 130, -signal.SIGTERM, -signal.SIGINT)
+
+
+def run_cell(cell: Cell, search_paths: Sequence[str] = (),
+             signals: Optional[_ForwardSignals] = None) -> float:
   """Train `cell` in its own `python -m prompt_jax.cli train` process (stdout and stderr pass
   through); returns its wall seconds. Raises CellFailed when the process fails and
-  `preemption.Preempted` when it stopped on a signal after saving (exit code 75)."""
+  `preemption.Preempted` when it stopped on a signal (after saving a checkpoint if it was
+  training); `signals` (active) passes the sweep's SIGTERM / SIGINT on to it."""
   command = cell.train_command(search_paths) + _verbosity_flags()
   sys.stdout.flush()
   start = time.perf_counter()
-  proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=child_env())
+  own_group = signals is not None and signals.active
+  proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=child_env(), **({"process_group": 0} if own_group else {}))
+  if signals is not None:
+    signals.started(proc)
   try:
     last_line = _tee_stderr(proc)
     exit_code = proc.wait()
   except KeyboardInterrupt:
-    # Ctrl-C reached the cell's process too: it saves a checkpoint and stops (pass on what it
-    # says meanwhile); a second Ctrl-C stops it at once.
+    # A second signal (or, without forwarding, Ctrl-C reaching the cell too: it saves a
+    # checkpoint and stops; pass on what it says meanwhile; a second Ctrl-C stops it at once).
     try:
-      _tee_stderr(proc)
-      proc.wait()
+      if not own_group:
+        _tee_stderr(proc)
+        proc.wait()
     except KeyboardInterrupt:
+      pass
+    if proc.poll() is None:
       proc.kill()
-      proc.wait()
+    proc.wait()
     raise
+  finally:
+    if signals is not None:
+      signals.proc = None
   seconds = time.perf_counter() - start
-  if exit_code == preemption.EXIT_CODE:
-    raise preemption.Preempted(f"cell {cell.name} stopped on a signal after saving a checkpoint; "
-                               "rerun the same sweep command to continue")
+  stopped_by = signals.signal_name if signals is not None else None
+  if exit_code == preemption.EXIT_CODE or (stopped_by and exit_code in _STOPPED_CODES):
+    raise preemption.Preempted(
+        f"sweep stopped by {stopped_by or 'a signal'}: cell {cell.name} "
+        + ("saved a checkpoint" if exit_code == preemption.EXIT_CODE else "stopped")
+        + "; rerun the same sweep command to continue")
   if exit_code:
     raise CellFailed(cell, exit_code, last_line)
-  if not cell.finished():
+  if not _gfile().exists(cell.summary_path):
     raise CellFailed(cell, exit_code, f"it wrote no {cell.summary_path}")
   return seconds
 
@@ -326,7 +500,7 @@ def _recorded_parameters(cfg: SweepConfig, cells: Sequence[Cell], size: str) -> 
     return int(cfg.sizes[size]["parameters"])
   for cell in cells:
     if cell.values["size"] == size:
-      info = _read_json(os.path.join(cell.model_dir, "sweep_cell.json")) or {}
+      info = _read_json(cell.record_path) or {}
       if info.get("parameters") is not None:
         return int(info["parameters"])
   return None
@@ -336,12 +510,16 @@ def collect(cfg: SweepConfig, cells: Sequence[Cell]) -> list[dict]:
   """One row per cell: configured values, parameters, status, metrics; writes results.csv."""
   rows = []
   for cell in cells:
-    summary = _read_json(cell.summary_path)
-    info = _read_json(os.path.join(cell.model_dir, "sweep_cell.json")) or {}
+    state, _ = cell_state(cell)
+    summary = _read_json(cell.summary_path) if state == "finished" else None
+    info = _read_json(cell.record_path) or {}
     error = _read_json(os.path.join(cell.model_dir, "sweep_error.json"))
     parameters = cfg.sizes[cell.values["size"]].get("parameters", info.get("parameters"))
     row = {"cell": cell.name, **cell.values, "parameters": parameters}
-    if summary is not None:
+    if state == "changed":  # trained with other settings: its results are not this cell's
+      row.update(status="changed", score=None, score_untrained=None, final_loss=None,
+                 steps=None, seconds=None)
+    elif summary is not None:
       trained = summary.get("eval_trained") or {}
       untrained = summary.get("eval_untrained") or {}
       row.update(status="finished", score=trained.get(cfg.metric),
@@ -367,7 +545,11 @@ def write_commands(cfg: SweepConfig, cells: Sequence[Cell]) -> str:
   """<sweep_dir>/commands.sh: one job line per unfinished cell."""
   lines = ["#!/bin/sh", f"# {cfg.name}: {len(cells)} cells; finished cells are omitted."]
   for cell in cells:
-    if cell.finished():
+    state, changes = cell_state(cell)
+    if state == "finished":
+      continue
+    if state == "changed":
+      lines.append(f"# refused: {changed_message(cell, changes)}")
       continue
     command = shlex.join(["prompt-jax", "train", *cell.train_argv()])
     lines.append(cfg.command_template.replace("{command}", shlex.quote(command))
@@ -416,39 +598,63 @@ def _count_parameters(count_parameters: Optional[CountParameters], cell: Cell) -
 def run_local(cfg: SweepConfig, cells: Sequence[Cell], search_paths: Sequence[str] = (),
               stop_on_error: bool = False, max_cells: Optional[int] = None,
               count_parameters: Optional[CountParameters] = None) -> None:
-  """Train the unfinished `cells` (at most `max_cells`) one process after another; each
-  finished one gets <model_dir>/sweep_cell.json (with its size's parameter count: given in the
-  SweepConfig, recorded by an earlier cell, or `count_parameters(cell)`), each failed one
-  sweep_error.json."""
+  """Train the unfinished `cells` (at most `max_cells`) one process after another.
+
+  A cell's record <model_dir>/sweep_cell.json (values, gin files, bindings, status 'running')
+  is written when it starts; a finished one adds its seconds and its size's parameter count
+  (given in the SweepConfig, recorded by an earlier cell, or `count_parameters(cell)`), a failed
+  one gets sweep_error.json. A cell trained with other settings is refused (`cell_state`).
+  SIGTERM / SIGINT stop the running cell after it saved a checkpoint, and the sweep
+  (`preemption.Preempted`; `_ForwardSignals`)."""
   parameters: dict[str, Optional[int]] = {}
   ran = 0
-  for i, cell in enumerate(cells, 1):
-    if cell.finished():
-      continue
-    if max_cells is not None and ran >= max_cells:
-      break
-    print(f"\n=== cell {i}/{len(cells)}: {cell.name}", flush=True)
-    error_path = os.path.join(cell.model_dir, "sweep_error.json")
-    try:
-      seconds = run_cell(cell, search_paths)
-    except CellFailed as e:
-      if stop_on_error:
-        raise
-      _write_json(error_path, {"exit_code": e.exit_code, "error": e.last_line,
-                               "command": cell.train_command(search_paths)})
-      print(f"{e}\n(recorded in {error_path}; the sweep goes on)", file=sys.stderr, flush=True)
-    else:
-      if _gfile().exists(error_path):
-        _gfile().remove(error_path)
-      size = cell.values["size"]
-      if parameters.get(size) is None:
-        parameters[size] = (_recorded_parameters(cfg, cells, size)
-                            or _count_parameters(count_parameters, cell))
-      _write_json(os.path.join(cell.model_dir, "sweep_cell.json"), {
-          "values": dict(cell.values), "seconds": seconds, "parameters": parameters[size],
-          "gin_files": list(cell.gin_files), "bindings": list(cell.bindings)})
-    ran += 1
-    collect(cfg, cells)  # keep results.csv current while the sweep runs
+  with _ForwardSignals() as signals:
+    for i, cell in enumerate(cells, 1):
+      state, changes = cell_state(cell)
+      if state == "finished":
+        continue
+      if state == "changed":
+        message = changed_message(cell, changes)
+        if stop_on_error:
+          raise ValueError(message)
+        print(f"{message} (the sweep goes on)", file=sys.stderr, flush=True)
+        continue
+      if max_cells is not None and ran >= max_cells:
+        break
+      if signals.signal_name is not None:
+        raise preemption.Preempted(
+            f"sweep stopped by {signals.signal_name} before cell {cell.name}; rerun the same "
+            "sweep command to continue")
+      print(f"\n=== cell {i}/{len(cells)}: {cell.name}", flush=True)
+      if state == "continue":
+        print(f"cell {cell.name} was trained with {describe_changes(changes)}: its training run "
+              "continues from its checkpoint", flush=True)
+      error_path = os.path.join(cell.model_dir, "sweep_error.json")
+      record = {"values": dict(cell.values), "gin_files": list(cell.gin_files),
+                "bindings": list(cell.bindings), "status": "running",
+                "parameters": (_read_json(cell.record_path) or {}).get("parameters")}
+      _write_json(cell.record_path, record)
+      try:
+        seconds = run_cell(cell, search_paths, signals)
+      except CellFailed as e:
+        _write_json(cell.record_path, dict(record, status="failed"))
+        if stop_on_error:
+          raise
+        _write_json(error_path, {"exit_code": e.exit_code, "error": e.last_line,
+                                 "command": cell.train_command(search_paths)})
+        print(f"{e}\n(recorded in {error_path}; the sweep goes on)", file=sys.stderr,
+              flush=True)
+      else:
+        if _gfile().exists(error_path):
+          _gfile().remove(error_path)
+        size = cell.values["size"]
+        if parameters.get(size) is None:
+          parameters[size] = (_recorded_parameters(cfg, cells, size)
+                              or _count_parameters(count_parameters, cell))
+        _write_json(cell.record_path, dict(record, status="finished", seconds=seconds,
+                                           parameters=parameters[size]))
+      ran += 1
+      collect(cfg, cells)  # keep results.csv current while the sweep runs
 
 
 def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
@@ -460,7 +666,7 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   if mode not in ("local", "commands", "collect"):
     raise ValueError(f"sweep mode must be local, commands or collect, got {mode!r}")
   cells = select(expand(cfg), selections)
-  done = sum(c.finished() for c in cells)
+  done = sum(cell_state(c)[0] == "finished" for c in cells)
   print(f"sweep {cfg.name}: {len(cells)} cells, {done} finished, in {cfg.sweep_dir}", flush=True)
   if mode == "commands":
     print(f"wrote {write_commands(cfg, cells)}", flush=True)
@@ -481,8 +687,8 @@ def main(cfg: SweepConfig, *, search_paths: Sequence[str] = (), mode: str = "loc
          select: Sequence[str] = (), cell_bindings: Sequence[str] = (),
          count_parameters: Optional[CountParameters] = None) -> int:
   """`prompt-jax sweep`: `run` the sweep `cfg` with `cell_bindings` added to every cell's
-  bindings; 1 if a cell failed."""
+  bindings; 1 if a cell failed or was refused (trained with other settings)."""
   if cell_bindings:
     cfg = dataclasses.replace(cfg, bindings=tuple(cfg.bindings) + tuple(cell_bindings))
   rows = run(cfg, mode, search_paths, stop_on_error, max_cells, select, count_parameters)
-  return 0 if all(r["status"] != "failed" for r in rows) else 1
+  return 0 if all(r["status"] not in ("failed", "changed") for r in rows) else 1

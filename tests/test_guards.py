@@ -134,3 +134,28 @@ def test_a_training_mixture_with_an_untrainable_task_is_refused_before_any_work(
                     f"--gin.MODEL_DIR={str(run)!r}"], capsys)
   assert_one_line_error(result, ["demo_topic", "rate 0.0"])
   assert snapshot(run) == {}
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_newest(tmp_path, capsys,
+                                                                       monkeypatch):
+  """The file system refuses the save of step 4 (ENOSPC, injected at Orbax's save)."""
+  import errno  # pylint: disable=g-import-not-at-top
+
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  flags = ["train", "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={str(run)!r}",
+           "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=0"]
+  assert run_cli([*flags, "--gin.TRAIN_STEPS=2"], capsys).code == 0
+  original = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints"))
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  result = run_cli([*flags, "--gin.TRAIN_STEPS=4"], capsys)
+  assert_one_line_error(result, ["No space left on device", str(run / "checkpoints")])
+  manager = checkpoints.PromptCheckpointManager(str(run), 1)
+  assert manager.all_steps() == [2]  # nothing half-written became the newest checkpoint
+  manager.close()

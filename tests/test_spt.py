@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -205,7 +206,7 @@ def test_spt_search_rejects_a_non_spt_prompt():
                            Partitioner(), 9, 4, 4)
 
 
-@pytest.mark.slow  # ~40 s of CPU: seqio input pipeline plus four compilations
+@pytest.mark.slow  # ~60 s of CPU: seqio input pipeline plus six compilations
 def test_two_phase_cli_run_prints_the_selected_layers(tmp_path, capsys):
   model_dir = tmp_path / "spt"
   argv = ["spt", f"--gin_file={GIN_CONFIGS / 'runs' / 'spt_demo.gin'}",
@@ -224,3 +225,61 @@ def test_two_phase_cli_run_prints_the_selected_layers(tmp_path, capsys):
   assert (model_dir / "retrain" / "checkpoints" / "2").is_dir()
   summary = json.loads((model_dir / "summary.json").read_text())
   assert summary["selected_layers"] == selection["selected_layers"]
+
+  # K=2 on the finished search: selected again from its gates, never the old re-training.
+  k2 = [a.replace("SPT_NUM_LAYERS=1", "SPT_NUM_LAYERS=2") for a in argv]
+  assert cli.main(k2) == 1
+  out, err = capsys.readouterr()
+  assert f"SPT selected layers (K=2): {list(spt.select_layers(gates, 2))}" in out
+  assert "re-trains layers" in err and "remove" in err and "Traceback" not in err
+  shutil.rmtree(model_dir / "retrain")
+  assert cli.main(k2) == 0
+  out = capsys.readouterr().out
+  assert "SPT search already finished" in out
+  selection2 = json.loads((model_dir / "search" / "selection.json").read_text())
+  assert selection2["gates"] == selection["gates"] and selection2["k"] == 2
+  assert tuple(selection2["selected_layers"]) == spt.select_layers(gates, 2) == (1, 2)
+  assert json.loads((model_dir / "summary.json").read_text())["selected_layers"] == [1, 2]
+  record = json.loads((model_dir / "retrain" / "run.json").read_text())
+  assert record["prompt"]["layers"] == [1, 2]
+
+
+def _spt_argv(model_dir, *extra):
+  return ["spt", f"--gin_file={GIN_CONFIGS / 'runs' / 'spt_demo.gin'}",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.SPT_SEARCH_STEPS=3", "--gin.TRAIN_STEPS=2",
+          "--gin.BATCH_SIZE=4", "--gin.INITIAL_CHECKPOINT_PATH=None",
+          "--gin.t5.T5Config.num_encoder_layers=3",
+          "--gin.spt_training.train_spt.eval_dataset_cfg=None", "--gin.CHECKPOINT_PERIOD=2",
+          *extra]
+
+
+def test_another_k_selects_again_from_the_stored_gates_and_never_resumes_the_old_retrain(
+    tmp_path, capsys):
+  """A finished search (its selection.json) and a re-training started for K=1: K=2 selects
+  again from the stored gates and refuses the re-training of the other selection; other search
+  settings are refused. Nothing trains."""
+  model_dir = tmp_path / "spt"
+  gates = {1: 0.2, 2: 0.9}
+  (model_dir / "search").mkdir(parents=True)
+  stored = {"gates": {str(k): v for k, v in gates.items()}, "selected_layers": [2], "k": 1,
+            "search_mode": "darts", "search_steps": 3, "held_out_fraction": 0.2}
+  (model_dir / "search" / "selection.json").write_text(json.dumps(stored))
+  (model_dir / "retrain" / "checkpoints").mkdir(parents=True)
+
+  assert cli.main(_spt_argv(model_dir, "--gin.SPT_NUM_LAYERS=2")) == 1
+  out, err = capsys.readouterr()
+  assert f"SPT selected layers (K=2): {list(spt.select_layers(gates, 2))}" in out
+  assert list(spt.select_layers(gates, 2)) == [1, 2]
+  assert err.strip().splitlines()[-1] == (
+      f"error: {model_dir / 'retrain'} re-trains layers [2] (K=1); this command selects [1, 2] "
+      f"(K=2) from the same search: remove {model_dir / 'retrain'} to re-train for K=2 (the "
+      "search is kept), or use another MODEL_DIR")
+  assert json.loads((model_dir / "search" / "selection.json").read_text()) == stored
+  assert not (model_dir / "retrain" / "run.json").exists()
+
+  assert cli.main(_spt_argv(model_dir, "--gin.SPT_NUM_LAYERS=1",
+                            "--gin.SPT_SEARCH_STEPS=5", "--gin.SPT_SEARCH_MODE='joint'")) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith(f"error: {model_dir / 'search'} holds a finished SPT search with "
+                        "search_mode='darts', search_steps=3; this command configures "
+                        "search_mode='joint', search_steps=5: use the search's settings")

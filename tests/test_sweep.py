@@ -6,6 +6,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -168,3 +172,116 @@ def test_failed_cells_report_exit_code_and_last_stderr_line(tmp_path, capsys):
                                           (247_424, "247k"), (11_135_332_352, "11B"), (12, "12")])
 def test_parameter_tick_labels(count, label):
   assert sweep_plots.parameter_label(count) == label
+
+
+# One cell of sweeps/tiny_demo.gin, no eval: the signal and binding tests below.
+ONE_CELL = ["--gin_file=sweeps/tiny_demo.gin", "--select=initializer=random",
+            "--select=prompt_length=2", "--cell_binding=trainer.train.log_every_steps = 1",
+            "--cell_binding=trainer.train.eval_at_start = False",
+            "--cell_binding=trainer.train.eval_dataset_cfg = None"]
+
+
+def _train_steps(cell_dir):
+  """{step: time} of the cell's logged training steps (MODEL_DIR/metrics.jsonl)."""
+  lines = (cell_dir / "metrics.jsonl").read_text().splitlines() if (
+      cell_dir / "metrics.jsonl").exists() else []
+  records = [json.loads(line) for line in lines if line.strip()]
+  return {r["step"]: r["time"] for r in records if r["split"] == "train" and r["name"] == "loss"}
+
+
+@pytest.mark.slow  # three training processes: ~60 s idle
+def test_sigterm_to_the_sweep_saves_the_running_cell_and_the_rerun_resumes_it(
+    tmp_path, compilation_cache, capfd):
+  argv = [*ONE_CELL, f"--sweep_dir={tmp_path}", "--cell_binding=TRAIN_STEPS = 150"]
+  cell_dir = tmp_path / "tiny-prompt_tuning-random-len2-lr0.3-seed0"
+  proc = subprocess.Popen([sys.executable, "-m", "prompt_jax.cli", "sweep", *argv],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=sweep.child_env(), cwd=os.getcwd())
+  try:
+    deadline = time.monotonic() + 240
+    while not _train_steps(cell_dir) and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the sweep's process only, as `kill <pid>` sends it
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  err = err.decode()
+  assert proc.returncode == 75, err[-3000:]
+  last = [line for line in err.splitlines() if line.strip()][-1]
+  assert last.startswith("sweep stopped by SIGTERM: cell tiny-prompt_tuning-random-len2")
+  assert last.endswith("rerun the same sweep command to continue")
+  saved = sorted(int(p.name) for p in (cell_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and 1 <= saved[-1] < 150, saved  # saved where it stopped
+  assert not (cell_dir / "sweep_error.json").exists()  # nothing recorded as failed
+  assert json.loads((cell_dir / "sweep_cell.json").read_text())["status"] == "running"
+  before = _train_steps(cell_dir)
+  stopped = saved[-1]
+
+  # The same command continues the cell from its checkpoint: steps up to the saved one are not
+  # trained again (their log lines are the first run's), the rest are.
+  assert cli.main(["sweep", *argv]) == 0
+  after = _train_steps(cell_dir)
+  assert sorted(after) == list(range(1, 151))
+  assert all(after[s] == before[s] for s in range(1, stopped + 1))
+  assert f"at step {stopped}" in capfd.readouterr().out
+  summary = json.loads((cell_dir / "summary.json").read_text())
+  assert summary["step"] == 150
+  assert json.loads((cell_dir / "sweep_cell.json").read_text())["status"] == "finished"
+
+  # More steps: the finished cell is run again (not reused) and continues its training run.
+  more = [*argv, "--cell_binding=TRAIN_STEPS = 152"]
+  assert cli.main(["sweep", *more]) == 0
+  assert "'TRAIN_STEPS = 150' -> 'TRAIN_STEPS = 152'" in capfd.readouterr().out
+  after_more = _train_steps(cell_dir)
+  assert sorted(after_more) == list(range(1, 153)) and after_more[150] == after[150]
+  assert json.loads((cell_dir / "summary.json").read_text())["step"] == 152
+
+  # A cell directory without a sweep record (made before records existed) whose run record
+  # (run.json) contradicts the cell: the cell fails with the training run's one line.
+  (cell_dir / "sweep_cell.json").unlink()
+  (cell_dir / "summary.json").unlink()
+  assert cli.main(["sweep", *more, "--cell_binding=BATCH_SIZE = 16"]) == 1
+  err = capfd.readouterr().err
+  error = json.loads((cell_dir / "sweep_error.json").read_text())["error"]
+  assert error.startswith("error: MODEL_DIR") and "data.batch_size=32" in error
+  assert "Traceback" not in err and f"exited with code 1: {error[len('error: '):]}" in err
+  assert _read_csv(tmp_path / "results.csv")[0]["status"] == "failed"
+
+
+def test_a_cell_trained_with_other_bindings_is_refused_never_reused(tmp_path, capsys,
+                                                                    monkeypatch):
+  launched = []
+  monkeypatch.setattr(sweep, "run_cell", lambda cell, *a, **k: launched.append(cell.name) or 1.0)
+  argv = [*ONE_CELL, f"--sweep_dir={tmp_path}", "--cell_binding=TRAIN_STEPS = 5"]
+  assert cli.main(["sweep", *argv]) == 0  # "trains" the cell (recorded, nothing run)
+  assert len(launched) == 1
+  cell_dir = tmp_path / launched[0]
+  record = json.loads((cell_dir / "sweep_cell.json").read_text())
+  assert record["status"] == "finished" and "TRAIN_STEPS = 5" in record["bindings"]
+  assert record["gin_files"][-1] == "runs/prompt_finetune.gin"
+  (cell_dir / "summary.json").write_text(json.dumps({"step": 5}))
+  (cell_dir / "checkpoints").mkdir()
+
+  assert cli.main(["sweep", *argv]) == 0  # the same settings: reused
+  assert len(launched) == 1
+  assert _read_csv(tmp_path / "results.csv")[0]["status"] == "finished"
+
+  changed = [*argv, "--cell_binding=DROPOUT_RATE = 0.1", "--cell_binding=TRAIN_STEPS = 8"]
+  capsys.readouterr()
+  assert cli.main(["sweep", *changed]) == 1
+  assert len(launched) == 1  # neither reused nor run
+  err = capsys.readouterr().err
+  assert (f"cell {launched[0]} was trained with other settings ('DROPOUT_RATE = 0.0' -> "
+          "'DROPOUT_RATE = 0.1'); it is neither reused nor resumed: remove") in err
+  row = _read_csv(tmp_path / "results.csv")[0]
+  assert row["status"] == "changed" and row["score"] == ""
+  assert cli.main(["sweep", *changed, "--stop_on_error"]) == 1
+  assert "error: cell " in capsys.readouterr().err
+  assert cli.main(["sweep", *changed, "--mode=commands"]) == 1
+  assert "# refused: cell" in (tmp_path / "commands.sh").read_text()
+
+  # Only TRAIN_STEPS changed: the cell runs again (its training run continues or refuses).
+  assert cli.main(["sweep", *argv, "--cell_binding=TRAIN_STEPS = 8"]) == 0
+  assert len(launched) == 2
+  assert "'TRAIN_STEPS = 5' -> 'TRAIN_STEPS = 8'" in capsys.readouterr().out

@@ -4,12 +4,12 @@
   prompt-jax convert t5x-to-orbax T5X_CHECKPOINT OUT_DIR --config t5_1_1_base [--set emb_dim=4 ...]
   prompt-jax convert prompt SRC DST [--to npy|peft|t5x] [--base_model_name_or_path NAME] [--step N]
 
-Prompt formats: `npy` (a [length, embed] .npy file; as a source also `FILE.npy#ROW`, row ROW
-of a prompt bank's [N, length, embed] export, as `prompt-jax infer-multitask` takes), `peft`
-(a PEFT PROMPT_TUNING adapter directory), `t5x` (a T5X checkpoint whose
-`target/encoder/prompt/prompt/prompt` is the prompt; written in T5X's legacy format as
-DST/checkpoint_<step>). The source format is detected; the destination is `npy` when DST ends
-in `.npy`, otherwise `--to` names it.
+Prompt formats: `npy` (a [length, embed] .npy file), `peft` (a PEFT PROMPT_TUNING adapter
+directory), `t5x` (a T5X checkpoint whose `target/encoder/prompt/prompt/prompt` is the prompt;
+written in T5X's legacy format as DST/checkpoint_<step>). SRC is a T5X checkpoint or any prompt
+source of `prompt_jax.prompt_files` (also `FILE.npy#ROW`, a run directory `MODEL_DIR` or
+`MODEL_DIR@STEP`), its format detected; the destination is `npy` when DST ends in `.npy`,
+otherwise `--to` names it.
 """
 
 from __future__ import annotations
@@ -98,42 +98,36 @@ def t5x_to_orbax(args) -> int:
   return 0
 
 
-def _bank_row_source(path: str) -> bool:
-  """Whether `path` is `FILE.npy#ROW` (a row of a prompt bank) rather than a file of that name
-  (parsed as `prompt-jax infer-multitask` parses its prompt sources)."""
-  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
-  file, row = initializers.split_prompt_source(path)
-  return bool(row) and file.endswith(".npy")
+def _t5x_checkpoint(path: str) -> bool:
+  from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
+  return os.path.isdir(path) and t5x.is_t5x_checkpoint(path)
 
 
 def prompt_format(path: str) -> str:
-  """The format of an existing prompt file or directory (`FILE.npy#ROW`: npy)."""
-  from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
-  if path.endswith(".npy") and os.path.isfile(path) or _bank_row_source(path):
-    return "npy"
-  if peft.is_adapter_dir(path):
-    return "peft"
-  if t5x.is_t5x_checkpoint(path):
+  """The format of a prompt source: 't5x' for a T5X checkpoint, else `prompt_files.source_format`
+  ('npy' for a file or `FILE.npy#ROW`, 'peft', 'run' for `MODEL_DIR[@STEP]`)."""
+  from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+  if _t5x_checkpoint(path):
     return "t5x"
-  raise ValueError(f"cannot tell the prompt format of {path!r}: expected a .npy file, a PEFT "
-                   "adapter directory (adapter_config.json) or a T5X checkpoint")
+  try:
+    return prompt_files.source_format(path)
+  except prompt_files.UnknownSourceError as e:
+    raise ValueError(f"cannot tell the prompt format of {path!r}: expected a .npy file "
+                     "(FILE.npy#ROW for a bank's row), a PEFT adapter directory "
+                     "(adapter_config.json), a run directory (MODEL_DIR or MODEL_DIR@STEP) or a "
+                     "T5X checkpoint") from e
 
 
 def read_prompt(path: str) -> np.ndarray:
-  """A [length, embed] float32 prompt from any supported format (or `FILE.npy#ROW`), checked by
-  `initializers.check_prompt_array` (floating point, finite, two-dimensional)."""
-  from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
-  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
-  if _bank_row_source(path):  # the row parser of multi-task serving's prompt sources
-    return initializers.load_prompt_source(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"prompt source {path!r} does not exist")
-  fmt = prompt_format(path)
-  if fmt == "npy":
-    return initializers.load_prompt_array(path)
-  if fmt == "peft":
-    return peft.load_prompt(path)
-  return initializers.check_prompt_array(t5x.load_prompt(path), path)
+  """A [length, embed] float32 prompt from a T5X checkpoint or any prompt source of
+  `prompt_files` (`FILE.npy`, `FILE.npy#ROW`, PEFT adapter directory, `MODEL_DIR[@STEP]`), checked
+  by `prompt_files.check_prompt_array` (floating point, finite, two-dimensional)."""
+  from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+  if _t5x_checkpoint(path):
+    from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
+    return prompt_files.check_prompt_array(t5x.load_prompt(path), path)
+  prompt_format(path)  # an unknown directory: the message lists every format
+  return prompt_files.read_prompt(path)
 
 
 def output_path(path: str, fmt: str) -> str:
@@ -163,9 +157,8 @@ def write_prompt(prompt: np.ndarray, path: str, fmt: str, *,
     raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {fmt!r}")
   refuse_existing(output_path(path, fmt))
   if fmt == "npy":
-    path = output_path(path, fmt)
-    np.save(path, np.asarray(prompt))
-    return path
+    from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+    return prompt_files.write_npy(prompt, output_path(path, fmt), what="output")
   if fmt == "peft":
     return peft.save_prompt(prompt, path, base_model_name_or_path)
   return t5x.save_prompt(prompt, path, step)

@@ -17,74 +17,22 @@ from typing import Optional
 
 import numpy as np
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-TENSOR_KEY = "prompt_embeddings"
+from prompt_jax import prompt_files
+
+# The format's names and its reader live in `prompt_files` (one home for prompt formats).
+CONFIG_FILE = prompt_files.PEFT_CONFIG_FILE
+WEIGHTS_FILE = prompt_files.PEFT_WEIGHTS_FILE
+TENSOR_KEY = prompt_files.PEFT_TENSOR_KEY
 TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
-
-
-def default_num_transformer_submodules(task_type: str) -> int:
-  """PEFT's default: 2 for encoder-decoder models (`SEQ_2_SEQ_LM`), else 1."""
-  return 2 if task_type == "SEQ_2_SEQ_LM" else 1
-
-
-def read_config(path: str) -> dict:
-  """`adapter_config.json` of an adapter directory; a corrupt file raises naming it."""
-  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {CONFIG_FILE}")
-  return hf.read_json(config_path, "a JSON object of PEFT settings")
-
-
-def _positive_int(config: dict, key: str, source: str):
-  value = config.get(key)
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
-  return value
+default_num_transformer_submodules = prompt_files.peft_num_transformer_submodules
+read_config = prompt_files.read_peft_config
 
 
 def load_prompt(path: str) -> np.ndarray:
-  """A PEFT PROMPT_TUNING adapter directory -> float32 prompt [num_virtual_tokens, token_dim],
-  checked by `initializers.check_prompt_array` (floating point, finite)."""
-  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
-  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
-  config = read_config(path)
-  config_path = os.path.join(path, CONFIG_FILE)
-  if config.get("peft_type") != "PROMPT_TUNING":
-    raise ValueError(f"{path}/{CONFIG_FILE}: peft_type must be 'PROMPT_TUNING', got "
-                     f"{config.get('peft_type')!r}")
-  weights_path = os.path.join(path, WEIGHTS_FILE)
-  if not os.path.exists(weights_path):
-    hint = " (adapter_model.bin needs torch)" if os.path.exists(
-        os.path.join(path, "adapter_model.bin")) else ""
-    raise FileNotFoundError(f"{path!r} has no {WEIGHTS_FILE}{hint}")
-  tensors = hf.load_safetensors(weights_path)
-  if TENSOR_KEY not in tensors:
-    raise ValueError(f"{weights_path}: expected the tensor {TENSOR_KEY!r}, found "
-                     f"{sorted(tensors)}")
-  table = tensors[TENSOR_KEY]
-  if not np.issubdtype(table.dtype, np.floating):
-    raise ValueError(f"{weights_path}: {TENSOR_KEY} has dtype {table.dtype}; a prompt must be "
-                     "floating point")
-  table = np.asarray(table, dtype=np.float32)
-  length = _positive_int(config, "num_virtual_tokens", config_path)
-  if length is None:
-    raise ValueError(f"{config_path}: lacks num_virtual_tokens (the prompt length)")
-  submodules = _positive_int(config, "num_transformer_submodules", config_path) or (
-      default_num_transformer_submodules(config.get("task_type", "")))
-  if table.ndim != 2 or table.shape[0] != length * submodules:
-    raise ValueError(f"{weights_path}: {TENSOR_KEY} has shape {table.shape}; with "
-                     f"num_virtual_tokens={length} and num_transformer_submodules={submodules} "
-                     f"expected {length * submodules} rows")
-  token_dim = config.get("token_dim")
-  if token_dim is not None and table.shape[1] != token_dim:
-    raise ValueError(f"{weights_path}: {TENSOR_KEY} has {table.shape[1]} columns, "
-                     f"{CONFIG_FILE} says token_dim={token_dim}")
-  return np.ascontiguousarray(initializers.check_prompt_array(table[:length], weights_path))
+  """A PEFT PROMPT_TUNING adapter directory -> float32 prompt [num_virtual_tokens, token_dim]
+  (`prompt_files.read_peft_adapter`: format and values checked, errors naming the file)."""
+  return prompt_files.read_peft_adapter(path)
 
 
 def save_prompt(prompt: np.ndarray, path: str, base_model_name_or_path: Optional[str] = None, *,

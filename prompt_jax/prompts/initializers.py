@@ -6,12 +6,13 @@ Each returns `init(rng, shape, embedding_table) -> [length, embed] float32`, whe
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from prompt_jax import prompt_files
 
 Array = jax.Array
 PromptInit = Callable[[Array, tuple, Optional[Array]], Array]
@@ -130,118 +131,26 @@ def from_string(text: str, vocabulary, population_size: int = 5000,
   return init
 
 
-def _shape_label(ndim: int) -> str:
-  return {2: "prompt length, model emb_dim",
-          3: "number of prompts, prompt length, model emb_dim"}.get(ndim, "")
+# Prompt files are read by `prompt_jax.prompt_files`; these names stay for existing callers.
+check_prompt_array = prompt_files.check_prompt_array
 
 
-def check_prompt_array(array, source: str, expected_shape: Optional[Sequence[int]] = None, *,
-                       allow_bank: bool = False) -> np.ndarray:
-  """A prompt array read from `source` (a file name, for messages), checked -> float32.
-
-  Raises ValueError naming `source` for: anything but a NumPy array, a non-floating dtype
-  (integers, bool, complex, objects), a rank other than 2 ([length, embed]; 3 for a bank's
-  [num_prompts, length, embed] when `allow_bank`), an empty dimension, a shape other than
-  `expected_shape`, and NaN or infinite values (how many, and where the first is)."""
-  if not isinstance(array, np.ndarray):
-    raise ValueError(f"prompt file {source!r} holds a {type(array).__name__}, not a .npy array")
-  if array.dtype.fields is not None or not jnp.issubdtype(array.dtype, jnp.floating):
-    raise ValueError(f"prompt file {source!r} has dtype {array.dtype}; a prompt must be floating "
-                     "point (e.g. float32)")
-  shape = tuple(int(n) for n in array.shape)
-  if expected_shape is not None:
-    expected = tuple(int(n) for n in expected_shape)
-    if shape != expected:
-      label = _shape_label(len(expected))
-      raise ValueError(f"prompt file {source!r} has shape {shape}, expected {expected}"
-                       + (f" ({label})" if label else ""))
-  else:
-    ranks = (2, 3) if allow_bank else (2,)
-    if array.ndim not in ranks:
-      what = "[length, embed] or a bank's [num_prompts, length, embed]" if allow_bank else (
-          "[length, embed]")
-      raise ValueError(f"prompt file {source!r} must hold {what}, got shape {shape}")
-  if 0 in shape:
-    raise ValueError(f"prompt file {source!r} has shape {shape}: a prompt needs at least one "
-                     "token and one embedding column")
-  finite = np.isfinite(array)
-  if not finite.all():
-    bad = int(array.size - np.count_nonzero(finite))
-    first = tuple(int(i) for i in np.argwhere(~finite)[0])
-    raise ValueError(f"prompt file {source!r} has {bad} non-finite value"
-                     f"{'s' if bad != 1 else ''} (NaN or inf); the first is "
-                     f"{array[first]} at index {list(first)}")
-  return array.astype(np.float32)
-
-
-def read_npy(path: str) -> np.ndarray:
-  """`np.load(path)` of a `.npy` file (no pickles, no `.npz`) with one-line errors naming `path`;
-  the array itself is not checked (see `check_prompt_array`)."""
-  try:
-    with open(path, "rb") as f:
-      magic = f.read(6)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"prompt file {path!r} does not exist") from e
-  except IsADirectoryError as e:
-    raise ValueError(f"prompt file {path!r} is a directory, not a .npy file") from e
-  if magic.startswith(b"PK\x03\x04"):
-    raise ValueError(f"prompt file {path!r} is a .npz archive, not a .npy array")
-  if magic != b"\x93NUMPY":
-    raise ValueError(f"prompt file {path!r} is not a .npy file (it lacks the .npy header; "
-                     f"first bytes {magic!r})")
-  try:
-    return np.load(path, allow_pickle=False)
-  except (ValueError, EOFError, OSError) as e:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f"prompt file {path!r} is not a readable .npy array ({reason})") from e
-
-
-def load_prompt_array(path: str, expected_shape: Optional[Sequence[int]] = None, *,
+def load_prompt_array(source: str, expected_shape: Optional[Sequence[int]] = None, *,
                       allow_bank: bool = False) -> np.ndarray:
-  """A `[length, embed]` prompt from a `.npy` file, checked by `check_prompt_array`, as
-  float32."""
-  return check_prompt_array(read_npy(path), path, expected_shape, allow_bank=allow_bank)
-
-
-def split_prompt_source(source: str) -> tuple[str, str]:
-  """`FILE.npy#ROW` -> (`FILE.npy`, `ROW`); a source without '#', or naming an existing file
-  (whose name has a '#'), -> (source, '')."""
-  if "#" not in source or os.path.lexists(source):
-    return source, ""
-  path, _, row = source.partition("#")
-  return path, row
-
-
-def load_prompt_source(source: str, path: Optional[str] = None) -> np.ndarray:
-  """A `[length, embed]` float32 prompt from `FILE.npy` or `FILE.npy#ROW` (row ROW of a prompt
-  bank's `[N, length, embed]` export, 0 <= ROW < N; see `split_prompt_source`), checked by
-  `check_prompt_array`; one-line errors name `source`. `path`: the .npy to read when `source`
-  names it otherwise (e.g. a run directory's latest export)."""
-  path, row = split_prompt_source(source) if path is None else (path, "")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"prompt source {source!r} does not exist")
-  array = read_npy(path)
-  if row:
-    valid = row.isascii() and row.isdigit() and len(row) <= 18
-    if array.ndim != 3 or not valid or int(row) >= array.shape[0]:
-      shown = row if len(row) <= 30 else f"{row[:20]}... ({len(row)} characters)"
-      raise ValueError(f"prompt source {f'{path}#{shown}'!r}: '#<row>' needs a "
-                       f"[N, length, embed] bank export and 0 <= row < N; got shape "
-                       f"{array.shape} and row {shown!r}")
-    array = array[int(row)]
-  if array.ndim != 2:
-    raise ValueError(f"prompt source {source!r} must hold [length, embed], got shape "
-                     f"{array.shape} (a bank export needs '#<row>')")
-  return check_prompt_array(array, source)
+  """`prompt_files.read_prompt(source, allow_bank=...)`, of `expected_shape` when given."""
+  array = prompt_files.read_prompt(source, allow_bank=allow_bank)
+  return array if expected_shape is None else check_prompt_array(array, source, expected_shape)
 
 
 def from_array(path: str, bank_mean: bool = False) -> PromptInit:
-  """The prompt saved at `path` (.npy), e.g. a released prompt; its shape must match exactly.
+  """The prompt saved at `path`, e.g. a released prompt: any prompt source of
+  `prompt_jax.prompt_files` (`FILE.npy`, `FILE.npy#ROW`, a PEFT adapter directory, a run
+  directory `MODEL_DIR[@STEP]`); its shape must match exactly.
 
   `bank_mean=True` reads a bank `[num_prompts, length, embed]` (e.g. a multi-task run's
   prompts/prompt_<step>.npy) and starts from the mean of its prompts (SPoT's transfer from
   several source tasks)."""
-  array = load_prompt_array(path, allow_bank=bank_mean)
+  array = prompt_files.read_prompt(path, allow_bank=bank_mean)
   if bank_mean:
     if array.ndim != 3:
       raise ValueError(f"{path}: bank_mean needs a bank [num_prompts, length, embed], got shape "
