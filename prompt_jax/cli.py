@@ -745,6 +745,29 @@ def run_evaluator(config_text: str) -> Optional[str]:
   return None
 
 
+def spt_retrain_bindings(model_dir: str) -> list[str]:
+  """For an SPT run's re-training phase (MODEL_DIR/retrain, whose config.gin is the `spt`
+  command's and so builds the search model): the bindings that build the re-trained model,
+  hard gates at the layers MODEL_DIR/search/selection.json selected. [] for other runs."""
+  from prompt_jax import run_dir  # pylint: disable=g-import-not-at-top
+  if os.path.basename(os.path.normpath(model_dir)) != "retrain":
+    return []
+  selection = run_dir.read_json(os.path.join(os.path.dirname(os.path.normpath(model_dir)),
+                                             "search", "selection.json"))
+  if selection is None:
+    return []
+  layers = tuple(int(layer) for layer in selection["selected_layers"])
+  return [f"spt.SelectivePrompt.layers = {layers!r}", "spt.SelectivePrompt.hard = True"]
+
+
+def _set_model_dir(args: argparse.Namespace, model_dir: str) -> None:
+  if getattr(args, "model_dir", None):
+    args.model_dir = model_dir
+  args.gin_bindings[:] = [b for b in args.gin_bindings
+                          if b.partition("=")[0].strip() != "MODEL_DIR"]
+  args.gin_bindings.append(f"MODEL_DIR = {model_dir!r}")
+
+
 def from_run_directory(command: str, args: argparse.Namespace) -> None:
   """`eval`, `infer` and `export-prompt` given a run directory (--model_dir or a MODEL_DIR
   binding) and no --gin_file: configured from MODEL_DIR/config.gin, the training run's own gin
@@ -764,12 +787,18 @@ def from_run_directory(command: str, args: argparse.Namespace) -> None:
   if not os.path.isdir(model_dir):
     raise ValueError(f"MODEL_DIR {model_dir!r} does not exist (or is not a directory)")
   from prompt_jax import run_dir  # pylint: disable=g-import-not-at-top
+  retrain = os.path.join(model_dir, "retrain")
+  if not os.path.exists(os.path.join(model_dir, run_dir.CONFIG_FILE)) and os.path.isfile(
+      os.path.join(retrain, run_dir.CONFIG_FILE)):  # an SPT run: serve its re-trained phase
+    model_dir = retrain
+    _set_model_dir(args, model_dir)
   config = os.path.join(model_dir, run_dir.CONFIG_FILE)
   if not os.path.isfile(config):
     raise ValueError(f"MODEL_DIR {model_dir!r} has no {run_dir.CONFIG_FILE} (not a training run "
                      "directory, or trained by an older version or through the Python API); "
                      "pass the gin files it was trained with (--gin_file=...)")
   args.gin_file = [*([spec.serves] if spec and spec.serves else []), config]
+  args.gin_bindings[:0] = spt_retrain_bindings(model_dir)
   if command == "eval":
     evaluator = run_evaluator(Path(config).read_text())
     if evaluator and evaluator.endswith(".gin"):

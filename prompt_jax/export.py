@@ -63,9 +63,14 @@ def fold_prompt(model, prompt_params: Mapping, frozen_params: Mapping) -> np.nda
 
   frozen = {"token_embedder": {"embedding": frozen_params["token_embedder"]["embedding"]}}
   params = params_lib.merge_params(prompt_params, frozen)
-  folded = prompts_base.export_prompt(model.module.prompt, params)
-  if folded is None:
+  hook = model.module.prompt
+  if hook is None:
     raise ValueError("the configured model has no prompt (is a prompt gin file given?)")
+  folded = prompts_base.export_prompt(hook, params)
+  if folded is None:
+    raise ValueError(f"a {type(hook).__name__} prompt (prompts inside the encoder's layers) has "
+                     "no plain [length, embed] form to export; serve it from its run directory "
+                     "(prompt-jax eval/infer --model_dir=...)")
   return np.asarray(folded, dtype=np.float32)
 
 

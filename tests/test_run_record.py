@@ -113,6 +113,26 @@ def test_eval_infer_and_export_need_only_model_dir(gin_file, tmp_path, capsys):
                                 np.load(run_dir.prompt_export_path(str(model_dir), 4)))
 
 
+REGIMES = [
+    ("train", "runs/ensemble_demo.gin", ()),
+    ("multitask", "runs/multitask_demo.gin", ()),
+    ("spt", "runs/spt_demo.gin", ("--gin.SPT_SEARCH_STEPS=4",)),
+    ("train", "runs/superpos_demo.gin", ("--gin_file=prompts/p_tuning.gin",)),
+]
+
+
+@pytest.mark.parametrize("regime", REGIMES, ids=["ensemble", "multitask", "spt", "p_tuning"])
+def test_every_regime_evaluates_from_model_dir_as_its_run_did(regime, tmp_path, capsys):
+  """Ensembles and multi-task runs with their own evaluator, SPT from its re-trained phase."""
+  command, gin_file, extra = regime
+  model_dir = trained_copy(gin_file, tmp_path, capsys, command=command, extra=extra)
+  result = run_cli(["eval", f"--model_dir={model_dir}",
+                    f"--gin.OUTPUT_DIR={str(tmp_path / 'eval')!r}"], capsys)
+  assert result.code == 0, result.err
+  scores = {r["name"]: r["value"] for r in metric_writer.read_metrics(str(tmp_path / "eval"))}
+  assert scores == _summary(model_dir)["eval_trained"]  # every metric, exactly
+
+
 def test_serving_a_run_never_scores_a_random_frozen_model(tmp_path, capsys):
   # runs/eval.gin resets INITIAL_CHECKPOINT_PATH to None after the training file: the run's
   # recorded checkpoint is used, not a random model.
