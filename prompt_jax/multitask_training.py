@@ -231,8 +231,9 @@ def export_task_prompts(programs: PromptPrograms, prompt_params, frozen_params, 
   task (the loop's prompts/prompt_<step>.npy exports are the whole bank)."""
   paths = {}
   for task, prompt in task_prompts(programs, prompt_params, frozen_params, tasks).items():
-    paths[task] = run_dir.write_npy(os.path.join(model_dir, "prompts", f"{task}.npy"), prompt)
-    peft.save_prompt(prompt, os.path.join(model_dir, "prompts", "peft", task))
+    paths[task] = run_dir.write_npy(
+        os.path.join(model_dir, run_dir.PROMPTS_DIR, f"{task}.npy"), prompt)
+    peft.save_prompt(prompt, os.path.join(model_dir, run_dir.PROMPTS_DIR, "peft", task))
   return paths
 
 

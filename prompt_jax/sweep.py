@@ -58,7 +58,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from prompt_jax import preemption
+from prompt_jax import preemption, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Cell:
 
   @property
   def summary_path(self) -> str:
-    return os.path.join(self.model_dir, "summary.json")
+    return os.path.join(self.model_dir, run_dir.SUMMARY_FILE)
 
   @property
   def record_path(self) -> str:
@@ -221,7 +221,7 @@ def binding_changes(recorded: Mapping[str, Any], cell: Cell) -> list[tuple[str, 
 def _has_training_state(cell: Cell) -> bool:
   """Whether the cell's MODEL_DIR holds a run: summary, run record or checkpoints."""
   return any(_gfile().exists(os.path.join(cell.model_dir, name))
-             for name in ("summary.json", "run.json", "checkpoints"))
+             for name in (run_dir.SUMMARY_FILE, run_dir.RECORD_FILE, run_dir.CHECKPOINTS_DIR))
 
 
 def cell_state(cell: Cell) -> tuple[str, list[tuple[str, Any, Any]]]:
