@@ -158,9 +158,11 @@ def _row_keys(model, rng: Array, batch: Batch, n: int) -> Array:
   return jax.vmap(jax.random.fold_in)(keys, decode_index)
 
 
-# Bounds of the integer parameters: beams/samples per example (each multiplies the batch),
-# top-k (int32 indices) and the seed (`jax.random.key` takes 32 bits).
-MAX_DECODES = 1024
+# Bounds of the integer parameters: beams/samples per example (each multiplies the batch; 65536
+# leaves room for sampling statistics, tests draw 4000, while a typo of many digits is refused
+# before anything is allocated), top-k (int32 indices) and the seed (`jax.random.key` takes 32
+# bits).
+MAX_DECODES = 65536
 MAX_TOPK = 2**31 - 1
 MAX_SEED = 2**32 - 1
 

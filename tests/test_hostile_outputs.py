@@ -120,9 +120,9 @@ def test_save_npy_is_new_only_and_atomic(files):
 
 @pytest.mark.parametrize("spec,names", [
     ("beam_search(num_decodes=" + "9" * 20000 + ")", ["num_decodes=999999999999...",
-                                                       "20000 digits", "[1, 1024]"]),
+                                                       "20000 digits", "[1, 65536]"]),
     ("beam_search(num_decodes=" + "9" * 4000 + ")", ["num_decodes", "4000 digits"]),
-    ("beam_search(num_decodes=1025)", ["num_decodes", "1025", "[1, 1024]"]),
+    ("beam_search(num_decodes=65537)", ["num_decodes", "65537", "[1, 65536]"]),
     ("temperature_sample(num_decodes=100000000000)", ["num_decodes", "100000000000"]),
     ("temperature_sample(seed=-1)", ["seed", "got -1", "2**32"]),
     ("temperature_sample(seed=4294967296)", ["seed", "4294967296"]),
@@ -146,8 +146,8 @@ def test_out_of_range_decoding_integers(files, spec, names, capsys):
 
 
 def test_decoding_bounds_in_the_python_api():
-  assert decoding.BeamSearch(1024).num_decodes == 1024
-  assert decoding.TemperatureSampling(seed=2**32 - 1, num_decodes=1024).seed == 2**32 - 1
+  assert decoding.BeamSearch(65536).num_decodes == 65536
+  assert decoding.TemperatureSampling(seed=2**32 - 1, num_decodes=65536).seed == 2**32 - 1
   with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\], got -3"):
     decoding.TemperatureSampling(seed=-3)
   with pytest.raises(ValueError, match=r"got an integer of about \d+ digits"):
