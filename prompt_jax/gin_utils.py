@@ -415,13 +415,14 @@ def check_overridden(config: StaticConfig, used: set[str]) -> None:
   """ValueError when a macro the user set (a binding) never reaches the run because a later
   definition replaced the value that read it: e.g. PROMPT_FILE, read by the
   `PROMPT_INIT = @initializers.from_array()` of prompts/from_file.gin, when a later file's
-  `PROMPT_INIT = @initializers.uniform()` wins. Names both definitions."""
+  `PROMPT_INIT = @initializers.uniform()` wins. Names both definitions. An override by a
+  binding (the command line's) is deliberate and not reported."""
   for name, binding in config.user_macros:
     if name in used or name.rsplit("/", 1)[-1] in CODE_MACROS:
       continue
     for macro, definitions in config.history.items():
-      if macro not in used:
-        continue
+      if macro not in used or definitions[-1].where.startswith("binding "):
+        continue  # (a binding that overrides is the user's own choice, not a file's)
       for earlier in definitions[:-1]:
         if name in reachable_macros(config, [], [earlier.value]):
           raise ValueError(
