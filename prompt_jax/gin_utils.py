@@ -170,6 +170,7 @@ class StaticConfig:
     configurables: selector (without scope) -> the values bound to its parameters.
     user_macros: (macro, binding) for each macro set by a (user) binding.
     history: macro name -> every definition in order (the last is `macros[name]`).
+    imports: the files' import statements (`from prompt_jax import optimizers`), in order.
     complete: False when some file could not be read here (a remote path, which only gin's
       registered readers open): then unused and unset macros are not reported.
   """
@@ -180,6 +181,7 @@ class StaticConfig:
   configurables: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
   user_macros: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   history: dict[str, list[_Definition]] = dataclasses.field(default_factory=dict)
+  imports: list[str] = dataclasses.field(default_factory=list)
   complete: bool = True
 
   def final(self, name: str) -> tuple[Any, Optional[_Definition]]:
@@ -277,6 +279,9 @@ def read_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     for statement in statements:
       if isinstance(statement, config_parser.IncludeStatement):
         include(statement.filename, where_of(statement.location), stack)
+      elif isinstance(statement, config_parser.ImportStatement):
+        if statement.format() not in config.imports:
+          config.imports.append(statement.format())
       elif isinstance(statement, config_parser.BindingStatement):
         for item in _walk(statement.value):
           if isinstance(item, _Macro) and "." not in item.name:
@@ -496,9 +501,15 @@ def configure_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
       gin.parse_config_file(path)
     except _GIN_ERRORS as e:
       raise ValueError(_one_line(e, None)) from e
+  # A binding may name a function no file references yet (`--gin.trainer.train.optimizer=
+  # @optimizers.adamw()`): gin's dynamic registration resolves it only where its module is
+  # imported, so each binding is parsed under the files' imports.
+  dynamic = "from __gin__ import dynamic_registration"
+  preamble = [dynamic, *(i for i in config.imports if i != dynamic)
+              ] if dynamic in config.imports else []
   for binding in [*gin_bindings, *extra_bindings]:
     try:
-      gin.parse_config(binding)
+      gin.parse_config([*preamble, binding] if preamble and "@" in binding else binding)
     except _GIN_ERRORS as e:
       raise ValueError(_one_line(e, binding)) from e
   if roots is not None and config.complete:

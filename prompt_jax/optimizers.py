@@ -65,6 +65,24 @@ def path_mask(pattern: Optional[str]):
   return mask
 
 
+def described(transformation: optax.GradientTransformation, name: str,
+              **hyperparameters) -> optax.GradientTransformation:
+  """`transformation`, carrying its name and hyperparameters for the run record
+  (`description`): a resume with another learning rate is then a recorded difference."""
+
+  def init(params):
+    return transformation.init(params)
+
+  init.hyperparameters = {"name": name, **hyperparameters}
+  return optax.GradientTransformation(init, transformation.update)
+
+
+def description(transformation: Optional[optax.GradientTransformation]) -> Optional[dict]:
+  """{'name': ..., hyperparameters...} of an optimizer built here, else None (an optax
+  transformation built elsewhere: the record then holds only its state's types)."""
+  return getattr(getattr(transformation, "init", None), "hyperparameters", None)
+
+
 def adamw(learning_rate: float = 0.01, weight_decay: float = 1e-5, b1: float = 0.9,
           b2: float = 0.999, eps: float = 1e-8, weight_decay_pattern: Optional[str] = None,
           clipping_threshold: Optional[float] = None) -> optax.GradientTransformation:
@@ -83,19 +101,24 @@ def adamw(learning_rate: float = 0.01, weight_decay: float = 1e-5, b1: float = 0
     raise ValueError(f"adamw clipping_threshold must be > 0 or None, got {clipping_threshold}")
   optimizer = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                           mask=path_mask(weight_decay_pattern))
-  if clipping_threshold is None:
-    return optimizer
-  return optax.chain(optax.clip_by_global_norm(clipping_threshold), optimizer)
+  if clipping_threshold is not None:
+    optimizer = optax.chain(optax.clip_by_global_norm(clipping_threshold), optimizer)
+  return described(optimizer, "adamw", learning_rate=learning_rate, weight_decay=weight_decay,
+                   b1=b1, b2=b2, eps=eps, weight_decay_pattern=weight_decay_pattern,
+                   clipping_threshold=clipping_threshold)
 
 
 def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
               clipping_threshold: float = 1.0, weight_decay_rate: float = 1e-5,
               multiply_by_parameter_scale: bool = False) -> optax.GradientTransformation:
   """Adafactor with Lester et al.'s prompt-tuning settings as defaults."""
-  return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
-                         clipping_threshold=clipping_threshold,
-                         weight_decay_rate=weight_decay_rate,
-                         multiply_by_parameter_scale=multiply_by_parameter_scale)
+  return described(
+      optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
+                      clipping_threshold=clipping_threshold, weight_decay_rate=weight_decay_rate,
+                      multiply_by_parameter_scale=multiply_by_parameter_scale),
+      "adafactor", learning_rate=learning_rate, decay_rate=decay_rate,
+      clipping_threshold=clipping_threshold, weight_decay_rate=weight_decay_rate,
+      multiply_by_parameter_scale=multiply_by_parameter_scale)
 
 
 def leading_size(tree, what: str) -> int:
@@ -134,7 +157,8 @@ def per_prompt(inner: optax.GradientTransformation,
       return jax.vmap(lambda u, s: inner.update(u, s))(updates, state)
     return jax.vmap(inner.update)(updates, state, params)
 
-  return optax.GradientTransformation(init, update)
+  return described(optax.GradientTransformation(init, update), "per_prompt",
+                   inner=description(inner), rescale_gradients=rescale_gradients)
 
 
 def per_task(inner: optax.GradientTransformation, task_paths) -> optax.GradientTransformation:
@@ -174,13 +198,15 @@ def per_task(inner: optax.GradientTransformation, task_paths) -> optax.GradientT
     shared_updates, shared_state = inner.update(shared_updates, state["shared"], shared_params)
     return merge(task_updates, shared_updates), {"tasks": task_state, "shared": shared_state}
 
-  return optax.GradientTransformation(init, update)
+  return described(optax.GradientTransformation(init, update), "per_task",
+                   inner=description(inner))
 
 
 def gate_adam(learning_rate: float = 0.05, b1: float = 0.5, b2: float = 0.999
               ) -> optax.GradientTransformation:
   """The gate optimizer: Adam with DARTS's betas (0.5, 0.999)."""
-  return optax.adam(learning_rate, b1=b1, b2=b2)
+  return described(optax.adam(learning_rate, b1=b1, b2=b2), "gate_adam",
+                   learning_rate=learning_rate, b1=b1, b2=b2)
 
 
 def spt_optimizer(prompt_learning_rate: float = 0.3, generator_learning_rate: float = 3e-3
@@ -190,12 +216,18 @@ def spt_optimizer(prompt_learning_rate: float = 0.3, generator_learning_rate: fl
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "generator" if any(getattr(k, "key", None) == "generator" for k in path)
         else "prompt", params)
-  return optax.multi_transform({"prompt": adafactor(prompt_learning_rate),
-                                "generator": optax.adam(generator_learning_rate)}, labels)
+  return described(optax.multi_transform({"prompt": adafactor(prompt_learning_rate),
+                                          "generator": optax.adam(generator_learning_rate)},
+                                         labels),
+                   "spt_optimizer", prompt_learning_rate=prompt_learning_rate,
+                   generator_learning_rate=generator_learning_rate)
 
 
 def warmup_cosine_adamw(learning_rate: float, warmup_steps: int, steps: int):
   """AdamW (weight decay 0.01) with linear warmup and cosine decay, global-norm clipped at 1."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate,
                                                 max(min(warmup_steps, steps - 1), 0), steps)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+  return described(
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01)),
+      "warmup_cosine_adamw", learning_rate=learning_rate, warmup_steps=warmup_steps,
+      steps=steps)

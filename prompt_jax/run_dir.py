@@ -310,9 +310,9 @@ def record_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 
 def format_differences(differences: Sequence[tuple[str, Any, Any]], limit: int = 4) -> str:
-  """'holds a run with a, b; this run configures a', b'' for the first `limit` differences,
-  types (another method, another optimizer) first."""
-  shown = sorted(differences, key=lambda d: not d[0].endswith("type"))[:limit]
+  """'holds a run with a, b; this command configures a', b'' for the first `limit`
+  differences, types and names (another method, another optimizer) first."""
+  shown = sorted(differences, key=lambda d: not d[0].endswith(("type", ".name")))[:limit]
   more = f" (and {len(differences) - limit} more)" if len(differences) > limit else ""
   held = ", ".join(f"{name}={old!r}" for name, old, _ in shown)
   wanted = ", ".join(f"{name}={new!r}" for name, _, new in shown)

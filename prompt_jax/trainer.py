@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import checkpoints, evaluation, metric_writer, preemption, run_dir
+from prompt_jax import checkpoints, evaluation, metric_writer, optimizers, preemption, run_dir
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.metric_writer import MetricWriter
@@ -229,8 +229,9 @@ def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int
   """What defines a run of `regime` (MODEL_DIR/run.json): the model config (how it executes,
   `run_dir.EXECUTION_FIELDS`, apart: it may change on resume), the prompt hook and its
   settings, the frozen checkpoint (path and `run_dir.fingerprint`), the data, the optimizer
-  (its state's types), the trainable parameters' shapes, the regime's settings, the seed, and
-  the package version (informative only)."""
+  (its state's types and, when built by `optimizers`, its hyperparameters: a resume with
+  another learning rate is a difference), the trainable parameters' shapes, the regime's
+  settings, the seed, and the package version (informative only)."""
   from prompt_jax import __version__  # pylint: disable=g-import-not-at-top
   programs = regime.programs
   data = getattr(regime, "dataset_cfg", None)
@@ -242,7 +243,8 @@ def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int
       "data": None if data is None else {
           "task": data.mixture_or_task_name, "split": data.split,
           "feature_lengths": dict(data.task_feature_lengths), "batch_size": data.batch_size},
-      "optimizer": optimizer_state_types(regime.abstract_state()),
+      "optimizer": {"state": optimizer_state_types(regime.abstract_state()),
+                    "hyperparameters": optimizers.description(programs.optimizer)},
       "trainable": {name: list(shape) for name, shape in
                     params_lib.shapes(programs.abstract_prompt).items()},
       "trainable_pattern": programs.trainable_pattern,
@@ -330,13 +332,23 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     if counts["frozen"]:
       log.warning("INITIAL_CHECKPOINT_PATH is not set: the frozen model is randomly initialised")
     frozen_params = programs.random_frozen_params(frozen_rng)
-  # Everything is checked and loaded: the run is recorded before its first step.
-  if jax.process_index() == 0:
-    run_dir.write_record(model_dir, record, start_step)
-    if config_text is not None:
-      run_dir.write_config(model_dir, config_text, start_step)
-    if complete is None:  # steps after the resumed one are logged again: no duplicates
-      metric_writer.truncate_metrics(model_dir, start_step if start_step else -1)
+  # Everything is checked and loaded. A new run is recorded before its first step; a resumed
+  # one records what changed (an allowed config change, another config.gin) with its first
+  # save, so a resume that stops before saving anything leaves the record as it was.
+  record_pending = [jax.process_index() == 0 and complete is None]
+
+  def write_record(step: int):
+    if record_pending[0]:
+      run_dir.write_record(model_dir, record, step)
+      if config_text is not None:
+        run_dir.write_config(model_dir, config_text, step)
+      record_pending[0] = False
+
+  if restored is None:
+    write_record(start_step)
+  if jax.process_index() == 0 and complete is None:
+    # steps after the resumed one are logged again: no duplicates
+    metric_writer.truncate_metrics(model_dir, start_step if start_step else -1)
   if complete is not None:
     manager.close()
     return RunResult(complete, state, frozen_params)
@@ -381,6 +393,7 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
         summary["eval_untrained"] = untrained
 
   def save(step: int, metrics: Mapping[str, float]):
+    write_record(start_step)
     extra = {"eval_metrics": evaluated[step]} if step in evaluated else {}
     saved = manager.save(step, state, dict(meta, data_position=step,
                                            train_metrics=dict(metrics),

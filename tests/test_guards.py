@@ -50,21 +50,22 @@ def test_the_loss_guard_fires_on_a_window_of_high_losses_only():
 
 
 def test_a_finite_runaway_stops_like_nan_and_leaves_the_good_checkpoints(tmp_path):
-  """lr 1e30 keeps the loss near the untrained one but puts the prompt at ~1e29 (finite)."""
+  """lr 1e30 keeps the loss near the untrained one but puts the prompt at ~1e29 (finite). (A
+  resume with another learning rate must be allowed: the run record refuses it otherwise.)"""
   _train(tmp_path, 4, checkpoint_every_steps=2, log_every_steps=1)
   before = snapshot(tmp_path)
   with pytest.raises(trainer.TrainingDivergedError,
                      match=r"at step 5: the trainable parameters reached .* stopped without "
                            r"saving it. Last good checkpoint: step 4"):
     _train(tmp_path, 8, checkpoint_every_steps=2, log_every_steps=1,
-           optimizer=trainer.adafactor(learning_rate=1e30))
+           optimizer=trainer.adafactor(learning_rate=1e30), allow_config_change=True)
   after = snapshot(tmp_path)
   assert {k: v for k, v in after.items() if "metrics.jsonl" not in k} == {
       k: v for k, v in before.items() if "metrics.jsonl" not in k}  # no checkpoint lost
   # Switched off, the same run trains on (and is saved): the guard is what stopped it.
   summary = _train(tmp_path, 6, checkpoint_every_steps=2, log_every_steps=1,
                    optimizer=trainer.adafactor(learning_rate=1e30),
-                   divergence_param_factor=None)
+                   divergence_param_factor=None, allow_config_change=True)
   assert summary["step"] == 6
 
 

@@ -73,6 +73,7 @@ def test_divergence_after_good_steps_names_the_last_good_checkpoint(tmp_path):
   good = _prompt(tmp_path, 2)
   with pytest.raises(trainer.TrainingDivergedError, match=r"at step 3: .*step 2 in"):
     _train(tmp_path, 4, optimizer=trainer.adafactor(learning_rate=1e39),
+           allow_config_change=True,
            checkpoint_every_steps=1)
   assert sorted(os.listdir(tmp_path / "prompts")) == ["prompt_1.npy", "prompt_2.npy"]
   np.testing.assert_array_equal(_prompt(tmp_path, 2), good)

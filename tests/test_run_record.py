@@ -52,12 +52,13 @@ WRONG_COMMANDS = [
     ("another method", ["--gin_file=prompts/residual.gin"], "ResidualPrompt"),
     ("another length", ["--gin.PROMPT_LENGTH=20"], "prompt.prompt.length=20"),
     ("another optimizer", ["--gin.trainer.train.optimizer=@optimizers.adamw()"],
-     "ScaleByAdamState"),
+     "optimizer.hyperparameters.name='adamw'"),
     ("another task", ["--gin.MIXTURE_OR_TASK_NAME='demo_topic'"], "data.task='demo_topic'"),
     ("another frozen checkpoint", ["--gin.INITIAL_CHECKPOINT_PATH=None"],
      "frozen_checkpoint.path=None"),
     ("another model size", ["--gin.t5.T5Config.mlp_dim=256"], "model.mlp_dim=256"),
     ("another seed", ["--gin.SEED=1"], "seed=1"),
+    ("another learning rate", ["--gin.LEARNING_RATE=1e30"], "learning_rate=1e+30"),
 ]
 
 
