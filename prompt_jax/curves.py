@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 from prompt_jax import metric_writer, run_dir
@@ -124,19 +123,7 @@ def _draw(runs: Sequence[dict], labels: Optional[Sequence[str]], output: str) ->
   if fmt not in canvas.get_supported_filetypes():
     raise ValueError(f"output {output}: unsupported image format {fmt!r} (use .png, .svg or "
                      ".pdf)")
-  directory = os.path.dirname(os.path.abspath(output))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=f".{fmt}", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format=fmt, dpi=100)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, output)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return output
+  return run_dir.atomic_write(output, lambda f: fig.savefig(f, format=fmt, dpi=100))
 
 
 def plot_run(model_dir: str, output: Optional[str] = None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Mapping, Optional
 
@@ -182,17 +181,7 @@ def truncate_metrics(model_dir: str, after_step: int, *,
           if not (r["split"] in RESUMED_SPLITS and int(r["step"]) > int(after_step))]
   if not dropped and len(kept) == len(records):
     return 0
-  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=model_dir)
-  try:
-    os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # mkstemp's file is 0600
-    with os.fdopen(fd, "wb") as f:
-      f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  data = "".join(json.dumps(r) + "\n" for r in kept).encode()
+  run_dir.atomic_write(path, lambda f: f.write(data))
   _fsync_directory(model_dir)
   return len(records) - len(kept)

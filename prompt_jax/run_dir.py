@@ -166,7 +166,9 @@ class RunLock:
 # ------------------------------------------------------------------------------- atomic writes
 
 
-def _atomic_replace(path: str, write) -> str:
+def atomic_write(path: str, write) -> str:
+  """Call `write(f)` on a temporary file beside `path`, fsync it and rename it to `path`: a kill
+  at any moment leaves the old file or the new one. -> `path`."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -189,7 +191,7 @@ def _atomic_replace(path: str, write) -> str:
 def write_json(path: str, value: Any) -> str:
   """`value` as indented JSON at `path`, atomically (a kill leaves the old file or the new)."""
   data = json.dumps(value, indent=2, default=float).encode()
-  return _atomic_replace(path, lambda f: f.write(data))
+  return atomic_write(path, lambda f: f.write(data))
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -207,12 +209,12 @@ def read_json(path: str) -> Optional[dict]:
 
 def write_npy(path: str, array: np.ndarray) -> str:
   """`array` as a `.npy` at `path`, atomically."""
-  return _atomic_replace(path, lambda f: np.save(f, array))
+  return atomic_write(path, lambda f: np.save(f, array))
 
 
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
   """Named arrays as one `.npz` at `path`, atomically."""
-  return _atomic_replace(path, lambda f: np.savez(f, **arrays))
+  return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ------------------------------------------------------------------------------- the record
@@ -373,4 +375,4 @@ def write_config(model_dir: str, config_text: str, step: int) -> None:
       kept = os.path.join(model_dir, f"config_until_step{int(step)}.{suffix}.gin")
       suffix += 1
     os.replace(path, kept)
-  _atomic_replace(path, lambda f: f.write(config_text.encode()))
+  atomic_write(path, lambda f: f.write(config_text.encode()))
