@@ -28,7 +28,29 @@ class Preempted(Exception):
   exit_code = EXIT_CODE
 
 
-class StopOnSignal:
+class SignalHandlers:
+  """Base of the context managers here and in `sweep`: `_install(signums)` sets `self._handler`
+  for those signals (in the main thread only: elsewhere Python cannot) and leaving the context
+  restores the previous handlers."""
+
+  _previous: dict
+
+  def _install(self, signums) -> None:
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in signums:
+        self._previous[signum] = signal.signal(signum, self._handler)
+
+  def _handler(self, signum, frame) -> None:
+    raise NotImplementedError
+
+  def __exit__(self, *exc) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+class StopOnSignal(SignalHandlers):
   """Context manager that turns SIGINT/SIGTERM into a request to stop after the current step."""
 
   def __init__(self, process_count: int = 1):
@@ -44,16 +66,8 @@ class StopOnSignal:
                 self.signal_name)
 
   def __enter__(self) -> StopOnSignal:
-    if threading.current_thread() is threading.main_thread():
-      signals = [signal.SIGINT] + ([signal.SIGTERM] if self.process_count == 1 else [])
-      for signum in signals:
-        self._previous[signum] = signal.signal(signum, self._handler)
+    self._install([signal.SIGINT] + ([signal.SIGTERM] if self.process_count == 1 else []))
     return self
-
-  def __exit__(self, *exc) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
 
   def requested(self, step: int) -> bool:
     """Whether to stop after `step`; the same answer on every host."""

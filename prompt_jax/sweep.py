@@ -54,7 +54,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -362,7 +361,7 @@ def _tee_stderr(proc: subprocess.Popen) -> str:
   return last_line(tail + decoder.decode(b"", final=True))
 
 
-class _ForwardSignals:
+class _ForwardSignals(preemption.SignalHandlers):
   """While a local sweep runs: SIGTERM / SIGINT to the sweep are passed on to its running cell.
 
   Each cell runs in its own process group, so a signal reaches it only through here (Ctrl-C at
@@ -385,15 +384,8 @@ class _ForwardSignals:
     return bool(self._previous)
 
   def __enter__(self) -> _ForwardSignals:
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGINT, signal.SIGTERM):
-        self._previous[signum] = signal.signal(signum, self._handler)
+    self._install((signal.SIGINT, signal.SIGTERM))
     return self
-
-  def __exit__(self, *exc) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     name = signal.Signals(signum).name
