@@ -160,3 +160,17 @@ def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_newest(tmp_path,
   manager = checkpoints.PromptCheckpointManager(str(run), 1)
   assert manager.all_steps() == [2]  # nothing half-written became the newest checkpoint
   manager.close()
+
+
+def test_the_spot_recipe_reads_its_prompt_file_and_refuses_a_nan_one(tmp_path, capsys):
+  """docs/multitask.md's SPoT order (the run file, then prompts/from_file.gin): the file is read,
+  so a prompt of NaN is one line, not a run from a random prompt."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  source = tmp_path / "source.npy"
+  np.save(source, np.full((10, 64), np.nan, np.float32))
+  run = tmp_path / "run"
+  result = run_cli(["train", "--gin_file=runs/demo.gin", "--gin_file=prompts/from_file.gin",
+                    f"--gin.PROMPT_FILE={str(source)!r}", "--gin.PROMPT_LENGTH=10",
+                    f"--gin.MODEL_DIR={str(run)!r}"], capsys)
+  assert_one_line_error(result, [str(source), "non-finite"])
+  assert snapshot(run) == {}
