@@ -3,6 +3,7 @@ from given parameters get the loop's checkpoints, bit-identical resume, NaN chec
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_jax import metric_writer, optimizers, regimes, spt_training, trainer
+from prompt_jax import metric_writer, optimizers, regimes, run_dir, spt_training, trainer
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -89,6 +90,10 @@ def test_prompt_tuning_starts_from_given_parameters(tmp_path):
 def test_resuming_with_other_regime_settings_is_one_line(tmp_path):
   model_dir = str(tmp_path / "run")
   trainer.run(_search(), model_dir=model_dir, train_steps=1)
+  with pytest.raises(ValueError, match=r"holds a run with settings.search_mode='darts'; this "
+                                       r"command configures settings.search_mode='joint'"):
+    trainer.run(_search(mode="joint"), model_dir=model_dir, train_steps=2)
+  os.remove(os.path.join(model_dir, run_dir.RECORD_FILE))  # a run from before records: the
   with pytest.raises(ValueError, match=r"were written for \{'search_mode': 'darts'.* this run "
-                                       r"is \{'search_mode': 'joint'"):
+                                       r"is \{'search_mode': 'joint'"):  # checkpoints refuse it
     trainer.run(_search(mode="joint"), model_dir=model_dir, train_steps=2)
