@@ -491,12 +491,15 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
                         help="fold the prompt of a T5X prompt-tuning checkpoint_<step> instead "
                              "of a prompt_jax run (writes --output; no t5x needed)")
   elif command == "curves":
-    parser = _new(command, prog, "{prog} MODEL_DIR [MODEL_DIR ...] [--output=PNG]")
+    parser = _new(command, prog, "{prog} MODEL_DIR [MODEL_DIR ...] [--output=PNG] [--overwrite]")
     parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
                         help="a training run directory (with metrics.jsonl); several: compared")
     parser.add_argument("--output", default=None, metavar="PNG",
-                        help="the image to write (default MODEL_DIR/curves.png for one run; "
-                             "required for several)")
+                        help="the image to write (default MODEL_DIR/curves.png for one run, "
+                             "redrawn; required for several); never an existing file unless "
+                             "--overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output")
   else:  # convert; its sub-commands take --verbosity
     parser = _new(command, prog, "{prog} {{hf-to-orbax,t5x-to-orbax,prompt}} ...")
     _add_convert_commands(parser)
@@ -903,11 +906,11 @@ def _run_curves(args: argparse.Namespace) -> int:
   """`prompt-jax curves`: one run -> MODEL_DIR/curves.png (or --output); several -> --output."""
   curves = _import("curves", "prompt_jax.curves")
   if len(args.model_dirs) == 1:
-    path = curves.plot_run(args.model_dirs[0], args.output)
+    path = curves.plot_run(args.model_dirs[0], args.output, overwrite=args.overwrite)
   elif not args.output:
     raise ValueError(f"comparing {len(args.model_dirs)} runs needs --output=PNG")
   else:
-    path = curves.plot_runs(args.model_dirs, args.output)
+    path = curves.plot_runs(args.model_dirs, args.output, overwrite=args.overwrite)
   print(f"wrote {path}")
   return 0
 

@@ -14,7 +14,7 @@ import math
 import os
 from typing import Optional, Sequence
 
-from prompt_jax import metric_writer, run_dir
+from prompt_jax import metric_writer, output_paths, run_dir
 
 CURVES_FILE = run_dir.CURVES_FILE
 TRAIN_SPLIT = "train"
@@ -48,25 +48,17 @@ def _labels(model_dirs: Sequence[str]) -> list[str]:
   return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
 
 
-def _check_output(output: str, inputs: Sequence[str]) -> str:
-  """`output` as a path to write: not a directory, its parent not a file, none of the inputs."""
+def _check_output(output: str, inputs: Sequence[str], overwrite: bool) -> str:
+  """`output` as a path to write (`output_paths.check_output_path`): none of the inputs, and not
+  an existing file unless `overwrite`."""
   output = os.fspath(output)
-  if not output or output.endswith(os.sep):
-    raise ValueError(f"output {output!r} is not a file name")
-  if os.path.isdir(output):
-    raise ValueError(f"output {output} is a directory")
-  parent = os.path.dirname(os.path.abspath(output))
-  ancestor = parent
-  while not os.path.exists(ancestor):
-    ancestor = os.path.dirname(ancestor)
-  if not os.path.isdir(ancestor):
-    raise ValueError(f"output {output}: {ancestor} is a file, not a directory")
   real = os.path.realpath(output)
   for model_dir in inputs:
     if real == os.path.realpath(os.path.join(model_dir, metric_writer.METRICS_FILE)):
       raise ValueError(f"output {output} is an input ({metric_writer.METRICS_FILE} of "
                        f"{model_dir}); choose another path")
-  return output
+  hint = None if overwrite else "pass --overwrite to replace it, or choose another --output"
+  return output_paths.check_output_path(output, "--output", exists_hint=hint)
 
 
 def _panels(runs: Sequence[dict]) -> list[tuple[str, str, list[str]]]:
@@ -126,21 +118,24 @@ def _draw(runs: Sequence[dict], labels: Optional[Sequence[str]], output: str) ->
   return run_dir.atomic_write(output, lambda f: fig.savefig(f, format=fmt, dpi=100))
 
 
-def plot_run(model_dir: str, output: Optional[str] = None) -> str:
-  """Draw MODEL_DIR/metrics.jsonl's curves into `output` (default MODEL_DIR/curves.png); returns
-  the path written."""
+def plot_run(model_dir: str, output: Optional[str] = None, overwrite: bool = False) -> str:
+  """Draw MODEL_DIR/metrics.jsonl's curves into `output` (default MODEL_DIR/curves.png, always
+  redrawn; another existing file only with `overwrite`); returns the path written."""
   model_dir = os.fspath(model_dir)
   run = _load(model_dir)
-  output = _check_output(output or os.path.join(model_dir, CURVES_FILE), [model_dir])
+  default = os.path.join(model_dir, CURVES_FILE)
+  output = _check_output(output or default, [model_dir],
+                         overwrite or os.path.realpath(output or default) == os.path.realpath(
+                             default))
   return _draw([run], None, output)
 
 
-def plot_runs(model_dirs: Sequence[str], output: str) -> str:
+def plot_runs(model_dirs: Sequence[str], output: str, overwrite: bool = False) -> str:
   """Compare runs: the panels of `plot_run` with one line per run, labelled by its directory's
-  name; returns the path written."""
+  name, into `output` (an existing file only with `overwrite`); returns the path written."""
   model_dirs = [os.fspath(d) for d in model_dirs]
   if not model_dirs:
     raise ValueError("no run directories given")
   runs = [_load(d) for d in model_dirs]
-  output = _check_output(output, model_dirs)
+  output = _check_output(output, model_dirs, overwrite)
   return _draw(runs, _labels(model_dirs), output)

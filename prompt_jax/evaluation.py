@@ -321,7 +321,8 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
   The prompt comes from `prompt_path` (a prompt source of `prompt_files`, e.g. a `.npy` export)
   or MODEL_DIR's checkpoint at `step`
   (default: the latest; only its prompt is read, so no optimizer is needed). Metrics go to
-  TensorBoard under `<output_dir or model_dir>/eval_<split>`, predictions (with
+  TensorBoard under `<output_dir or model_dir>/eval_<split>` (for a `prompt_path`, only to
+  `output_dir`), predictions (with
   `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.
   `evaluate_fn` replaces `evaluate` (same arguments), e.g. `ensemble.evaluate_ensemble` for a
   prompt bank. `decoding` (gin: `DECODE_FN`, a `prompt_jax.decoding` object; None or `Greedy()`
@@ -345,7 +346,9 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
                                    allow_config_change=allow_config_change)
   prompt, step = load_prompt_params(programs, frozen, model_dir=model_dir,
                                     prompt_path=prompt_path, step=step, seed=seed)
-  out_dir = output_dir or model_dir
+  # A prompt given by PROMPT_PATH is not the run's: its scores and predictions stay out of
+  # MODEL_DIR (its metrics.jsonl is the run's record) unless OUTPUT_DIR asks for a place.
+  out_dir = output_dir or (None if prompt_path else model_dir)
   log_dir = os.path.join(out_dir, f"eval_{dataset_cfg.split}") if out_dir else None
   scores = evaluate_fn(
       programs, prompt, frozen, dataset_cfg,

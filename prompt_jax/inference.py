@@ -209,17 +209,21 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
           trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
           seed: int = 0, decoding: Optional[Any] = None,
           return_all_decodes: bool = False, random_frozen_model: bool = False,
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False, overwrite: bool = False) -> dict[str, Any]:
   """Predict for every record of `inputs_path` (JSONL; needs `vocabulary`) or of `task`'s
   `split` (the task's own vocabulary), and write `output_path`: JSONL, one line per input with
   `prediction` added (the best decode of `decoding`, default greedy; with `return_all_decodes`
   also `predictions` and `scores`, every decode best first). The prompt and the frozen model
-  are loaded as in `prompt-jax eval` (`evaluation.run_evaluation`)."""
+  are loaded as in `prompt-jax eval` (`evaluation.run_evaluation`). An existing `output_path`
+  is replaced only with `overwrite`."""
   decoding = decoding_lib.resolve(decoding)
   if bool(inputs_path) == bool(task):
     raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
                      f"MIXTURE_OR_TASK_NAME; got {inputs_path!r} and {task!r}")
   check_output_path(output_path, inputs_path)  # before reading anything
+  if not overwrite:
+    output_paths.check_output_path(output_path, "OUTPUT_PATH", exists_hint=(
+        "pass --gin.OVERWRITE=True to replace it, or choose another OUTPUT_PATH"))
   if task:
     task_cfg = pipeline.DatasetConfig(
         mixture_or_task_name=task, batch_size=batch_size, split=split,

@@ -28,8 +28,8 @@ import jax
 import numpy as np
 import seqio
 
+from prompt_jax import checkpoints, evaluation, inference, output_paths, prompt_files, run_dir
 from prompt_jax import decoding as decoding_lib
-from prompt_jax import evaluation, inference, output_paths, prompt_files
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
@@ -224,6 +224,27 @@ def _vocabulary(spec: str) -> seqio.Vocabulary:
   return vocabulary
 
 
+def check_against_runs(prompts: Mapping[str, str], checkpoint: str, placement: str) -> None:
+  """Refuse (ValueError naming the task and both values) a prompt exported by a run whose
+  record says it was trained with another placement or on another frozen checkpoint (by
+  fingerprint: the same file elsewhere is fine) than this serving uses."""
+  served = run_dir.fingerprint(checkpoints.resolve_path(checkpoint))
+  for task, source in prompts.items():
+    record = prompt_files.run_record_of(source)
+    if record is None:
+      continue
+    trained_placement = (record.get("prompt") or {}).get("placement")
+    if trained_placement and trained_placement != placement:
+      raise ValueError(f"the prompt of task {task!r} ({source}) was trained with placement "
+                       f"{trained_placement!r}, this serving uses {placement!r}; pass "
+                       f"--placement={trained_placement}")
+    frozen = record.get("frozen_checkpoint") or {}
+    if served and frozen.get("fingerprint") and frozen["fingerprint"] != served:
+      raise ValueError(f"the prompt of task {task!r} ({source}) was trained on the frozen "
+                       f"checkpoint {frozen.get('path')!r}; --checkpoint {checkpoint!r} is "
+                       "another file")
+
+
 def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkpoint: str,
          model: str = "tiny", vocabulary: str = "byte", input_length: int = 512,
          max_decode_length: int = 32, batch_size: int = 32, placement: str = "prefix",
@@ -239,6 +260,7 @@ def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkp
   if len(by_task) != len(prompts):
     raise ValueError(f"--prompt names a task twice: {[t for t, _ in prompts]}")
   check_output(output, inputs, by_task, overwrite)  # before the vocabulary and model load
+  check_against_runs(by_task, checkpoint, placement)
   frozen_model = EncoderDecoderModel(t5.Transformer(t5.preset(model)))
   infer_multitask(model=frozen_model, inputs_path=inputs, output_path=output, prompts=by_task,
                   vocabulary=_vocabulary(vocabulary), initial_checkpoint_path=checkpoint,

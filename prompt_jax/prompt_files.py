@@ -296,6 +296,18 @@ def source_format(source: str) -> str:
   return _resolve(source).kind
 
 
+def run_record_of(source: str) -> Optional[dict]:
+  """The record (run.json) of the run that exported `source`: a run directory, or a file in a
+  run's prompts/ folder; None for other sources and runs without a record."""
+  resolved = _resolve(source)
+  if resolved.kind == "peft":
+    return None
+  prompts_dir = os.path.dirname(os.path.abspath(resolved.path))
+  if os.path.basename(prompts_dir) != run_dir.PROMPTS_DIR:
+    return None
+  return run_dir.read_record(os.path.dirname(prompts_dir))
+
+
 def source_files(source: str) -> list[str]:
   """The files `read_prompt(source)` reads ([] when it would fail to find them): the .npy of
   `FILE.npy[#ROW]`, a PEFT adapter directory's files, a run directory's selected export."""

@@ -57,7 +57,8 @@ def check_model_dir(model_dir: Optional[str]) -> str:
   """The absolute MODEL_DIR after checking it can hold a run; writes nothing.
 
   Raises ValueError naming the path when it is unset, is a file, is not writable (or cannot be
-  created), or when one of its run subdirectories is a file."""
+  created), when one of its run subdirectories is a file, or when it lies inside another run's
+  directory (an ancestor holds a run.json)."""
   if not model_dir or not isinstance(model_dir, str):
     raise ValueError(f"MODEL_DIR is not set (got {model_dir!r}); pass "
                      "--gin.MODEL_DIR=\"'/path/to/run'\"")
@@ -80,6 +81,12 @@ def check_model_dir(model_dir: Optional[str]) -> str:
     if os.path.exists(sub) and not os.path.isdir(sub):
       raise ValueError(f"MODEL_DIR {model_dir!r} holds a file {name!r} where the run keeps its "
                        f"{name} directory; move it or use another MODEL_DIR")
+  parent = os.path.dirname(path)
+  while parent != os.path.dirname(parent):
+    if os.path.isfile(os.path.join(parent, RECORD_FILE)):
+      raise ValueError(f"MODEL_DIR {model_dir!r} is inside the run directory {parent!r} (it "
+                       f"has a {RECORD_FILE}); use a directory outside it")
+    parent = os.path.dirname(parent)
   return path
 
 
@@ -284,8 +291,22 @@ def fingerprint(path: Optional[str]) -> Optional[str]:
 
 def read_record(model_dir: str) -> Optional[dict]:
   """MODEL_DIR/run.json, or None for a directory without one (not a run, or written before
-  records existed)."""
-  return read_json(os.path.join(model_dir, RECORD_FILE))
+  records existed). A run.json that is not a JSON object is a ValueError: a damaged record
+  must not pass for no record."""
+  path = os.path.join(model_dir, RECORD_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    value, reason = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+  else:
+    reason = f"it holds a {type(value).__name__}, not the record's object"
+  if not isinstance(value, dict):
+    raise ValueError(f"MODEL_DIR {model_dir!r} has a damaged {RECORD_FILE} ({reason}); restore "
+                     f"it, or remove it: every checkpoint keeps a copy of the record")
+  return value
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -331,10 +352,11 @@ DEFINING = ("model", "prompt", "frozen_checkpoint", "data", "optimizer", "traina
 
 
 def check_record(model_dir: str, current: Mapping[str, Any], *, keys: Sequence[str] = DEFINING,
-                 allow_flag: str = "--gin.trainer.train.allow_config_change=True") -> None:
-  """Raise RunMismatchError naming each difference between MODEL_DIR's record and `current`
-  for `keys`; nothing when MODEL_DIR has no record."""
-  saved = read_record(model_dir)
+                 allow_flag: str = "--gin.trainer.train.allow_config_change=True",
+                 saved: Optional[Mapping[str, Any]] = None) -> None:
+  """Raise RunMismatchError naming each difference between MODEL_DIR's record (or `saved`, a
+  checkpoint's copy of it) and `current` for `keys`; nothing when there is no record."""
+  saved = read_record(model_dir) if saved is None else saved
   if saved is None:
     return
   differences = record_differences(saved, current, keys)
@@ -345,11 +367,15 @@ def check_record(model_dir: str, current: Mapping[str, Any], *, keys: Sequence[s
         f"{allow_flag}")
 
 
-def write_record(model_dir: str, record: Mapping[str, Any], step: int) -> None:
-  """Write MODEL_DIR/run.json (atomically). An existing record is kept: a different one (a
-  resume allowed to change the config) is appended to its `changes` with the step."""
+def write_record(model_dir: str, record: Mapping[str, Any], step: int,
+                 base: Optional[Mapping[str, Any]] = None) -> None:
+  """Write MODEL_DIR/run.json (atomically). An existing record (or, when run.json is missing,
+  `base`, a checkpoint's copy) is never lost: where `record` differs (a resume allowed to change
+  the config), run.json takes `record`'s values and its `changes` list each difference (from,
+  to) with the step it took effect."""
   path = os.path.join(model_dir, RECORD_FILE)
   saved = read_record(model_dir)
+  saved = dict(base) if saved is None and base is not None else saved
   if saved is None:
     write_json(path, dict(record))
     return
@@ -358,7 +384,9 @@ def write_record(model_dir: str, record: Mapping[str, Any], step: int) -> None:
     changes = list(saved.get("changes", []))
     changes.append({"step": int(step), "changed": [
         {"name": n, "from": a, "to": b} for n, a, b in differences]})
-    write_json(path, dict(saved, changes=changes))
+    write_json(path, dict(record, changes=changes))  # the values now in force; history kept
+  elif not os.path.exists(path):
+    write_json(path, saved)
 
 
 def write_config(model_dir: str, config_text: str, step: int) -> None:

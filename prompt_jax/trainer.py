@@ -297,6 +297,8 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
     meta["settings"] = _json_value(dict(regime.settings))
 
   record = run_record(regime, initial_checkpoint_path, seed)
+  meta["record"] = record  # every checkpoint keeps a copy: run.json can be lost, not the record
+  saved_record = run_dir.read_record(model_dir)
   if not allow_config_change:
     run_dir.check_record(model_dir, record)
 
@@ -307,6 +309,10 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
   start_step, last_metrics, complete = 0, {}, None
   if restored is not None:
     state, restored_meta, latest = restored
+    if saved_record is None:  # run.json removed: the checkpoint's copy of the record decides
+      saved_record = restored_meta.get("record")
+      if saved_record is not None and not allow_config_change:
+        run_dir.check_record(model_dir, record, saved=saved_record)
     check_settings(restored_meta, meta, manager.directory)
     if not allow_config_change:
       check_resume_compatible(restored_meta, meta, latest, manager.directory)
@@ -339,7 +345,7 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
 
   def write_record(step: int):
     if record_pending[0]:
-      run_dir.write_record(model_dir, record, step)
+      run_dir.write_record(model_dir, record, step, base=saved_record)
       if config_text is not None:
         run_dir.write_config(model_dir, config_text, step)
       record_pending[0] = False
@@ -389,7 +395,12 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
         run_dir.write_json(untrained_path, summary["eval_untrained"])
     else:
       untrained = run_dir.read_json(untrained_path)
-      if untrained is not None:
+      # The untrained prompt's scores are a baseline only on the data they were measured on.
+      same_data = saved_record is None or (
+          saved_record.get("data") == record["data"] and not any(
+              c["name"].startswith("data.") for change in saved_record.get("changes", [])
+              for c in change.get("changed", [])))
+      if untrained is not None and same_data:
         summary["eval_untrained"] = untrained
 
   def save(step: int, metrics: Mapping[str, float]):

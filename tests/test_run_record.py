@@ -173,3 +173,95 @@ def test_config_and_metrics_are_recorded_without_duplicates_across_resumes(tmp_p
   # The TRAIN_STEPS change was allowed; the config it replaced is kept beside it.
   assert "TRAIN_STEPS = 4" in (model_dir / "config_until_step4.gin").read_text()
   assert "TRAIN_STEPS = 6" in (model_dir / run_dir.CONFIG_FILE).read_text()
+
+
+# ------------------------------------------------------- a hostile user's run-directory cases
+
+
+def test_serving_outputs_never_replace_a_file_unasked(tmp_path, capsys):
+  model_dir = trained_copy("runs/demo.gin", tmp_path, capsys)
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text('{"inputs": "the soup was bland"}\n')
+  before = snapshot(model_dir)
+  record = model_dir / run_dir.RECORD_FILE
+  result = run_cli(["infer", f"--model_dir={model_dir}", f"--gin.INPUTS_PATH={str(inputs)!r}",
+                    f"--gin.OUTPUT_PATH={str(record)!r}"], capsys)
+  assert_one_line_error(result, [str(record), "already exists", "OVERWRITE"])
+  result = run_cli(["curves", str(model_dir), f"--output={record}"], capsys)
+  assert_one_line_error(result, [str(record), "already exists", "--overwrite"])
+  assert snapshot(model_dir) == before
+  output = tmp_path / "out.jsonl"
+  output.write_text("old\n")
+  result = run_cli(["infer", f"--model_dir={model_dir}", f"--gin.INPUTS_PATH={str(inputs)!r}",
+                    f"--gin.OUTPUT_PATH={str(output)!r}", "--gin.OVERWRITE=True"], capsys)
+  assert result.code == 0, result.err
+  assert json.loads(output.read_text())["prediction"] == "negative"
+
+
+def test_the_record_survives_a_lost_or_damaged_run_json(tmp_path, capsys):
+  model_dir = trained_copy("runs/demo.gin", tmp_path, capsys)
+  flags = ["train", "--gin_file=runs/demo.gin", _model_dir_flag(model_dir), *SHORT,
+           "--gin.TRAIN_STEPS=6"]
+  record = model_dir / run_dir.RECORD_FILE
+  original = record.read_text()
+  record.write_text("[1, 2]")
+  before = snapshot(model_dir)
+  assert_one_line_error(run_cli(flags, capsys), ["damaged run.json", "checkpoint"])
+  assert snapshot(model_dir) == before
+  record.unlink()  # lost: every checkpoint keeps a copy, which still refuses another lr
+  before = snapshot(model_dir)
+  assert_one_line_error(run_cli([*flags, "--gin.LEARNING_RATE=0.1"], capsys),
+                        ["learning_rate=0.3", "learning_rate=0.1"])
+  assert snapshot(model_dir) == before
+  result = run_cli(flags, capsys)  # the run's own command resumes and restores run.json
+  assert result.code == 0 and "at step 4" in result.out, result.err
+  assert json.loads(record.read_text()) == json.loads(original)
+
+
+def test_a_foreign_prompt_or_a_nested_run_leaves_the_run_alone(tmp_path, capsys):
+  model_dir = trained_copy("runs/demo.gin", tmp_path, capsys)
+  bank = tmp_path / "bank.npy"
+  np.save(bank, np.zeros((2, 10, 64), np.float32))
+  before = snapshot(model_dir)
+  result = run_cli(["eval", f"--model_dir={model_dir}", f"--gin.PROMPT_PATH='{bank}#1'"], capsys)
+  assert result.code == 0, result.err
+  assert snapshot(model_dir) == before  # its score is not logged as the run's step 0
+  nested = model_dir / run_dir.CHECKPOINTS_DIR / "new"
+  result = run_cli(["train", "--gin_file=runs/demo.gin", _model_dir_flag(nested), *SHORT],
+                   capsys)
+  assert_one_line_error(result, [str(nested), "inside the run directory"])
+  assert snapshot(model_dir) == before
+
+
+def test_serving_a_runs_prompt_checks_its_placement_and_frozen_model(tmp_path, capsys):
+  model_dir = trained_copy("runs/demo.gin", tmp_path, capsys,
+                           extra=("--gin.PROMPT_PLACEMENT='suffix'",))
+  requests = tmp_path / "requests.jsonl"
+  requests.write_text('{"task": "s", "inputs": "the soup was bland"}\n')
+  serve = ["infer", f"--inputs={requests}", f"--output={tmp_path / 'answers.jsonl'}",
+           f"--prompt=s={model_dir}"]
+  assert_one_line_error(run_cli([*serve, "--checkpoint=builtin:demo_t5_tiny.npz"], capsys),
+                        ["placement 'suffix'", "--placement=suffix"])
+  other = tmp_path / "other.npz"
+  from prompt_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  params = checkpoints.load_params_npz(checkpoints.resolve_path("builtin:demo_t5_tiny.npz"))
+  params["decoder"]["decoder_norm"]["scale"] = params["decoder"]["decoder_norm"]["scale"] * 1.01
+  checkpoints.save_params_npz(params, str(other))
+  assert_one_line_error(run_cli([*serve, f"--checkpoint={other}", "--placement=suffix"],
+                                capsys), ["builtin:demo_t5_tiny.npz", "another file"])
+  result = run_cli([*serve, "--checkpoint=builtin:demo_t5_tiny.npz", "--placement=suffix"],
+                   capsys)
+  assert result.code == 0, result.err
+
+
+def test_another_task_allowed_on_resume_drops_the_old_tasks_baseline(tmp_path, capsys):
+  model_dir = trained_copy("runs/demo.gin", tmp_path, capsys)
+  result = run_cli(["train", "--gin_file=runs/demo.gin", _model_dir_flag(model_dir), *SHORT,
+                    "--gin.TRAIN_STEPS=6", "--gin.MIXTURE_OR_TASK_NAME='demo_topic'",
+                    "--gin.trainer.train.allow_config_change=True"], capsys)
+  assert result.code == 0, result.err
+  summary = _summary(model_dir)
+  assert "eval_untrained" not in summary and summary["eval_trained"]
+  changes = run_dir.read_record(str(model_dir))["changes"]
+  assert {"name": "data.task", "from": "demo_sentiment", "to": "demo_topic"} in \
+      changes[0]["changed"]
