@@ -157,7 +157,7 @@ def test_bad_inputs_and_outputs_are_one_line_errors(tmp_path):
   with pytest.raises(ValueError, match="empty has no metrics.jsonl"):
     curves.plot_runs([str(tmp_path / "run"), str(tmp_path / "empty")], str(tmp_path / "x.png"))
   (tmp_path / "file").write_text("x")
-  with pytest.raises(ValueError, match=r"file is a file") as error:
+  with pytest.raises(ValueError, match=r"file' is a file, not a directory") as error:
     curves.plot_run(str(tmp_path / "run"), str(tmp_path / "file" / "curves.png"))
   assert "\n" not in str(error.value)
   metrics = tmp_path / "run" / METRICS_FILE
