@@ -93,7 +93,6 @@ def test_resuming_with_other_regime_settings_is_one_line(tmp_path):
   with pytest.raises(ValueError, match=r"holds a run with settings.search_mode='darts'; this "
                                        r"command configures settings.search_mode='joint'"):
     trainer.run(_search(mode="joint"), model_dir=model_dir, train_steps=2)
-  os.remove(os.path.join(model_dir, run_dir.RECORD_FILE))  # a run from before records: the
-  with pytest.raises(ValueError, match=r"were written for \{'search_mode': 'darts'.* this run "
-                                       r"is \{'search_mode': 'joint'"):  # checkpoints refuse it
+  os.remove(os.path.join(model_dir, run_dir.RECORD_FILE))  # lost: the checkpoint's copy refuses
+  with pytest.raises(ValueError, match=r"holds a run with settings.search_mode='darts'"):
     trainer.run(_search(mode="joint"), model_dir=model_dir, train_steps=2)
