@@ -201,17 +201,27 @@ def write_json(path: str, value: Any) -> str:
   return atomic_write(path, lambda f: f.write(data))
 
 
-def read_json(path: str) -> Optional[dict]:
-  """The JSON object at `path`, or None when it is absent or unreadable (logged)."""
-  if not os.path.exists(path):
-    return None
+def _load_object(path: str) -> tuple[Optional[dict], Optional[str]]:
+  """(the JSON object at `path`, None), or (None, why it is not one) for an unreadable file,
+  invalid JSON or another JSON value."""
   try:
     with open(path) as f:
       value = json.load(f)
   except (OSError, ValueError) as e:
-    log.warning("ignoring unreadable %s: %s", path, e)
+    return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+  if not isinstance(value, dict):
+    return None, f"it holds a {type(value).__name__}, not an object"
+  return value, None
+
+
+def read_json(path: str) -> Optional[dict]:
+  """The JSON object at `path`, or None when it is absent or unreadable (logged)."""
+  if not os.path.exists(path):
     return None
-  return value if isinstance(value, dict) else None
+  value, reason = _load_object(path)
+  if reason is not None:
+    log.warning("ignoring unreadable %s: %s", path, reason)
+  return value
 
 
 def write_npy(path: str, array: np.ndarray) -> str:
@@ -296,14 +306,8 @@ def read_record(model_dir: str) -> Optional[dict]:
   path = os.path.join(model_dir, RECORD_FILE)
   if not os.path.exists(path):
     return None
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError) as e:
-    value, reason = None, str(e).splitlines()[0] if str(e) else type(e).__name__
-  else:
-    reason = f"it holds a {type(value).__name__}, not the record's object"
-  if not isinstance(value, dict):
+  value, reason = _load_object(path)
+  if reason is not None:
     raise ValueError(f"MODEL_DIR {model_dir!r} has a damaged {RECORD_FILE} ({reason}); restore "
                      f"it, or remove it: every checkpoint keeps a copy of the record")
   return value
