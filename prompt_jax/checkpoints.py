@@ -90,7 +90,7 @@ class PromptCheckpointManager:
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=force)
     self.manager.wait_until_finished()
-    if saved:
+    if saved and self.keep is not None:
       self.rotate()
     return bool(saved)
 
@@ -117,19 +117,21 @@ class PromptCheckpointManager:
     step, value = (max if higher else min)(candidates, key=lambda c: c[1])
     return {"step": step, "metric": name, "value": value}
 
-  def rotate(self, extra: Optional[Mapping[int, Mapping[str, float]]] = None) -> None:
-    """Delete all but the newest `keep` checkpoints and the best one (`best_step(extra)`);
-    every save rotates, and the loop again after its final evaluation."""
+  def rotate(self, extra: Optional[Mapping[int, Mapping[str, float]]] = None
+             ) -> Optional[dict[str, Any]]:
+    """Delete all but the newest `keep` checkpoints and the best one; returns the best
+    (`best_step(extra)`). Every save rotates, and the loop again after its final evaluation."""
+    best = self.best_step(extra)
     if self.keep is None:
-      return
+      return best
     steps = sorted(self.all_steps())
     kept = set(steps[-self.keep:])
-    best = self.best_step(extra)
     if best is not None:
       kept.add(best["step"])
     for step in steps:
       if step not in kept:
         self.manager.delete(step)
+    return best
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """`abstract_state`: a tree of `jax.ShapeDtypeStruct` with shardings, like the saved one.

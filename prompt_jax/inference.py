@@ -155,15 +155,16 @@ def read_jsonl(path: str, required: Sequence[str] = ("inputs",)) -> list[dict[st
 
 
 def check_output_path(output_path: str, inputs_path: Optional[str],
-                      output_name: str = "OUTPUT_PATH", inputs_name: str = "INPUTS_PATH") -> None:
-  """Refuse (ValueError) an output that would overwrite the inputs, is a directory or lies
-  under a file (`output_paths.check_output_path`)."""
+                      output_name: str = "OUTPUT_PATH", inputs_name: str = "INPUTS_PATH", *,
+                      exists_hint: Optional[str] = None) -> None:
+  """Refuse (ValueError) an output that would overwrite the inputs, is a directory, lies under
+  a file, or (with `exists_hint`, what to do instead) exists (`output_paths.check_output_path`)."""
   if not isinstance(output_path, str) or not output_path:
     raise ValueError(f"{output_name} must be a file path, got {output_path!r}")
   if inputs_path and output_paths.same_file(output_path, inputs_path):
     raise ValueError(f"{output_name} {output_path!r} is the input file {inputs_name} "
                      f"{inputs_path!r}; writing it would overwrite the inputs")
-  output_paths.check_output_path(output_path, output_name)
+  output_paths.check_output_path(output_path, output_name, exists_hint=exists_hint)
 
 
 def check_model_vocabulary(vocabulary: seqio.Vocabulary, vocab_size: int,
@@ -220,10 +221,8 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
   if bool(inputs_path) == bool(task):
     raise ValueError("infer needs exactly one of INPUTS_PATH (a JSONL file) or "
                      f"MIXTURE_OR_TASK_NAME; got {inputs_path!r} and {task!r}")
-  check_output_path(output_path, inputs_path)  # before reading anything
-  if not overwrite:
-    output_paths.check_output_path(output_path, "OUTPUT_PATH", exists_hint=(
-        "pass --gin.OVERWRITE=True to replace it, or choose another OUTPUT_PATH"))
+  check_output_path(output_path, inputs_path, exists_hint=None if overwrite else (  # first
+      "pass --gin.OVERWRITE=True to replace it, or choose another OUTPUT_PATH"))
   if task:
     task_cfg = pipeline.DatasetConfig(
         mixture_or_task_name=task, batch_size=batch_size, split=split,

@@ -43,23 +43,17 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ prompts
 
 
-def load_prompt(source: str) -> np.ndarray:
-  """A prompt source -> float32 [length, embed] (`prompt_files.read_prompt`)."""
-  return prompt_files.read_prompt(source)
-
-
 def check_output(output_path: str, inputs_path: str, prompts: Mapping[str, str],
                  overwrite: bool = False) -> None:
   """Refuse (ValueError naming the path) an --output that is --inputs or a file a prompt is
   read from, is a directory or lies under a file, or exists (unless `overwrite`)."""
-  inference.check_output_path(output_path, inputs_path, "--output", "--inputs")
   for task, source in prompts.items():
     for path in prompt_files.source_files(source):
       if output_paths.same_file(output_path, path):
         raise ValueError(f"--output {output_path!r} is the prompt file {path!r} of task "
                          f"{task!r}; writing it would overwrite the prompt")
-  output_paths.check_output_path(
-      output_path, "--output", exists_hint=None if overwrite else
+  inference.check_output_path(
+      output_path, inputs_path, "--output", "--inputs", exists_hint=None if overwrite else
       "pass --overwrite to replace it, or choose another --output")
 
 
@@ -177,7 +171,7 @@ def infer_multitask(*, model: EncoderDecoderModel, inputs_path: str, output_path
   decoding = decoding_lib.resolve(decoding)
   check_output(output_path, inputs_path, prompts, overwrite)  # before reading anything
   inference.check_model_vocabulary(vocabulary, model.config.vocab_size, "--vocabulary")
-  loaded = {task: load_prompt(source) for task, source in prompts.items()}
+  loaded = {task: prompt_files.read_prompt(source) for task, source in prompts.items()}
   dims = {task: p.shape[1] for task, p in loaded.items() if p.shape[1] != model.config.emb_dim}
   if dims:
     raise ValueError(f"prompt widths {dims} differ from the model's emb_dim "

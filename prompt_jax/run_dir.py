@@ -372,14 +372,13 @@ def check_record(model_dir: str, current: Mapping[str, Any], *, keys: Sequence[s
 
 
 def write_record(model_dir: str, record: Mapping[str, Any], step: int,
-                 base: Optional[Mapping[str, Any]] = None) -> None:
-  """Write MODEL_DIR/run.json (atomically). An existing record (or, when run.json is missing,
-  `base`, a checkpoint's copy) is never lost: where `record` differs (a resume allowed to change
-  the config), run.json takes `record`'s values and its `changes` list each difference (from,
-  to) with the step it took effect."""
+                 saved: Optional[Mapping[str, Any]]) -> None:
+  """Write MODEL_DIR/run.json (atomically). The record the run had, `saved` (run.json as read
+  under the lock, or a checkpoint's copy when run.json is missing; None for a new run), is never
+  lost: where `record` differs (a resume allowed to change the config), run.json takes
+  `record`'s values and its `changes` list each difference (from, to) with the step it took
+  effect."""
   path = os.path.join(model_dir, RECORD_FILE)
-  saved = read_record(model_dir)
-  saved = dict(base) if saved is None and base is not None else saved
   if saved is None:
     write_json(path, dict(record))
     return
@@ -390,7 +389,7 @@ def write_record(model_dir: str, record: Mapping[str, Any], step: int,
         {"name": n, "from": a, "to": b} for n, a, b in differences]})
     write_json(path, dict(record, changes=changes))  # the values now in force; history kept
   elif not os.path.exists(path):
-    write_json(path, saved)
+    write_json(path, dict(saved))
 
 
 def write_config(model_dir: str, config_text: str, step: int) -> None:

@@ -299,8 +299,8 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
   record = run_record(regime, initial_checkpoint_path, seed)
   meta["record"] = record  # every checkpoint keeps a copy: run.json can be lost, not the record
   saved_record = run_dir.read_record(model_dir)
-  if not allow_config_change:
-    run_dir.check_record(model_dir, record)
+  if saved_record is not None and not allow_config_change:
+    run_dir.check_record(model_dir, record, saved=saved_record)
 
   # Resume: the newest checkpoint that restores and is finite (older ones if it does not).
   manager = checkpoints.PromptCheckpointManager(model_dir, checkpoint_every_steps,
@@ -341,14 +341,15 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
   # Everything is checked and loaded. A new run is recorded before its first step; a resumed
   # one records what changed (an allowed config change, another config.gin) with its first
   # save, so a resume that stops before saving anything leaves the record as it was.
-  record_pending = [jax.process_index() == 0 and complete is None]
+  record_pending = jax.process_index() == 0 and complete is None
 
   def write_record(step: int):
-    if record_pending[0]:
-      run_dir.write_record(model_dir, record, step, base=saved_record)
+    nonlocal record_pending
+    if record_pending:
+      run_dir.write_record(model_dir, record, step, saved=saved_record)
       if config_text is not None:
         run_dir.write_config(model_dir, config_text, step)
-      record_pending[0] = False
+      record_pending = False
 
   if restored is None:
     write_record(start_step)
@@ -499,9 +500,7 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
   if eval_dataset_cfg:
     summary["eval_trained"] = run_eval("trained prompt", step)
     eval_writer.close()
-    final = {step: summary["eval_trained"]}
-    manager.rotate(final)
-    best = manager.best_step(final)
+    best = manager.rotate({step: summary["eval_trained"]})
     if best is not None:
       summary["best_checkpoint"] = best
   manager.close()

@@ -17,7 +17,7 @@ import pytest
 import seqio
 from safetensors.numpy import save_file
 
-from prompt_jax import checkpoints, inference, multitask
+from prompt_jax import checkpoints, inference, multitask, prompt_files
 from prompt_jax.data import pipeline
 from prompt_jax.interop import convert, hf, peft, t5x
 from prompt_jax.prompts import base, initializers
@@ -322,7 +322,7 @@ def test_the_table_is_large_enough():
 ])
 def test_check_prompt_array_refuses(array, message):
   with pytest.raises(ValueError, match=message):
-    initializers.check_prompt_array(array, "p.npy")
+    prompt_files.check_prompt_array(array, "p.npy")
 
 
 def test_check_prompt_array_counts_non_finite_values_and_names_the_first():
@@ -330,22 +330,22 @@ def test_check_prompt_array_counts_non_finite_values_and_names_the_first():
   array[2, 3], array[4, 0], array[4, 1] = np.nan, np.inf, -np.inf
   with pytest.raises(ValueError, match=r"'p\.npy' has 3 non-finite values \(NaN or inf\); the "
                                        r"first is nan at index \[2, 3\]"):
-    initializers.check_prompt_array(array, "p.npy")
+    prompt_files.check_prompt_array(array, "p.npy")
 
 
 def test_check_prompt_array_shapes_and_result():
   with pytest.raises(ValueError, match=r"prompt file 'p\.npy' has shape \(7, 32\), expected "
                                        r"\(7, 64\) \(prompt length, model emb_dim\)"):
-    initializers.check_prompt_array(np.zeros((7, 32), np.float32), "p.npy", (7, 64))
+    prompt_files.check_prompt_array(np.zeros((7, 32), np.float32), "p.npy", (7, 64))
   with pytest.raises(ValueError, match=r"expected \(2, 7, 32\) \(number of prompts"):
-    initializers.check_prompt_array(np.zeros((7, 32), np.float32), "p.npy", (2, 7, 32))
-  out = initializers.check_prompt_array(np.ones((3, 4), np.float64), "p.npy", (3, 4))
+    prompt_files.check_prompt_array(np.zeros((7, 32), np.float32), "p.npy", (2, 7, 32))
+  out = prompt_files.check_prompt_array(np.ones((3, 4), np.float64), "p.npy", (3, 4))
   assert out.dtype == np.float32 and out.shape == (3, 4)
-  bank = initializers.check_prompt_array(np.ones((2, 3, 4), np.float16), "b.npy", allow_bank=True)
+  bank = prompt_files.check_prompt_array(np.ones((2, 3, 4), np.float16), "b.npy", allow_bank=True)
   assert bank.dtype == np.float32
 
 
-def test_load_prompt_array_names_the_file(tmp_path):
+def test_read_prompt_names_the_file(tmp_path):
   np.save(tmp_path / "ok.npy", np.ones((3, 4), np.float32))
   raw = (tmp_path / "ok.npy").read_bytes()
   (tmp_path / "cut.npy").write_bytes(raw[:len(raw) - 20])
@@ -355,12 +355,12 @@ def test_load_prompt_array_names_the_file(tmp_path):
            "arch.npz": "is a .npz archive"}
   for name, message in cases.items():
     with pytest.raises(ValueError, match=message) as info:
-      initializers.load_prompt_array(str(tmp_path / name))
+      prompt_files.read_prompt(str(tmp_path / name))
     assert str(tmp_path / name) in str(info.value)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    initializers.load_prompt_array(str(tmp_path / "none.npy"))
+    prompt_files.read_prompt(str(tmp_path / "none.npy"))
   with pytest.raises(ValueError, match="is a directory"):
-    initializers.load_prompt_array(str(tmp_path))
+    prompt_files.read_prompt(str(tmp_path))
 
 
 def test_from_array_keeps_the_shape_message(tmp_path):
@@ -490,13 +490,13 @@ def test_multitask_records_name_the_file_and_line():
 def test_multitask_prompt_sources_are_checked(tmp_path):
   np.save(tmp_path / "int.npy", np.ones((3, 4), np.int8))
   with pytest.raises(ValueError, match="has dtype int8"):
-    multitask.load_prompt(str(tmp_path / "int.npy"))
+    prompt_files.read_prompt(str(tmp_path / "int.npy"))
   bank = np.zeros((2, 3, 4), np.float32)
   bank[1, 0, 0] = np.nan
   np.save(tmp_path / "bank.npy", bank)
-  multitask.load_prompt(f"{tmp_path / 'bank.npy'}#0")
+  prompt_files.read_prompt(f"{tmp_path / 'bank.npy'}#0")
   with pytest.raises(ValueError, match=r"bank\.npy#1' has 1 non-finite value"):
-    multitask.load_prompt(f"{tmp_path / 'bank.npy'}#1")
+    prompt_files.read_prompt(f"{tmp_path / 'bank.npy'}#1")
 
 
 # ------------------------------------------------------------------ frozen checkpoints

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_jax import checkpoints, decoding, inference, multitask
+from prompt_jax import checkpoints, decoding, inference, multitask, prompt_files
 from prompt_jax.data import synthetic
 from prompt_jax.interop import peft
 from prompt_jax.models import t5
@@ -119,15 +119,15 @@ def test_load_prompt_sources_and_errors(tmp_path):
   run.mkdir(parents=True)
   np.save(run / "prompt_5.npy", prompt * 0)
   np.save(run / "prompt_20.npy", prompt)  # the latest export wins (numerically, not as text)
-  np.testing.assert_array_equal(multitask.load_prompt(str(tmp_path / "run")), prompt)
+  np.testing.assert_array_equal(prompt_files.read_prompt(str(tmp_path / "run")), prompt)
   np.save(tmp_path / "bank.npy", np.stack([prompt, prompt + 1]))
-  np.testing.assert_array_equal(multitask.load_prompt(f"{tmp_path / 'bank.npy'}#1"), prompt + 1)
+  np.testing.assert_array_equal(prompt_files.read_prompt(f"{tmp_path / 'bank.npy'}#1"), prompt + 1)
   with pytest.raises(ValueError, match=r"needs '#<row>'"):
-    multitask.load_prompt(str(tmp_path / "bank.npy"))
+    prompt_files.read_prompt(str(tmp_path / "bank.npy"))
   with pytest.raises(ValueError, match=r"0 <= row < N; got shape \(2, 3, 4\) and row '2'"):
-    multitask.load_prompt(f"{tmp_path / 'bank.npy'}#2")
+    prompt_files.read_prompt(f"{tmp_path / 'bank.npy'}#2")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    multitask.load_prompt(str(tmp_path / "missing.npy"))
+    prompt_files.read_prompt(str(tmp_path / "missing.npy"))
   with pytest.raises(ValueError, match=r"line 2: task 'nli' has no prompt; prompts are given "
                                        r"for \['sentiment'\]"):
     multitask.check_records([{"task": "sentiment", "inputs": "a"},

@@ -25,8 +25,6 @@ WEIGHTS_FILE = prompt_files.PEFT_WEIGHTS_FILE
 TENSOR_KEY = prompt_files.PEFT_TENSOR_KEY
 TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
-default_num_transformer_submodules = prompt_files.peft_num_transformer_submodules
-read_config = prompt_files.read_peft_config
 
 
 def load_prompt(path: str) -> np.ndarray:
@@ -54,7 +52,7 @@ def save_prompt(prompt: np.ndarray, path: str, base_model_name_or_path: Optional
     raise ValueError(f"save_prompt: prompt must be floating point, got {prompt.dtype}")
   if task_type not in TASK_TYPES:
     raise ValueError(f"save_prompt: task_type must be one of {TASK_TYPES}, got {task_type!r}")
-  submodules = (default_num_transformer_submodules(task_type)
+  submodules = (prompt_files.peft_num_transformer_submodules(task_type)
                 if num_transformer_submodules is None else int(num_transformer_submodules))
   if submodules not in (1, 2):
     raise ValueError(f"save_prompt: num_transformer_submodules must be 1 or 2, got {submodules}")

@@ -10,7 +10,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prompt_jax import prompt_files
 
@@ -131,17 +130,6 @@ def from_string(text: str, vocabulary, population_size: int = 5000,
   return init
 
 
-# Prompt files are read by `prompt_jax.prompt_files`; these names stay for existing callers.
-check_prompt_array = prompt_files.check_prompt_array
-
-
-def load_prompt_array(source: str, expected_shape: Optional[Sequence[int]] = None, *,
-                      allow_bank: bool = False) -> np.ndarray:
-  """`prompt_files.read_prompt(source, allow_bank=...)`, of `expected_shape` when given."""
-  array = prompt_files.read_prompt(source, allow_bank=allow_bank)
-  return array if expected_shape is None else check_prompt_array(array, source, expected_shape)
-
-
 def from_array(path: str, bank_mean: bool = False) -> PromptInit:
   """The prompt saved at `path`, e.g. a released prompt: any prompt source of
   `prompt_jax.prompt_files` (`FILE.npy`, `FILE.npy#ROW`, a PEFT adapter directory, a run
@@ -159,6 +147,6 @@ def from_array(path: str, bank_mean: bool = False) -> PromptInit:
 
   def init(rng, shape, embedding_table=None):
     del rng, embedding_table
-    return jnp.asarray(check_prompt_array(array, path, shape))
+    return jnp.asarray(prompt_files.check_prompt_array(array, path, shape))
 
   return init
