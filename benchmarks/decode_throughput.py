@@ -1,5 +1,5 @@
-"""Decoding tokens/s, greedy and beam search: ours (`prompt_jax.decoding`, KV cache, one jitted
-`lax.while_loop`) vs Hugging Face `generate` on torch (its own cache), same model shape.
+"""Decoding tokens/s, greedy and beam search: ours (`prompt_jax.models.decoding`, KV cache, one
+jitted `lax.while_loop`) vs Hugging Face `generate` on torch (its own cache), same model shape.
 
     python benchmarks/decode_throughput.py [--num_beams 1,4 --rounds 3 --batch 8 --inputs 228
                                             --new_tokens 32 --preset t5_1_1_small --dtype float32]
@@ -34,9 +34,11 @@ import bench_common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prompt_jax import decoding  # noqa: E402
 from prompt_jax import params as params_lib  # noqa: E402
-from prompt_jax.models import t5  # noqa: E402
+from prompt_jax.models import (
+  decoding,  # noqa: E402
+  t5,  # noqa: E402
+)
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
 
 PRESET = "t5_1_1_small"

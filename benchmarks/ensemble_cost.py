@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax import ensemble
 from prompt_jax import params as params_lib
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts.bank import PromptBank
+from prompt_jax.serving import ensemble
 
 
 def _best_time(fn, repeats: int) -> tuple[float, float]:

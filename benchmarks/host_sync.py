@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prompt_jax import trainer  # noqa: E402
 from prompt_jax.data import pipeline, synthetic  # noqa: E402,F401  (registers demo tasks)
 from prompt_jax.models import t5  # noqa: E402
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
@@ -31,6 +30,7 @@ from prompt_jax.partitioning import Partitioner  # noqa: E402
 from prompt_jax.prompts import initializers  # noqa: E402
 from prompt_jax.prompts.base import InputPrompt  # noqa: E402
 from prompt_jax.prompts.plain import Prompt  # noqa: E402
+from prompt_jax.training import trainer  # noqa: E402
 
 SHAPES = {  # preset, checkpoint, batch, inputs, targets, prompt length
     "demo": ("tiny", "builtin:demo_t5_tiny.npz", 32, 64, 16, 10),

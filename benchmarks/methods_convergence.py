@@ -31,7 +31,6 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from prompt_jax import evaluation, optimizers, trainer
 from prompt_jax.data import metrics, pipeline, synthetic
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -41,6 +40,8 @@ from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.residual import ResidualPrompt
 from prompt_jax.prompts.superpos import SuperPosPrompt
+from prompt_jax.serving import evaluation
+from prompt_jax.training import optimizers, trainer
 
 TASK = "demo_sentiment_flipped"
 FROZEN = "builtin:demo_t5_tiny.npz"

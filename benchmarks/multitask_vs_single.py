@@ -23,7 +23,6 @@ import csv
 import os
 import tempfile
 
-from prompt_jax import multitask_training, optimizers, trainer
 from prompt_jax.data import mixtures, pipeline, synthetic
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -31,6 +30,7 @@ from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.training import multitask_training, optimizers, trainer
 
 CHECKPOINT = "builtin:demo_t5_tiny.npz"
 LENGTHS = {"inputs": 64, "targets": 16}

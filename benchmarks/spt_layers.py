@@ -4,8 +4,8 @@
 
 The shipped demo model has only 2 encoder layers, so this first pretrains (once, cached in
 --cache_dir) a tiny T5 1.1 with 6 encoder layers on the prefixed synthetic tasks, exactly as
-the demo model is made (`prompt_jax.pretrain`). Then, on `demo_sentiment` (no task prefix; the
-prompt has to stand in for it), with the same prompt length and step budget:
+the demo model is made (`prompt_jax.training.pretrain`). Then, on `demo_sentiment` (no task prefix;
+the prompt has to stand in for it), with the same prompt length and step budget:
 
   plain      input prompt only (Lester et al.)
   deep-all   input prompt + a free prompt before every encoder layer 1..5 (P-tuning v2 style)
@@ -28,13 +28,13 @@ import time
 import jax
 
 from prompt_jax import params as params_lib
-from prompt_jax import pretrain, spt_training, trainer
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers the demo tasks)
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import deep, initializers, spt
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.training import pretrain, spt_training, trainer
 
 LENGTHS = {"inputs": 64, "targets": 16}
 ENCODER_LAYERS = 6

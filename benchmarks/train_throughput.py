@@ -14,7 +14,7 @@ process, so that load from other processes hits all of them alike; the table rep
 ratios and their median, framed by the load averages at the start and end
 (`bench_common`: "UNDER LOAD" when other processes used the CPU). FLOPs per step are counted as
 4 x (encoder matmul weights x encoder tokens + (decoder matmul weights + logits weights) x
-decoder tokens) (`prompt_jax.plan`).
+decoder tokens) (`prompt_jax.tools.plan`).
 
 Imports only jax/flax/optax/orbax/numpy from prompt_jax's dependencies (no TensorFlow, seqio or
 tensorflow-datasets), so it runs as is on a GPU or TPU machine (ours on the accelerator; PEFT
@@ -41,15 +41,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prompt_jax import plan  # noqa: E402
 from prompt_jax.models import t5  # noqa: E402
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
-from prompt_jax.optimizers import adafactor  # noqa: E402
 from prompt_jax.partitioning import Partitioner  # noqa: E402
 from prompt_jax.programs import PromptPrograms  # noqa: E402
 from prompt_jax.prompts import initializers  # noqa: E402
 from prompt_jax.prompts.base import InputPrompt  # noqa: E402
 from prompt_jax.prompts.plain import Prompt  # noqa: E402
+from prompt_jax.tools import plan  # noqa: E402
+from prompt_jax.training.optimizers import adafactor  # noqa: E402
 
 PRESET = "t5_1_1_small"
 DTYPES = ("float32", "bfloat16")

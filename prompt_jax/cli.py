@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import prompt_jax
-from prompt_jax import preemption
+from prompt_jax.training import preemption
 
 
 class GinCommand(NamedTuple):
   """A command that calls one gin-configured library function.
 
   Attributes:
-    module, function: what it calls, e.g. 'prompt_jax.trainer', 'train'.
+    module, function: what it calls, e.g. 'prompt_jax.training.trainer', 'train'.
     not_empty: macros that must be set (not None or '').
     elsewhere: (selector or '%MACRO', command): a config that configures the selector (or binds
       the macro) belongs to that command; this one refuses it, naming the command to run.
@@ -63,21 +63,21 @@ class GinCommand(NamedTuple):
 GIN_COMMANDS: dict[str, GinCommand] = {
     # runs/spt.gin includes runs/prompt_finetune.gin, so it configures trainer.train too:
     # `train` refuses it (and the TRAIN_FN macro that used to route it) instead of running it.
-    "train": GinCommand("prompt_jax.trainer", "train", not_empty=("MODEL_DIR",),
+    "train": GinCommand("prompt_jax.training.trainer", "train", not_empty=("MODEL_DIR",),
                         elsewhere=(("spt_training.train_spt", "spt"), ("%TRAIN_FN", "spt"),
                                    ("multitask_training.train_multitask", "multitask")),
                         trains=True),
-    "spt": GinCommand("prompt_jax.spt_training", "train_spt", not_empty=("MODEL_DIR",),
+    "spt": GinCommand("prompt_jax.training.spt_training", "train_spt", not_empty=("MODEL_DIR",),
                       required=("spt_training.train_spt", "include runs/spt.gin (or its "
                                 "spt_training.train_spt block, see docs/spt.md)"), trains=True),
-    "multitask": GinCommand("prompt_jax.multitask_training", "train_multitask",
+    "multitask": GinCommand("prompt_jax.training.multitask_training", "train_multitask",
                             not_empty=("MODEL_DIR",),
                             required=("multitask_training.train_multitask",
                                       "include runs/multitask.gin (see docs/multitask.md)"),
                             trains=True),
-    "pretrain": GinCommand("prompt_jax.pretrain", "pretrain", trains=True),
-    "eval": GinCommand("prompt_jax.evaluation", "run_evaluation", serves="runs/eval.gin"),
-    "infer": GinCommand("prompt_jax.inference", "infer", serves="runs/infer.gin"),
+    "pretrain": GinCommand("prompt_jax.training.pretrain", "pretrain", trains=True),
+    "eval": GinCommand("prompt_jax.serving.evaluation", "run_evaluation", serves="runs/eval.gin"),
+    "infer": GinCommand("prompt_jax.serving.inference", "infer", serves="runs/infer.gin"),
 }
 # Every command and its line in `prompt-jax --help`.
 COMMANDS: dict[str, str] = {
@@ -97,7 +97,7 @@ COMMANDS: dict[str, str] = {
 # OSError: a full disk, a read-only or vanished directory (named by the error's filename).
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 VERBOSITIES = ("debug", "info", "warning", "error")
-# The same as prompt_jax.interop.convert.PROMPT_FORMATS, prompt_jax.plan.CHIPS and
+# The same as prompt_jax.tools.convert.PROMPT_FORMATS, prompt_jax.tools.plan.CHIPS and
 # prompt_jax.prompts.base placements (tests/test_cli_errors.py checks), without importing them.
 PROMPT_FORMATS = ("npy", "peft", "t5x")
 CHIPS = ("a100", "h100", "v4", "v5e", "v5p", "v6e")
@@ -644,7 +644,7 @@ def _import(command: str, module_name: str):
 
 
 def _initialize_distributed() -> None:
-  from prompt_jax import distributed  # pylint: disable=g-import-not-at-top
+  from prompt_jax.tools import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()  # multi-host runs: before anything touches the devices
 
 
@@ -752,7 +752,7 @@ def spt_retrain_bindings(model_dir: str) -> list[str]:
   """For an SPT run's re-training phase (MODEL_DIR/retrain, whose config.gin is the `spt`
   command's and so builds the search model): the bindings that build the re-trained model,
   hard gates at the layers MODEL_DIR/search/selection.json selected. [] for other runs."""
-  from prompt_jax import run_dir  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import run_dir  # pylint: disable=g-import-not-at-top
   if os.path.basename(os.path.normpath(model_dir)) != "retrain":
     return []
   selection = run_dir.read_json(os.path.join(os.path.dirname(os.path.normpath(model_dir)),
@@ -789,7 +789,7 @@ def from_run_directory(command: str, args: argparse.Namespace) -> None:
     return
   if not os.path.isdir(model_dir):
     raise ValueError(f"MODEL_DIR {model_dir!r} does not exist (or is not a directory)")
-  from prompt_jax import run_dir  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import run_dir  # pylint: disable=g-import-not-at-top
   retrain = os.path.join(model_dir, "retrain")
   if not os.path.exists(os.path.join(model_dir, run_dir.CONFIG_FILE)) and os.path.isfile(
       os.path.join(retrain, run_dir.CONFIG_FILE)):  # an SPT run: serve its re-trained phase
@@ -825,7 +825,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     if "://" not in args.inputs and not os.path.isfile(args.inputs):
       raise FileNotFoundError(f"--inputs {args.inputs!r} does not exist")
     _initialize_distributed()
-    multitask = _import(command, "prompt_jax.multitask")
+    multitask = _import(command, "prompt_jax.serving.multitask_inference")
     return int(multitask.main(
         inputs=args.inputs, output=args.output, prompts=args.prompt, checkpoint=args.checkpoint,
         model=args.model, vocabulary=args.vocabulary, input_length=args.input_length,
@@ -835,11 +835,11 @@ def _run(command: str, args: argparse.Namespace) -> int:
   _initialize_distributed()
   if command == "plan":
     if args.json:  # before any compile
-      from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+      from prompt_jax.storage import output_paths  # pylint: disable=g-import-not-at-top
       output_paths.check_output_path(args.json, "--json")
     # The plan compiles trainer.train's programs: gin is parsed here, the library gets objects.
     from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-    plan = _import(command, "prompt_jax.plan")
+    plan = _import(command, "prompt_jax.tools.plan")
     request = plan.request(mesh=args.mesh, topology=args.topology, platform=args.platform,
                            chip=args.chip, programs=args.programs, max_batch=args.max_batch,
                            gpu_target_config=args.gpu_target_config)
@@ -864,7 +864,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
         gin.parse_config(f"{macro} = {value}")
     with contextlib.suppress(ValueError, KeyError):  # only its axis rules are used: build it
       gin.bind_parameter("partitioning.Partitioner.num_partitions", 1)  # on any device count
-    from prompt_jax import trainer  # pylint: disable=g-import-not-at-top
+    from prompt_jax.training import trainer  # pylint: disable=g-import-not-at-top
     bound = gin.get_bindings(trainer.train)
     data_cfg = bound["train_dataset_cfg"]
     lengths = data_cfg.task_feature_lengths
@@ -879,7 +879,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     return _run_sweep(args)
   if command == "export-prompt":
     return _run_export(args)
-  convert = _import(command, "prompt_jax.interop.convert")
+  convert = _import(command, "prompt_jax.tools.convert")
   return int(convert.main(args) or 0)
 
 
@@ -887,7 +887,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
   """`prompt-jax sweep`: the SweepConfig of the sweep's gin file (`--sweep_dir` overrides its
   sweep_dir) and a parameter counter for its sizes, both parsing gin in child processes."""
   from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  sweep = _import("sweep", "prompt_jax.sweep")
+  sweep = _import("sweep", "prompt_jax.tools.sweep")
   bindings = list(args.gin_bindings)
   if args.sweep_dir:
     bindings.append(f"sweep.SweepConfig.sweep_dir = {args.sweep_dir!r}")
@@ -904,7 +904,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _run_curves(args: argparse.Namespace) -> int:
   """`prompt-jax curves`: one run -> MODEL_DIR/curves.png (or --output); several -> --output."""
-  curves = _import("curves", "prompt_jax.curves")
+  curves = _import("curves", "prompt_jax.training.curves")
   if len(args.model_dirs) == 1:
     path = curves.plot_run(args.model_dirs[0], args.output, overwrite=args.overwrite)
   elif not args.output:
@@ -918,9 +918,9 @@ def _run_curves(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
   """`prompt-jax export-prompt`: the run's model (and gin MODEL_DIR) from its gin files."""
   from prompt_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  export = _import("export-prompt", "prompt_jax.export")
+  export = _import("export-prompt", "prompt_jax.serving.prompt_export")
   if args.output:  # refused before the gin files build a model (export.save_npy checks again)
-    from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+    from prompt_jax.storage import output_paths  # pylint: disable=g-import-not-at-top
     output_paths.check_output_path(output_paths.npy_path(args.output), "--output",
                                    exists_hint=output_paths.EXISTING_NPY_HINT)
   model, gin_model_dir = gin_utils.model_from_gin(args.gin_file, args.gin_bindings,

@@ -170,7 +170,7 @@ class StaticConfig:
     configurables: selector (without scope) -> the values bound to its parameters.
     user_macros: (macro, binding) for each macro set by a (user) binding.
     history: macro name -> every definition in order (the last is `macros[name]`).
-    imports: the files' import statements (`from prompt_jax import optimizers`), in order.
+    imports: the files' import statements (`from prompt_jax.training import optimizers`), in order.
     complete: False when some file could not be read here (a remote path, which only gin's
       registered readers open): then unused and unset macros are not reported.
   """
@@ -327,7 +327,7 @@ def _flag_example(name: str) -> str:
 
 def _matching_configurables(config: StaticConfig, scoped_selector: str) -> list[str]:
   """The configured selectors that `scoped_selector` names ('train_spt',
-  'spt_training.train_spt' and 'prompt_jax.spt_training.train_spt' name each other)."""
+  'spt_training.train_spt' and 'prompt_jax.training.spt_training.train_spt' name each other)."""
   selector = scoped_selector.rsplit("/", 1)[-1].split(".")
   keys = []
   for key in config.configurables:
@@ -596,7 +596,7 @@ def _sweep_config_fields(gin_files, bindings, search_paths) -> dict:
   """In a child: the gin-configured SweepConfig's fields as JSON data."""
   import gin  # pylint: disable=g-import-not-at-top
 
-  from prompt_jax import sweep  # pylint: disable=g-import-not-at-top
+  from prompt_jax.tools import sweep  # pylint: disable=g-import-not-at-top
   configure_gin(gin_files, bindings, search_paths, roots=["sweep.SweepConfig"])
   fields = dataclasses.asdict(gin.get_configurable(sweep.SweepConfig)())
   try:
@@ -624,7 +624,7 @@ _CHILD_COMMANDS = {"config": _sweep_config_fields, "parameters": _frozen_paramet
 def _ask_child(command: str, spec: Mapping[str, Any], **env: str) -> Any:
   """Run `python -m prompt_jax.gin_utils <command> <spec as JSON>` and return the JSON value it
   prints last; ValueError with its error line when it fails."""
-  from prompt_jax import sweep  # pylint: disable=g-import-not-at-top
+  from prompt_jax.tools import sweep  # pylint: disable=g-import-not-at-top
   proc = subprocess.run([sys.executable, "-m", "prompt_jax.gin_utils", command,
                          json.dumps(spec)], capture_output=True, text=True,
                         env=sweep.child_env(**env), check=False)
@@ -640,7 +640,7 @@ def sweep_config(gin_files: Sequence[str], bindings: Sequence[str] = (),
                  search_paths: Sequence[str] = ()):
   """The `sweep.SweepConfig` of a sweep's gin files and bindings, parsed in a child process
   (this process's gin registry is left alone)."""
-  from prompt_jax import sweep  # pylint: disable=g-import-not-at-top
+  from prompt_jax.tools import sweep  # pylint: disable=g-import-not-at-top
   return sweep.SweepConfig(**_ask_child("config", {
       "gin_files": list(gin_files), "bindings": list(bindings),
       "search_paths": list(search_paths)}))

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import checkpoints
-from prompt_jax import decoding as decoding_lib
 from prompt_jax import params as params_lib
+from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.storage import checkpoints
 
 Array = jax.Array
 
@@ -240,8 +240,8 @@ class PromptPrograms:
 
   def _predict_impl(self, prompt_params, frozen_params, batch, max_decode_length: int,
                     decoding=None):
-    """-> (tokens [b, n, max_decode_length], scores [b, n]), best first (`prompt_jax.decoding`;
-    `decoding` None is greedy, n = 1)."""
+    """-> (tokens [b, n, max_decode_length], scores [b, n]), best first
+    (`prompt_jax.models.decoding`; `decoding` None is greedy, n = 1)."""
     params = params_lib.merge_params(prompt_params, frozen_params)
     with self.partitioner.axis_rules():
       return decoding_lib.resolve(decoding)(self.model, params, batch, max_decode_length)
@@ -265,7 +265,7 @@ class PromptPrograms:
 
   def predict(self, prompt_params, frozen_params, batch: Mapping[str, np.ndarray],
               max_decode_length: int, decoding=None, *, return_scores: bool = False):
-    """Decoding of a host batch with `decoding` (`prompt_jax.decoding.Greedy()` when None,
+    """Decoding of a host batch with `decoding` (`prompt_jax.models.decoding.Greedy()` when None,
     `BeamSearch(...)`, `TemperatureSampling(...)`) -> the best decode's token ids
     [batch, max_decode_length]; with `return_scores`, (all decodes [batch, n, max_decode_length],
     their scores [batch, n]), best first."""

@@ -87,7 +87,7 @@ def test_benchmarks_import_without_tensorflow_or_seqio():
 
 def test_the_check_fails_when_a_module_needs_seqio(tmp_path):
   # What the benchmarks did before: the trainer imports the seqio pipeline.
-  (tmp_path / "uses_trainer.py").write_text("from prompt_jax import trainer\n")
+  (tmp_path / "uses_trainer.py").write_text("from prompt_jax.training import trainer\n")
   proc = _child(paths=[str(tmp_path / "uses_trainer.py")])
   assert proc.returncode != 0 and "No module named 'seqio'" in proc.stderr, proc.stderr[-2000:]
 

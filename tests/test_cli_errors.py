@@ -167,7 +167,8 @@ def test_static_gin_errors_come_before_any_heavy_import(argv, start):
   code = ("import sys; from prompt_jax import cli; "
           f"code = cli.main({argv!r}); "
           "print(code, sorted(m for m in ('jax', 'tensorflow', 'seqio', 'flax', 'orbax', "
-          "'prompt_jax.trainer', 'prompt_jax.spt_training') if m in sys.modules))")
+          "'prompt_jax.training.trainer', 'prompt_jax.training.spt_training') "
+          "if m in sys.modules))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.stdout.split() == ["1", "[]"], (proc.stdout, proc.stderr)
@@ -250,7 +251,7 @@ def test_version(capsys):
 
 
 HEAVY = ("jax", "jaxlib", "tensorflow", "seqio", "flax", "orbax", "optax", "numpy", "gin",
-         "prompt_jax.trainer", "prompt_jax.models", "prompt_jax.gin_utils")
+         "prompt_jax.training.trainer", "prompt_jax.models", "prompt_jax.gin_utils")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"]] + [[c, "--help"]
@@ -308,9 +309,8 @@ def test_start_up_is_quiet_unless_asked(verbosity, tmp_path):
 
 
 def test_cli_constants_match_the_library():
-  from prompt_jax import plan
-  from prompt_jax.interop import convert
   from prompt_jax.prompts import base
+  from prompt_jax.tools import convert, plan
   assert cli.PROMPT_FORMATS == convert.PROMPT_FORMATS
   assert sorted(cli.CHIPS) == sorted(plan.CHIPS)
   assert cli.PLACEMENTS == base.PLACEMENTS

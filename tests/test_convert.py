@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from prompt_jax import checkpoints, cli
+from prompt_jax import cli
 from prompt_jax.interop import hf, t5x
+from prompt_jax.storage import checkpoints
 from tests.conftest import shared_fixture
 from tests.test_interop_t5x import tiny_config
 

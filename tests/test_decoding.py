@@ -1,4 +1,5 @@
-"""Beam search and sampling (prompt_jax/decoding.py), checked against independent computations.
+"""Beam search and sampling (prompt_jax/models/decoding.py), checked against independent
+computations.
 
 - Beam search as wide as the search space returns exactly the exhaustive ranking of every
   complete sequence, each scored by teacher forcing the whole sequence through the model
@@ -32,16 +33,16 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_jax import decoding, inference
 from prompt_jax.interop import hf
-from prompt_jax.models import t5
+from prompt_jax.models import decoding, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
-from prompt_jax.plan import fake_device_flags
 from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import inference
+from prompt_jax.tools.plan import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
 EOS = 1
@@ -488,7 +489,7 @@ def test_programs_predict_takes_the_decoding():
 
 MESH_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
-    from prompt_jax import decoding
+    from prompt_jax.models import decoding
     from prompt_jax.data import pipeline, synthetic  # noqa: F401 (registers demo_sentiment)
     from prompt_jax.models import t5
     from prompt_jax.models.encoder_decoder import EncoderDecoderModel

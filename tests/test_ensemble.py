@@ -12,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_jax import ensemble, evaluation, inference, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -22,6 +21,8 @@ from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank, check_prompt_ids
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import ensemble, evaluation, inference
+from prompt_jax.training import trainer
 from tests.adafactor_tolerance import assert_adafactor_runs_agree
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.

@@ -13,13 +13,15 @@ import pytest
 import seqio
 
 import prompt_jax.tasks  # noqa: F401  (registers the GLUE tasks)
-from prompt_jax import decoding, evaluation, params, trainer
+from prompt_jax import params
 from prompt_jax.data import pipeline
-from prompt_jax.models import t5
+from prompt_jax.models import decoding, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import evaluation
+from prompt_jax.training import trainer
 from tests.test_tasks_glue import mock_glue
 
 LENGTHS = {"inputs": 96, "targets": 16}
@@ -112,7 +114,7 @@ def test_beam_search_accuracy_is_the_accuracy_of_its_best_decode(restored):
 
 
 def test_a_greedy_only_evaluate_fn_refuses_another_decoding():
-  from prompt_jax import ensemble  # pylint: disable=g-import-not-at-top
+  from prompt_jax.serving import ensemble  # pylint: disable=g-import-not-at-top
   with mock_glue(NUM_EXAMPLES), pytest.raises(ValueError, match="decodes greedily only"):
     evaluation.run_evaluation(model=_model(), dataset_cfg=_cfg(TASK),
                               evaluate_fn=ensemble.evaluate_ensemble,
@@ -229,7 +231,7 @@ def test_truncated_eval_examples_are_counted_and_logged(caplog):
     evaluator = seqio.Evaluator(TASK, seqio.EncDecFeatureConverter(pack=False),
                                 eval_split="validation",
                                 sequence_length=dict(cfg.task_feature_lengths))
-    with caplog.at_level("WARNING", logger="prompt_jax.evaluation"):
+    with caplog.at_level("WARNING", logger="prompt_jax.serving.evaluation"):
       counts = evaluation.count_truncated(evaluator, cfg.task_feature_lengths)
   expected = sum(len(ex["inputs_pretokenized"]) + 1 > 24 for ex in _validation_examples(TASK))
   assert expected > 0 and counts[TASK] == {"inputs": expected, "targets": 0}

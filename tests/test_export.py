@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import cli, export, gin_utils, optimizers, trainer
+from prompt_jax import cli, gin_utils
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -20,6 +20,8 @@ from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.superpos import SuperPosPrompt
+from prompt_jax.serving import prompt_export
+from prompt_jax.training import optimizers, trainer
 
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -64,7 +66,7 @@ def test_cli_writes_npy_and_peft_that_serve_with_identical_logits(run_dir, tmp_p
   np.testing.assert_array_equal(exported, np.load(run_dir / "prompts" / "prompt_3.npy"))
 
   # it is E_i p'_i of the restored parameters, computed here with NumPy
-  prompt_params, meta, step = export.load_trained_prompt(str(run_dir))
+  prompt_params, meta, step = prompt_export.load_trained_prompt(str(run_dir))
   assert step == 3 and meta["initial_checkpoint_path"] == DEMO_CHECKPOINT
   node = prompt_params["encoder"]["prompt"]["prompt"]
   expected = np.einsum("lm,lmd->ld", node["coefficients"].astype(np.float64),
@@ -78,7 +80,7 @@ def test_cli_writes_npy_and_peft_that_serve_with_identical_logits(run_dir, tmp_p
   model = _model()
   plain = EncoderDecoderModel(t5.Transformer(
       t5.preset("tiny"), InputPrompt(Prompt(4, initializers.from_array(str(out))))))
-  from prompt_jax import checkpoints
+  from prompt_jax.storage import checkpoints
   frozen = checkpoints.load_frozen_params(DEMO_CHECKPOINT, model.config)
   cfg = pipeline.DatasetConfig("demo_sentiment", LENGTHS, batch_size=4, split="validation",
                                shuffle=False)
@@ -101,22 +103,22 @@ def test_earlier_step_and_default_paths(run_dir):
 
 
 def test_main_takes_the_built_model_and_parses_no_gin(run_dir, tmp_path):
-  """`export.main` folds with the model it is handed, without gin flags; gin's registry is left
-  as it was."""
+  """`prompt_export.main` folds with the model it is handed, without gin flags; gin's registry is
+  left as it was."""
   before = gin.config_str()
   out = tmp_path / "direct.npy"
-  assert export.main(_model(), str(run_dir), output=str(out), fmt="npy") == 0
+  assert prompt_export.main(_model(), str(run_dir), output=str(out), fmt="npy") == 0
   np.testing.assert_array_equal(np.load(out), np.load(run_dir / "prompts" / "prompt_3.npy"))
   assert gin.config_str() == before
   with pytest.raises(ValueError, match="no run directory: pass --model_dir"):
-    export.main(_model(), None)
+    prompt_export.main(_model(), None)
 
 
 def test_missing_step_and_missing_run_are_errors(run_dir, tmp_path):
   with pytest.raises(ValueError, match=r"--step=7 is not saved in .*saved steps are \[2, 3\]"):
-    export.export_prompt(_model(), str(run_dir), step=7)
+    prompt_export.export_prompt(_model(), str(run_dir), step=7)
   with pytest.raises(ValueError, match="no checkpoint in"):
-    export.export_prompt(_model(), str(tmp_path))
+    prompt_export.export_prompt(_model(), str(tmp_path))
 
 
 def test_superpos_run_file_uses_adamw_and_turns_dropout_off():
@@ -128,7 +130,8 @@ def test_superpos_run_file_uses_adamw_and_turns_dropout_off():
   assert isinstance(generator, SuperPosPrompt)
   assert (generator.length, generator.num_embeddings, generator.softmax) == (10, 128, False)
   assert model.config.dropout_rate == 0.0
-  assert str(gin.query_parameter("prompt_jax.trainer.train.optimizer")) == "%PROMPT_OPTIMIZER"
+  optimizer = gin.query_parameter("prompt_jax.training.trainer.train.optimizer")
+  assert str(optimizer) == "%PROMPT_OPTIMIZER"
   assert gin.query_parameter("%PROMPT_OPTIMIZER").configurable.wrapped is optimizers.adamw
   assert gin.query_parameter("%PROMPT_OPTIMIZER_LEARNING_RATE") == 0.01
 

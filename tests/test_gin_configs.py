@@ -44,7 +44,7 @@ def test_spt_run_binds_every_required_argument_of_train_spt():
   it) is gone."""
   import inspect
 
-  from prompt_jax import spt_training
+  from prompt_jax.training import spt_training
   gin.clear_config()
   try:
     gin.add_config_file_search_path(str(GIN_CONFIGS))

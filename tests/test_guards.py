@@ -8,13 +8,15 @@ import dataclasses
 import pytest
 import seqio
 
-from prompt_jax import checkpoints, gin_utils, metric_writer, trainer
+from prompt_jax import gin_utils
 from prompt_jax.data import mixtures, pipeline, synthetic  # synthetic registers demo tasks
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import checkpoints
+from prompt_jax.training import metric_writer, trainer
 from tests.cli_harness import assert_one_line_error, run_cli, snapshot
 
 LENGTHS = {"inputs": 64, "targets": 16}

@@ -10,7 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from prompt_jax import decoding, export, output_paths
+from prompt_jax.models import decoding
+from prompt_jax.serving import prompt_export
+from prompt_jax.storage import output_paths
 from tests.cli_harness import DEMO_GIN, assert_one_line_error, run_cli, snapshot
 
 CHECKPOINT = "--checkpoint=builtin:demo_t5_tiny.npz"
@@ -101,14 +103,14 @@ def test_save_npy_is_new_only_and_atomic(files):
   tmp = files
   before = (tmp / "p.npy").read_bytes()
   with pytest.raises(ValueError, match=r"'.*p\.npy' already exists; choose another --output"):
-    export.save_npy(np.zeros((2, 3)), str(tmp / "p.npy"))
+    prompt_export.save_npy(np.zeros((2, 3)), str(tmp / "p.npy"))
   with pytest.raises(ValueError, match=r"'.*/p\.npy' already exists"):  # np.save's suffix
-    export.save_npy(np.zeros((2, 3)), str(tmp / "p"))
+    prompt_export.save_npy(np.zeros((2, 3)), str(tmp / "p"))
   with pytest.raises(ValueError, match=r"afile/sub/x\.npy' cannot be written: '.*afile' is a "
                                        r"file"):
-    export.save_npy(np.zeros((2, 3)), str(tmp / "afile" / "sub" / "x.npy"))
+    prompt_export.save_npy(np.zeros((2, 3)), str(tmp / "afile" / "sub" / "x.npy"))
   assert (tmp / "p.npy").read_bytes() == before
-  written = export.save_npy(np.ones((2, 3), np.float64), str(tmp / "new" / "q"))
+  written = prompt_export.save_npy(np.ones((2, 3), np.float64), str(tmp / "new" / "q"))
   assert written == str(tmp / "new" / "q.npy")
   loaded = np.load(written)
   assert loaded.dtype == np.float32 and loaded.shape == (2, 3)

@@ -81,7 +81,7 @@ def find_cycle(graph: dict[str, set[str]]):
 
 def test_the_import_graph_has_no_cycle():
   graph = import_graph()
-  assert "prompt_jax.trainer" in graph and "prompt_jax.evaluation" in graph
+  assert "prompt_jax.training.trainer" in graph and "prompt_jax.serving.evaluation" in graph
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

@@ -15,12 +15,12 @@ import pytest
 import seqio
 
 import prompt_jax.tasks  # noqa: F401  (registers the GLUE tasks)
-from prompt_jax import decoding, evaluation, inference
-from prompt_jax.models import t5
+from prompt_jax.models import decoding, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import evaluation, inference
 from tests.conftest import GIN_CONFIGS, REPO_ROOT
 from tests.test_tasks_glue import mock_glue
 
@@ -42,7 +42,7 @@ def prompt_file(tmp_path_factory):
 
 def test_encode_inputs_truncates_with_a_logged_count(caplog):
   vocab = seqio.ByteVocabulary()
-  with caplog.at_level(logging.WARNING, logger="prompt_jax.inference"):
+  with caplog.at_level(logging.WARNING, logger="prompt_jax.serving.inference"):
     tokens = inference.encode_inputs(["ab", "abcdefgh"], vocab, 5)
   np.testing.assert_array_equal(tokens, [[100, 101, 1, 0, 0], [100, 101, 102, 103, 1]])
   assert "1 of 2 inputs are longer than 5 tokens" in caplog.text

@@ -17,11 +17,13 @@ import pytest
 import seqio
 from safetensors.numpy import save_file
 
-from prompt_jax import checkpoints, inference, multitask, prompt_files
 from prompt_jax.data import pipeline
-from prompt_jax.interop import convert, hf, peft, t5x
+from prompt_jax.interop import hf, peft, t5x
 from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import inference, multitask_inference
+from prompt_jax.storage import checkpoints, prompt_files
+from prompt_jax.tools import convert
 from tests.cli_harness import DEMO_GIN, assert_one_line_error, run_cli, snapshot
 from tests.conftest import GIN_CONFIGS
 
@@ -484,7 +486,7 @@ def test_output_may_not_be_the_input(tmp_path, monkeypatch):
 def test_multitask_records_name_the_file_and_line():
   records = [{"task": "sentiment", "inputs": "a"}, {"inputs": "b"}]
   with pytest.raises(ValueError, match=r"in\.jsonl: line 7: expected a string 'task'"):
-    multitask.check_records(records, ["sentiment"], "in.jsonl", [1, 7])
+    multitask_inference.check_records(records, ["sentiment"], "in.jsonl", [1, 7])
 
 
 def test_multitask_prompt_sources_are_checked(tmp_path):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from prompt_jax import checkpoints
 from prompt_jax.interop import hf
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.storage import checkpoints
 from tests.conftest import shared_fixture
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.

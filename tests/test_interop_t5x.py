@@ -22,10 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from prompt_jax import checkpoints
 from prompt_jax.interop import t5x
 from prompt_jax.models import t5
-from prompt_jax.plan import fake_device_flags
+from prompt_jax.storage import checkpoints
+from prompt_jax.tools.plan import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
 LEGACY = "t5x_t5_1_1_tiny_legacy/checkpoint_3"

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import seqio
 
-from prompt_jax import checkpoints, decoding, inference, multitask, prompt_files
 from prompt_jax.data import synthetic
 from prompt_jax.interop import peft
-from prompt_jax.models import t5
+from prompt_jax.models import decoding, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
+from prompt_jax.serving import inference, multitask_inference
+from prompt_jax.storage import checkpoints, prompt_files
 
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 PREFIXES = {"sentiment": "sentiment: ", "topic": "topic: ", "adjective": "adjective: "}
@@ -58,7 +59,7 @@ def test_mixed_task_batches_answer_every_line_as_its_prefixed_text(tmp_path, fro
     f.writelines(json.dumps(r) + "\n" for r in records)
 
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny")))
-  summary = multitask.infer_multitask(
+  summary = multitask_inference.infer_multitask(
       model=model, inputs_path=str(tmp_path / "in.jsonl"), output_path=str(tmp_path / "out.jsonl"),
       prompts={"sentiment": str(tmp_path / "sentiment.npy"),
                "topic": str(tmp_path / "topic_peft"), "adjective": f"{tmp_path / 'bank.npy'}#1"},
@@ -93,11 +94,13 @@ def test_beam_search_serving_gives_each_line_the_beams_of_its_prefixed_text(tmp_
   records = _records()
   with open(tmp_path / "in.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
-  code = multitask.main(inputs=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"),
-                        prompts=[(t, str(tmp_path / f"{t}.npy")) for t in PREFIXES],
-                        checkpoint=DEMO_CHECKPOINT, input_length=INPUT_LENGTH,
-                        max_decode_length=DECODE_LENGTH, batch_size=4,
-                        decode="beam_search(num_decodes=3, alpha=0.6)", return_all_decodes=True)
+  code = multitask_inference.main(inputs=str(tmp_path / "in.jsonl"),
+                                  output=str(tmp_path / "out.jsonl"),
+                                  prompts=[(t, str(tmp_path / f"{t}.npy")) for t in PREFIXES],
+                                  checkpoint=DEMO_CHECKPOINT, input_length=INPUT_LENGTH,
+                                  max_decode_length=DECODE_LENGTH, batch_size=4,
+                                  decode="beam_search(num_decodes=3, alpha=0.6)",
+                                  return_all_decodes=True)
   assert code == 0
   with open(tmp_path / "out.jsonl") as f:
     served = [json.loads(line) for line in f]
@@ -130,7 +133,7 @@ def test_load_prompt_sources_and_errors(tmp_path):
     prompt_files.read_prompt(str(tmp_path / "missing.npy"))
   with pytest.raises(ValueError, match=r"line 2: task 'nli' has no prompt; prompts are given "
                                        r"for \['sentiment'\]"):
-    multitask.check_records([{"task": "sentiment", "inputs": "a"},
+    multitask_inference.check_records([{"task": "sentiment", "inputs": "a"},
                              {"task": "nli", "inputs": "b"}], ["sentiment"])
 
 

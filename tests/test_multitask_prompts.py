@@ -15,16 +15,17 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_jax import gin_utils, losses, multitask_training, optimizers, trainer
+from prompt_jax import gin_utils
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic
-from prompt_jax.models import t5
+from prompt_jax.models import losses, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts.base import PLACEMENTS, InputPrompt
 from prompt_jax.prompts.mpt import MPTPrompt
 from prompt_jax.prompts.multitask_prompts import SharedTaskPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.training import multitask_training, optimizers, trainer
 
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 TASKS = ("a", "b", "c")

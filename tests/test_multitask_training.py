@@ -10,14 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_jax import evaluation, losses, multitask_training, optimizers, trainer
 from prompt_jax.data import mixtures, pipeline, synthetic
 from prompt_jax.interop import peft
-from prompt_jax.models import t5
+from prompt_jax.models import losses, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank
+from prompt_jax.serving import evaluation
+from prompt_jax.training import multitask_training, optimizers, trainer
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
 pytestmark = pytest.mark.numerics

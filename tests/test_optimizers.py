@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_jax import optimizers
+from prompt_jax.training import optimizers
 from tests.conftest import GIN_CONFIGS
 
 

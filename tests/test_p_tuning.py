@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import checkpoints, cli, export, gin_utils, metric_writer, optimizers, trainer
+from prompt_jax import cli, gin_utils
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -24,6 +24,9 @@ from prompt_jax.prompts import initializers, p_tuning
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.p_tuning import PTuningPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import prompt_export
+from prompt_jax.storage import checkpoints
+from prompt_jax.training import metric_writer, optimizers, trainer
 
 GIN_CONFIGS = Path(__file__).resolve().parent.parent / "gin_configs"
 TABLE = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
@@ -239,7 +242,7 @@ def test_demo_trains_and_exports(cli_run, validation_batch, tmp_path):
   assert len(losses) == 30
   first, last = losses[0], float(np.mean(losses[-5:]))
   assert last < 0.5 * first
-  trained, meta, step = export.load_trained_prompt(str(cli_run))
+  trained, meta, step = prompt_export.load_trained_prompt(str(cli_run))
   assert step == 30 and meta["initial_checkpoint_path"] == DEMO_CHECKPOINT
   # only the P-tuning parameters were trained and saved (13,120 = 10*64 + 3*64*64 + 3*64)
   flat = _flat(trained)

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import losses
 from prompt_jax.data import packing
-from prompt_jax.models import t5
+from prompt_jax.models import losses, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank

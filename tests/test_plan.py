@@ -16,8 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_jax import cli, plan, trainer
+from prompt_jax import cli
 from prompt_jax.models import t5
+from prompt_jax.tools import plan
+from prompt_jax.training import trainer
 from tests.conftest import REPO_ROOT
 
 PROMPT_LENGTH, BATCH, INPUTS, TARGETS = 10, 32, 64, 16  # gin_configs/runs/demo.gin

@@ -124,7 +124,8 @@ def _toy_pretrain_setup():
 
 @pytest.mark.slow  # two jit compilations; ~20 s idle, minutes on a loaded machine
 def test_pretrain_runs_both_phases(tmp_path):
-  from prompt_jax import checkpoints, pretrain
+  from prompt_jax.storage import checkpoints
+  from prompt_jax.training import pretrain
   setup = {**_toy_pretrain_setup(), "train_steps": 2, "lm_adaptation_steps": 2}
   out = str(tmp_path / "m.npz")
   result = pretrain.pretrain(output_path=out, checkpoint_every_steps=0, **setup)
@@ -140,7 +141,8 @@ def test_pretrain_resumes_mid_phase_like_a_straight_run(tmp_path):
   equal the uninterrupted run's (same data order, dropout keys, optimizer state and schedule)."""
   import shutil
 
-  from prompt_jax import checkpoints, pretrain
+  from prompt_jax.storage import checkpoints
+  from prompt_jax.training import pretrain
   setup = _toy_pretrain_setup()
   out = str(tmp_path / "run.npz")
   phases = tmp_path / "run_checkpoints"

@@ -1,4 +1,4 @@
-"""`prompt_jax.prompt_files`: every prompt source form reads back the array written, a run
+"""`prompt_jax.storage.prompt_files`: every prompt source form reads back the array written, a run
 directory's step selection, one-line errors naming the source, atomic writes; eval's
 PROMPT_PATH takes every form with the metrics of the plain .npy."""
 
@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from prompt_jax import prompt_files, run_dir
 from prompt_jax.interop import peft
+from prompt_jax.storage import prompt_files, run_dir
 
 PROMPT = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
 BANK = np.stack([PROMPT, PROMPT + 1, PROMPT - 1])
@@ -148,7 +148,7 @@ def test_write_npy_is_atomic_and_refuses_an_existing_file(tmp_path):
 def test_eval_prompt_path_forms_give_the_npy_metrics(tmp_path):
   """PROMPT_PATH as a bank row, a run directory and MODEL_DIR@STEP: the same prompt
   parameters, step and metrics as the plain .npy (the shipped tiny model, mock SST-2)."""
-  from prompt_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from prompt_jax.serving import evaluation  # pylint: disable=g-import-not-at-top
   from tests.test_evaluation import DEMO_CHECKPOINT, LENGTHS, TASK, _cfg, _model, mock_glue
   model = _model()
   programs, frozen = evaluation.build_programs(model, DEMO_CHECKPOINT)

@@ -75,7 +75,7 @@ def test_importing_any_module_prints_nothing(tmp_path):
   report = json.loads(out.read_text())
   results = report["modules"]
   assert report["tensorflow"]  # so its start-up lines were there to hide
-  assert {"prompt_jax", "prompt_jax.cli", "prompt_jax.trainer", "prompt_jax.data.pipeline",
+  assert {"prompt_jax", "prompt_jax.cli", "prompt_jax.training.trainer", "prompt_jax.data.pipeline",
           "prompt_jax.tasks"} <= set(results)
   # t5x_compat's modules that subclass T5X's need T5X itself, an optional install.
   failed = {name: error for name, (_, error) in results.items()

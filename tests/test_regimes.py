@@ -11,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_jax import metric_writer, optimizers, regimes, run_dir, spt_training, trainer
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -19,6 +18,8 @@ from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import initializers, spt
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import run_dir
+from prompt_jax.training import metric_writer, optimizers, regimes, spt_training, trainer
 
 LENGTHS = {"inputs": 32, "targets": 8}
 DATA = pipeline.DatasetConfig("demo_sentiment", LENGTHS, batch_size=4)

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_jax import checkpoints, metric_writer, run_dir, trainer
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -24,6 +23,8 @@ from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import checkpoints, run_dir
+from prompt_jax.training import metric_writer, trainer
 from tests.cli_harness import DEMO_GIN, assert_one_line_error, run_cli, snapshot
 from tests.conftest import REPO_ROOT
 
@@ -101,7 +102,7 @@ def test_cli_exits_non_zero_on_divergence(tmp_path, capsys):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from prompt_jax import run_dir
+    from prompt_jax.storage import run_dir
     lock = run_dir.RunLock(sys.argv[1]).acquire()
     print('locked', flush=True)
     time.sleep(120)
@@ -298,7 +299,7 @@ def test_missing_exports_are_recreated_on_resume(tmp_path):
 
 KILL_AFTER_WRITE = textwrap.dedent("""
     import os, signal, sys
-    from prompt_jax.metric_writer import MetricWriter
+    from prompt_jax.training.metric_writer import MetricWriter
     writer = MetricWriter(sys.argv[1], 'eval', enabled=True)
     writer.write(0, {'accuracy': 31.75})
     writer.write(100, {'accuracy': 100.0})

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import time
 
-from prompt_jax import run_dir
+from prompt_jax.storage import run_dir
 
 TRIALS = 200
 WORKERS = 4

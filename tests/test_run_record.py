@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prompt_jax import metric_writer, run_dir
+from prompt_jax.storage import run_dir
+from prompt_jax.training import metric_writer
 from tests.cli_harness import assert_one_line_error, run_cli, snapshot
 
 SHORT = ["--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=2",
@@ -243,7 +244,7 @@ def test_serving_a_runs_prompt_checks_its_placement_and_frozen_model(tmp_path, c
   assert_one_line_error(run_cli([*serve, "--checkpoint=builtin:demo_t5_tiny.npz"], capsys),
                         ["placement 'suffix'", "--placement=suffix"])
   other = tmp_path / "other.npz"
-  from prompt_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
   params = checkpoints.load_params_npz(checkpoints.resolve_path("builtin:demo_t5_tiny.npz"))
   params["decoder"]["decoder_norm"]["scale"] = params["decoder"]["decoder_norm"]["scale"] * 1.01
   checkpoints.save_params_npz(params, str(other))

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from flax.linen import unbox
 
-from prompt_jax import checkpoints, decoding
 from prompt_jax import params as params_lib
-from prompt_jax.models import layer_stack, t5
+from prompt_jax.models import decoding, layer_stack, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import (
   bank,
@@ -31,6 +30,7 @@ from prompt_jax.prompts import (
 )
 from prompt_jax.prompts.base import InputPrompt, export_prompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import checkpoints
 from tests.conftest import shared_fixture
 
 CONFIG = t5.preset("tiny", num_encoder_layers=4, num_decoder_layers=2, dropout_rate=0.0)

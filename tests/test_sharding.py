@@ -24,8 +24,8 @@ from flax import traverse_util
 
 from prompt_jax import partitioning, prompts
 from prompt_jax.models import t5
-from prompt_jax.plan import fake_device_flags
 from prompt_jax.prompts import bank, base, deep, p_tuning, plain, residual, spt, superpos
+from prompt_jax.tools.plan import fake_device_flags
 from tests.conftest import REPO_ROOT
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.numerics
 
 SCRIPT = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np
-    from prompt_jax import trainer
+    from prompt_jax.training import trainer
     from prompt_jax.data import pipeline, synthetic
     from prompt_jax.models import t5
     from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -230,7 +230,7 @@ def test_remat_gives_the_same_numbers_with_fewer_temporaries(result):
 
 
 def test_multihost_environment_is_checked_by_name():
-  from prompt_jax import distributed
+  from prompt_jax.tools import distributed
   assert distributed.maybe_initialize({}) is False
   assert distributed.maybe_initialize({"PROMPT_JAX_MULTIHOST": "0"}) is False
   with pytest.raises(ValueError, match="PROMPT_JAX_NUM_PROCESSES must be an integer, got 'two'"):
@@ -251,7 +251,7 @@ def test_explicit_coordinator_initializes_jax_distributed():
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PROMPT_JAX_COORDINATOR=f"localhost:{port}",
              PROMPT_JAX_NUM_PROCESSES="1", PROMPT_JAX_PROCESS_ID="0")
-  code = ("from prompt_jax import distributed; assert distributed.maybe_initialize(); "
+  code = ("from prompt_jax.tools import distributed; assert distributed.maybe_initialize(); "
           "import jax; from jax._src import distributed as d; "
           "print('RESULT', jax.process_count(), d.global_state.client is not None)")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
@@ -264,10 +264,10 @@ TWO_HOST_WORKER = """
 import json, os, sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from prompt_jax import distributed
+from prompt_jax.tools import distributed
 distributed.maybe_initialize()
 import numpy as np
-from prompt_jax import trainer
+from prompt_jax.training import trainer
 from prompt_jax.data import pipeline, synthetic
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -304,13 +304,13 @@ def test_two_processes_train_like_one_device(tmp_path):
 
   import jax
 
-  from prompt_jax import trainer
   from prompt_jax.models import t5
   from prompt_jax.models.encoder_decoder import EncoderDecoderModel
   from prompt_jax.partitioning import Partitioner
   from prompt_jax.prompts import initializers
   from prompt_jax.prompts.base import InputPrompt
   from prompt_jax.prompts.plain import Prompt
+  from prompt_jax.training import trainer
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]

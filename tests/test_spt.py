@@ -12,13 +12,14 @@ import pytest
 import tensorflow as tf
 from flax.linen import unbox
 
-from prompt_jax import cli, optimizers, spt_training
+from prompt_jax import cli
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import initializers, spt
 from prompt_jax.prompts.base import InputPrompt, prompt_positions
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.training import optimizers, spt_training
 from tests.conftest import GIN_CONFIGS
 
 CONFIG = t5.preset("tiny", num_encoder_layers=4, num_decoder_layers=1)

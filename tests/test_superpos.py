@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prompt_jax import optimizers, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
@@ -19,6 +18,7 @@ from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.superpos import SuperPosPrompt
+from prompt_jax.training import optimizers, trainer
 
 TABLE = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from prompt_jax import cli, sweep, sweep_plots
+from prompt_jax import cli
+from prompt_jax.tools import sweep, sweep_plots
 
 # sweeps/tiny_demo.gin: tiny model x 1 method x {random, class_label} x prompt lengths {2, 10}.
 CELL_BINDINGS = ["--cell_binding=TRAIN_STEPS = 2",
@@ -112,7 +113,7 @@ def test_tiny_2x2_sweep_runs_resumes_and_collects(tmp_path, compilation_cache):
 # through the grid); no eval, and the size's parameter count given, to keep it short.
 ISOLATION_SWEEP = """
 from __gin__ import dynamic_registration
-from prompt_jax import sweep
+from prompt_jax.tools import sweep
 
 include 'sweeps/tiny_demo.gin'
 

@@ -23,9 +23,9 @@ from flax import traverse_util
 from flax.core import meta
 
 from prompt_jax.models import t5
-from prompt_jax.plan import fake_device_flags
 from prompt_jax.prompts import base, initializers, plain, residual, superpos
 from prompt_jax.t5x_compat import axes, optim
+from prompt_jax.tools.plan import fake_device_flags
 from tests.conftest import GIN_CONFIGS, REPO_ROOT, shared_fixture
 
 DEMO_PARAMS = REPO_ROOT / "prompt_jax" / "assets" / "demo_t5_tiny.npz"

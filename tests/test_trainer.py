@@ -13,15 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_jax import checkpoints, trainer
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.plan import fake_device_flags
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import checkpoints
+from prompt_jax.tools.plan import fake_device_flags
+from prompt_jax.training import trainer
 from tests.adafactor_tolerance import assert_adafactor_runs_agree
 from tests.conftest import REPO_ROOT
 
@@ -140,7 +141,7 @@ def test_missing_model_dir_is_an_error():
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
-    from prompt_jax import trainer
+    from prompt_jax.training import trainer
     from prompt_jax.data import pipeline, synthetic
     from prompt_jax.models import t5
     from prompt_jax.models.encoder_decoder import EncoderDecoderModel

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from prompt_jax import prompt_files
+from prompt_jax.storage import prompt_files
 
 # The format's names and its reader live in `prompt_files` (one home for prompt formats).
 CONFIG_FILE = prompt_files.PEFT_CONFIG_FILE

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prompt_jax import losses
+from prompt_jax.models import losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -111,7 +111,8 @@ class EncoderDecoderModel:
 
   # ------------------------------------------------------------------ incremental decoding
   # The pieces every decoding algorithm (greedy here, beam search and sampling in
-  # `prompt_jax.decoding`) is built from: encode once, then one cached decoder step at a time.
+  # `prompt_jax.models.decoding`) is built from: encode once, then one cached decoder step at a
+  # time.
 
   def encode(self, params: Mapping, batch: Batch) -> Array:
     """Encoder output [b, l', embed] (prompt positions included) of `encoder_input_tokens`."""

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from prompt_jax import prompt_files
+from prompt_jax.storage import prompt_files
 
 Array = jax.Array
 PromptInit = Callable[[Array, tuple, Optional[Array]], Array]
@@ -132,7 +132,7 @@ def from_string(text: str, vocabulary, population_size: int = 5000,
 
 def from_array(path: str, bank_mean: bool = False) -> PromptInit:
   """The prompt saved at `path`, e.g. a released prompt: any prompt source of
-  `prompt_jax.prompt_files` (`FILE.npy`, `FILE.npy#ROW`, a PEFT adapter directory, a run
+  `prompt_jax.storage.prompt_files` (`FILE.npy`, `FILE.npy#ROW`, a PEFT adapter directory, a run
   directory `MODEL_DIR[@STEP]`); its shape must match exactly.
 
   `bank_mean=True` reads a bank `[num_prompts, length, embed]` (e.g. a multi-task run's

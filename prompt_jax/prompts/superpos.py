@@ -9,7 +9,7 @@ trainable weights. The token is
 
 No softmax over the coefficients by default: the paper found it worse (`softmax=True` exists to
 reproduce that ablation). Weight decay belongs on `coefficients` only, not on `embeddings`
-(`prompt_jax.optimizers.SUPERPOS_DECAY_PATTERN`).
+(`prompt_jax.training.optimizers.SUPERPOS_DECAY_PATTERN`).
 
 Memory: `embeddings` holds length * m * embed parameters (10 x 128 x 768 = 983k for T5-base,
 5.2M for XXL), plus twice that in AdamW state. `shared_embeddings=True` keeps one [m, embed]

@@ -17,8 +17,8 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
-from prompt_jax import export
 from prompt_jax.interop import t5x as t5x_interop
+from prompt_jax.serving import prompt_export
 
 PROMPT_PREFIX = "encoder/prompt/"
 EMBEDDING = "token_embedder/embedding"
@@ -40,4 +40,5 @@ def export_t5x_prompt(model, checkpoint: str) -> np.ndarray:
   """-> [length, embed] float32: the prompt the encoder sees, for serving with a plain Prompt."""
   prompt_params = read_prompt_params(checkpoint, model)
   embedding = t5x_interop.load_prompt(checkpoint, EMBEDDING)
-  return export.fold_prompt(model, prompt_params, {"token_embedder": {"embedding": embedding}})
+  return prompt_export.fold_prompt(model, prompt_params,
+                                   {"token_embedder": {"embedding": embedding}})

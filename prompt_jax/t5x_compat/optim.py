@@ -18,7 +18,7 @@ import jax
 import optax
 
 from prompt_jax import params as params_lib
-from prompt_jax.optimizers import leaf_paths
+from prompt_jax.training.optimizers import leaf_paths
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import seqio
 from flax import traverse_util
 
-from prompt_jax import checkpoints as checkpoints_lib
 from prompt_jax.models import t5
+from prompt_jax.storage import checkpoints as checkpoints_lib
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from prompt_jax import checkpoints
 from prompt_jax import params as params_lib
 from prompt_jax.programs import PromptPrograms
+from prompt_jax.storage import checkpoints
 
 
 def load_trained_prompt(model_dir: str, step: Optional[int] = None):
@@ -81,7 +81,7 @@ def export_prompt(model, model_dir: str, step: Optional[int] = None,
 
   `model` must be the run's (its record is checked: `evaluation.check_model_against_run`); the
   frozen checkpoint is the run's unless `initial_checkpoint_path` is given (the same file)."""
-  from prompt_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from prompt_jax.serving import evaluation  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(model_dir):
     raise ValueError(f"--model_dir {model_dir!r} does not exist (or is not a directory)")
   evaluation.check_model_against_run(model, model_dir)
@@ -99,7 +99,7 @@ def save_npy(prompt: np.ndarray, path: str) -> str:
   """`prompt` as float32 .npy at `path` ('.npy' added if missing, as np.save does), written
   atomically; a new file only: an existing one, or a path under a file, is a ValueError naming
   it. -> the path written."""
-  from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
   return prompt_files.write_npy(prompt, path, what="--output")
 
 

@@ -1,4 +1,5 @@
-"""The plots of a sweep's results (`prompt_jax.sweep.collect` rows); matplotlib lives here only.
+"""The plots of a sweep's results (`prompt_jax.tools.sweep.collect` rows); matplotlib lives here
+only.
 
   score_vs_parameters.png     one line per method, log x (Lester et al. Fig. 1)
   score_vs_prompt_length.png  one line per size (Fig. 3a)
@@ -6,8 +7,8 @@
 
 Each plot fixes the axes it does not show at `SweepConfig.reference` (default: each axis' first
 value) and averages the seeds (error bars: standard deviation); each line's untrained-prompt
-score is drawn dashed in the same colour. `cfg` is a `prompt_jax.sweep.SweepConfig` (not imported:
-the sweep imports this module).
+score is drawn dashed in the same colour. `cfg` is a `prompt_jax.tools.sweep.SweepConfig` (not
+imported: the sweep imports this module).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ returning: what was written before a kill is on disk. Only the first host writes
 
 Each `write` also appends one JSON line per metric to MODEL_DIR/metrics.jsonl (`METRICS_FILE`),
 {"step", "time", "split", "name", "value"} with `split` the writer's name ("train", "eval", ...),
-fsynced before it returns: the curves (`prompt_jax.curves`) without TensorBoard. A kill can cut the
-last line short; `read_metrics` skips it and `truncate_metrics` (called on resume) removes it.
+fsynced before it returns: the curves (`prompt_jax.training.curves`) without TensorBoard. A kill
+can cut the last line short; `read_metrics` skips it and `truncate_metrics` (called on resume)
+removes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import time
 from typing import Mapping, Optional
 
-from prompt_jax import run_dir
+from prompt_jax.storage import run_dir
 
 METRICS_FILE = run_dir.METRICS_FILE
 # The splits `truncate_metrics` cuts at the resumed step: the training loop writes them again.

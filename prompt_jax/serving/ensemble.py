@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from prompt_jax import evaluation
 from prompt_jax.data import pipeline
-from prompt_jax.optimizers import leading_size, per_prompt  # noqa: F401  (gin: optimizers.*)
+from prompt_jax.serving import evaluation
+from prompt_jax.training.optimizers import leading_size, per_prompt  # noqa: F401  (gin: optimizers.*)
 
 log = logging.getLogger(__name__)
 

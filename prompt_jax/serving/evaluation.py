@@ -15,14 +15,14 @@ import jax
 import numpy as np
 import seqio
 
-from prompt_jax import checkpoints, prompt_files, run_dir
-from prompt_jax import decoding as decoding_lib
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
-from prompt_jax.metric_writer import MetricWriter
+from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms
+from prompt_jax.storage import checkpoints, prompt_files, run_dir
+from prompt_jax.training.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _stack(examples, batch_size):
 def make_predict_fn(programs, prompt_params, frozen_params, batch_size: int,
                     max_decode_length: int, decoding: Optional[Any] = None):
   """seqio `PredictFnCallable`: dataset -> [(index, token ids)] with the KV cache: the best
-  decode of `decoding` (a `prompt_jax.decoding` object; None is greedy)."""
+  decode of `decoding` (a `prompt_jax.models.decoding` object; None is greedy)."""
   decoding = decoding_lib.resolve(decoding)
 
   def predict_fn(ds, model_params: Optional[Any] = None):
@@ -325,9 +325,9 @@ def run_evaluation(*, model: EncoderDecoderModel, dataset_cfg: pipeline.DatasetC
   `output_dir`), predictions (with
   `write_predictions`) to `<task>-<step>.jsonl` beside them, and a table to stdout.
   `evaluate_fn` replaces `evaluate` (same arguments), e.g. `ensemble.evaluate_ensemble` for a
-  prompt bank. `decoding` (gin: `DECODE_FN`, a `prompt_jax.decoding` object; None or `Greedy()`
-  is greedy) decodes generative tasks; an `evaluate_fn` gets it only if it takes a `decoding`
-  argument (one that does not supports greedy only).
+  prompt bank. `decoding` (gin: `DECODE_FN`, a `prompt_jax.models.decoding` object; None or
+  `Greedy()` is greedy) decodes generative tasks; an `evaluate_fn` gets it only if it takes a
+  `decoding` argument (one that does not supports greedy only).
   Returns {'metrics': {...}, 'step': step, 'task': name, 'split': split}.
   """
   pipeline.check_vocabulary(dataset_cfg, model.config.vocab_size)

@@ -21,7 +21,7 @@ Modes (`--mode`):
   collect   only gather results.
 Every mode ends by writing <sweep_dir>/results.csv (one row per cell: its configured values,
 parameter count and final metrics from its summary.json and sweep_cell.json, or status
-'pending'/'failed'/'changed') and the plots of `prompt_jax.sweep_plots`.
+'pending'/'failed'/'changed') and the plots of `prompt_jax.tools.sweep_plots`.
 
 A cell's identity includes its settings: <sweep_dir>/<cell>/sweep_cell.json records its gin
 files and bindings when it starts (`cell_state`). A cell is finished when its summary.json
@@ -57,7 +57,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from prompt_jax import preemption, run_dir
+from prompt_jax.storage import run_dir
+from prompt_jax.training import preemption
 
 log = logging.getLogger(__name__)
 
@@ -665,7 +666,7 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   elif mode == "local":
     run_local(cfg, cells, search_paths, stop_on_error, max_cells, count_parameters)
   rows = collect(cfg, cells)
-  from prompt_jax import sweep_plots  # pylint: disable=g-import-not-at-top
+  from prompt_jax.tools import sweep_plots  # pylint: disable=g-import-not-at-top
   paths = sweep_plots.plot(cfg, rows)
   finished = sum(r["status"] == "finished" for r in rows)
   print(f"sweep {cfg.name}: {finished}/{len(rows)} cells finished; wrote "

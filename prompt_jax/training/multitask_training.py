@@ -37,15 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import evaluation, losses, optimizers, run_dir, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import mixtures, pipeline
 from prompt_jax.interop import peft
+from prompt_jax.models import losses
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms, TrainState
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.serving import evaluation
+from prompt_jax.storage import run_dir
+from prompt_jax.training import optimizers, trainer
 
 Array = jax.Array
 TASKS_FILE = "tasks.json"

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from prompt_jax import output_paths, run_dir
+from prompt_jax.storage import output_paths, run_dir
 
 _EXPORT_NAME = re.compile(r"prompt_(\d+)\.npy")
 _MAX_DIGITS = 18  # an int64 step or row

@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from prompt_jax import params as params_lib
-from prompt_jax import run_dir
 from prompt_jax.models import layer_stack
+from prompt_jax.storage import run_dir
 
 log = logging.getLogger(__name__)
 

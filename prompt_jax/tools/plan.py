@@ -913,9 +913,10 @@ def main(*, model, target: Target, batch_size: int, input_length: int, target_le
   """`prompt-jax plan` on configured objects (the command line parses the gin config): plan
   `programs` of `model` on `target` (see `target()`), print the table, write `json_path`.
   Exit code 1 when a program does not fit (the compiler's message is printed)."""
-  from prompt_jax import optimizers, partitioning  # pylint: disable=g-import-not-at-top
   from prompt_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from prompt_jax import partitioning  # pylint: disable=g-import-not-at-top
   from prompt_jax.programs import PromptPrograms  # pylint: disable=g-import-not-at-top
+  from prompt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
   partitioner = partitioning.Partitioner(
       num_partitions=target.model, devices=target.devices,
       logical_axis_rules=(logical_axis_rules if logical_axis_rules is not None else

@@ -2,7 +2,7 @@
 
 Inputs are either a JSONL file of `{"inputs": "<text>", ...}` lines (other fields are copied to
 the output) or a seqio task split (`{"inputs", "targets", "prediction"}` per example). Decoding
-is greedy unless `decoding` (gin: `DECODE_FN`) says otherwise (`prompt_jax.decoding`: beam
+is greedy unless `decoding` (gin: `DECODE_FN`) says otherwise (`prompt_jax.models.decoding`: beam
 search, sampling); `prediction` is the best decode, and `return_all_decodes` also writes every
 decode, best first, with its score (`predictions`, `scores`).
 `predict_texts` / `predict_decodes` are the plain functions to route other front ends to (e.g.
@@ -19,12 +19,13 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import seqio
 
-from prompt_jax import decoding as decoding_lib
-from prompt_jax import evaluation, output_paths, prompt_files
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
+from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.serving import evaluation
+from prompt_jax.storage import output_paths, prompt_files
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from prompt_jax import checkpoints, optimizers, regimes, trainer
 from prompt_jax.data import pipeline
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.programs import PromptPrograms
+from prompt_jax.storage import checkpoints
+from prompt_jax.training import optimizers, regimes, trainer
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 Input: JSONL lines `{"task": "<name>", "inputs": "<text>", ...}` (other fields are copied to the
 output, which adds `prediction`: the best decode of `decoding`, greedy by default, or beam search
-/ sampling from `prompt_jax.decoding`; `return_all_decodes` adds `predictions` and `scores`, every
-decode best first). Prompts: `{task: source}` where a source is any prompt source of
-`prompt_jax.prompt_files`: a [length, embed] `.npy` file, `FILE.npy#ROW` (a bank's row), a PEFT
-prompt-tuning adapter directory, a run directory (MODEL_DIR: its latest export) or
+/ sampling from `prompt_jax.models.decoding`; `return_all_decodes` adds `predictions` and `scores`,
+every decode best first). Prompts: `{task: source}` where a source is any prompt source of
+`prompt_jax.storage.prompt_files`: a [length, embed] `.npy` file, `FILE.npy#ROW` (a bank's row), a
+PEFT prompt-tuning adapter directory, a run directory (MODEL_DIR: its latest export) or
 `MODEL_DIR@STEP`.
 
 All prompts of one length go into one `PromptBank`, so lines of different tasks share batches and
@@ -28,14 +28,15 @@ import jax
 import numpy as np
 import seqio
 
-from prompt_jax import checkpoints, evaluation, inference, output_paths, prompt_files, run_dir
-from prompt_jax import decoding as decoding_lib
+from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import base
 from prompt_jax.prompts.bank import PromptBank
+from prompt_jax.serving import evaluation, inference
+from prompt_jax.storage import checkpoints, output_paths, prompt_files, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def main(*, inputs: str, output: str, prompts: Sequence[tuple[str, str]], checkp
          overwrite: bool = False) -> int:
   """`prompt-jax infer-multitask` (and `prompt-jax infer --inputs=...`): `prompts` are
   (task, source) pairs; `model` a T5 preset name (prompt_jax.models.t5), `vocabulary` 'byte' or
-  a SentencePiece model file; `decode` a decoding spec for `prompt_jax.decoding.parse`
+  a SentencePiece model file; `decode` a decoding spec for `prompt_jax.models.decoding.parse`
   ('greedy', 'beam_search(num_decodes=4, alpha=0.6)', 'temperature_sample(topk=40, seed=1)');
   an existing `output` is replaced only with `overwrite`."""
   decoding = decoding_lib.parse(decode)

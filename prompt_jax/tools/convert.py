@@ -7,7 +7,7 @@
 Prompt formats: `npy` (a [length, embed] .npy file), `peft` (a PEFT PROMPT_TUNING adapter
 directory), `t5x` (a T5X checkpoint whose `target/encoder/prompt/prompt/prompt` is the prompt;
 written in T5X's legacy format as DST/checkpoint_<step>). SRC is a T5X checkpoint or any prompt
-source of `prompt_jax.prompt_files` (also `FILE.npy#ROW`, a run directory `MODEL_DIR` or
+source of `prompt_jax.storage.prompt_files` (also `FILE.npy#ROW`, a run directory `MODEL_DIR` or
 `MODEL_DIR@STEP`), its format detected; the destination is `npy` when DST ends in `.npy`,
 otherwise `--to` names it.
 """
@@ -65,14 +65,14 @@ def _count(params) -> int:
 
 
 def _refuse_existing_orbax(out: str) -> None:
-  from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import output_paths  # pylint: disable=g-import-not-at-top
   output_paths.check_parent(out, "output")
   if os.path.lexists(out):
     raise FileExistsError(f"output {out!r} already exists; choose a new directory")
 
 
 def _save_orbax(params, out: str) -> None:
-  from prompt_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
   _refuse_existing_orbax(out)
   checkpoints.save_params_orbax(params, out)
 
@@ -106,7 +106,7 @@ def _t5x_checkpoint(path: str) -> bool:
 def prompt_format(path: str) -> str:
   """The format of a prompt source: 't5x' for a T5X checkpoint, else `prompt_files.source_format`
   ('npy' for a file or `FILE.npy#ROW`, 'peft', 'run' for `MODEL_DIR[@STEP]`)."""
-  from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
   if _t5x_checkpoint(path):
     return "t5x"
   try:
@@ -122,7 +122,7 @@ def read_prompt(path: str) -> np.ndarray:
   """A [length, embed] float32 prompt from a T5X checkpoint or any prompt source of
   `prompt_files` (`FILE.npy`, `FILE.npy#ROW`, PEFT adapter directory, `MODEL_DIR[@STEP]`), checked
   by `prompt_files.check_prompt_array` (floating point, finite, two-dimensional)."""
-  from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
   if _t5x_checkpoint(path):
     from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
     return prompt_files.check_prompt_array(t5x.load_prompt(path), path)
@@ -138,7 +138,7 @@ def output_path(path: str, fmt: str) -> str:
 def refuse_existing(path: str) -> None:
   """Raise ValueError if `path` exists (an empty directory is fine): outputs are never
   overwritten; or if it lies under a file."""
-  from prompt_jax import output_paths  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import output_paths  # pylint: disable=g-import-not-at-top
   output_paths.check_parent(path, "output")
   if os.path.isdir(path) and not os.listdir(path):
     return
@@ -157,7 +157,7 @@ def write_prompt(prompt: np.ndarray, path: str, fmt: str, *,
     raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {fmt!r}")
   refuse_existing(output_path(path, fmt))
   if fmt == "npy":
-    from prompt_jax import prompt_files  # pylint: disable=g-import-not-at-top
+    from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
     return prompt_files.write_npy(prompt, output_path(path, fmt), what="output")
   if fmt == "peft":
     return peft.save_prompt(prompt, path, base_model_name_or_path)

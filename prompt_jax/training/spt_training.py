@@ -49,12 +49,13 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from prompt_jax import optimizers, run_dir, trainer
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import spt
+from prompt_jax.storage import run_dir
+from prompt_jax.training import optimizers, trainer
 
 log = logging.getLogger(__name__)
 

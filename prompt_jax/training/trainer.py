@@ -26,15 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prompt_jax import checkpoints, evaluation, metric_writer, optimizers, preemption, run_dir
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
-from prompt_jax.metric_writer import MetricWriter
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
-from prompt_jax.optimizers import adafactor
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms, TrainState  # noqa: F401  (TrainState: public)
-from prompt_jax.regimes import PromptTuning, Regime
+from prompt_jax.serving import evaluation
+from prompt_jax.storage import checkpoints, run_dir
+from prompt_jax.training import metric_writer, optimizers, preemption
+from prompt_jax.training.metric_writer import MetricWriter
+from prompt_jax.training.optimizers import adafactor
+from prompt_jax.training.regimes import PromptTuning, Regime
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +515,7 @@ def _run(regime: Regime, *, model_dir, train_steps, eval_dataset_cfg, initial_ch
 def draw_curves(model_dir: str) -> None:
   """MODEL_DIR/curves.png from metrics.jsonl; a failure to draw is reported, not raised (the
   run itself is done and saved)."""
-  from prompt_jax import curves  # pylint: disable=g-import-not-at-top
+  from prompt_jax.training import curves  # pylint: disable=g-import-not-at-top
   try:
     curves.plot_run(model_dir)
   except Exception as e:  # pylint: disable=broad-except
