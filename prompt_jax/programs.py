@@ -33,7 +33,7 @@ from prompt_jax import params as params_lib
 from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 
 Array = jax.Array
 
@@ -158,9 +158,9 @@ class PromptPrograms:
 
   def load_frozen_params(self, path: str):
     """Frozen parameters from a checkpoint path, checked against the config and sharded."""
-    loaded = checkpoints.load_frozen_params(path, self.model.config, self.frozen_structs(),
+    loaded = frozen_models.load_frozen_params(path, self.model.config, self.frozen_structs(),
                                             self.partitioner)
-    return checkpoints.device_put_tree(self.cast_frozen(loaded), self.frozen_shardings)
+    return frozen_models.device_put_tree(self.cast_frozen(loaded), self.frozen_shardings)
 
   def init_prompt(self, frozen_params, rng: Array):
     """A freshly initialised prompt (its initialiser sees the frozen embedding), float32."""

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from prompt_jax import cli
 from prompt_jax.interop import hf, t5x
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 from tests.conftest import shared_fixture
 from tests.test_interop_t5x import tiny_config
 
@@ -31,7 +31,7 @@ def test_hf_to_orbax_is_bit_exact(tmp_path, capsys):
   assert cli.main(["convert", "hf-to-orbax", source, out]) == 0
   assert "wrote 57,984 parameters" in capsys.readouterr().out
   config, params = hf.load_t5(source)
-  _assert_bit_exact(params, checkpoints.load_frozen_params(out, config))
+  _assert_bit_exact(params, frozen_models.load_frozen_params(out, config))
   # An existing output is never overwritten.
   assert cli.main(["convert", "hf-to-orbax", source, out]) == 1
   assert "already exists" in capsys.readouterr().err
@@ -47,7 +47,7 @@ def test_t5x_to_orbax_is_bit_exact(tmp_path, capsys):
   assert cli.main(["convert", "t5x-to-orbax", source, out] + flags) == 0
   assert "wrote 257,856 parameters (step 3)" in capsys.readouterr().out
   _assert_bit_exact(t5x.load_params(source, tiny_config()),
-                    checkpoints.load_frozen_params(out, tiny_config()))
+                    frozen_models.load_frozen_params(out, tiny_config()))
   assert cli.main(["convert", "t5x-to-orbax", source, str(tmp_path / "x"), "--config",
                    "t5_1_1_base"]) == 1
   assert ("decoder/decoder_norm/scale has shape (4,), the model config expects (768,)"

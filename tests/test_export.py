@@ -80,8 +80,10 @@ def test_cli_writes_npy_and_peft_that_serve_with_identical_logits(run_dir, tmp_p
   model = _model()
   plain = EncoderDecoderModel(t5.Transformer(
       t5.preset("tiny"), InputPrompt(Prompt(4, initializers.from_array(str(out))))))
-  from prompt_jax.storage import checkpoints
-  frozen = checkpoints.load_frozen_params(DEMO_CHECKPOINT, model.config)
+  from prompt_jax.storage import (
+    frozen_models,  # pylint: disable=g-import-not-at-top
+  )
+  frozen = frozen_models.load_frozen_params(DEMO_CHECKPOINT, model.config)
   cfg = pipeline.DatasetConfig("demo_sentiment", LENGTHS, batch_size=4, split="validation",
                                shuffle=False)
   batch = {k: jnp.asarray(v) for k, v in next(pipeline.iterate_batches(cfg)).items()}

@@ -22,7 +22,7 @@ from prompt_jax.interop import hf, peft, t5x
 from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import inference, multitask_inference
-from prompt_jax.storage import checkpoints, prompt_files
+from prompt_jax.storage import checkpoints, frozen_models, prompt_files
 from prompt_jax.tools import convert
 from tests.cli_harness import DEMO_GIN, assert_one_line_error, run_cli, snapshot
 from tests.conftest import GIN_CONFIGS
@@ -46,7 +46,7 @@ def files(tmp_path_factory):
     paths[name] = str(root / name)
     return root / name
 
-  demo = open(checkpoints.resolve_path(DEMO_CHECKPOINT), "rb").read()
+  demo = open(frozen_models.resolve_path(DEMO_CHECKPOINT), "rb").read()
   path("truncated.npz").write_bytes(demo[:len(demo) // 2])
   path("random.npz").write_bytes(rng.bytes(4096))
   path("empty_dir").mkdir()
@@ -516,18 +516,18 @@ def test_frozen_checkpoint_files_name_the_problem(tmp_path, files):
   cases[str(tmp_path / "empty.npz")] = "empty .npz archive"
   for path, message in cases.items():
     with pytest.raises(ValueError, match=message) as info:
-      checkpoints.load_frozen_params(path, None)
+      frozen_models.load_frozen_params(path, None)
     assert path in str(info.value)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    checkpoints.load_frozen_params(files["missing"], None)
+    frozen_models.load_frozen_params(files["missing"], None)
   with pytest.raises(ValueError, match="no built-in checkpoint 'nope.npz'.*demo_t5_tiny.npz"):
-    checkpoints.load_frozen_params("builtin:nope.npz", None)
+    frozen_models.load_frozen_params("builtin:nope.npz", None)
   only_config = tmp_path / "hf_config_only"
   only_config.mkdir()
   (only_config / "config.json").write_text("{}")
   (only_config / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="neither model.safetensors.*need torch"):
-    checkpoints.load_frozen_params(str(only_config), None)
+    frozen_models.load_frozen_params(str(only_config), None)
 
 
 def test_hf_files_name_the_file(tmp_path, files):

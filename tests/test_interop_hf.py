@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from prompt_jax.interop import hf
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 from tests.conftest import shared_fixture
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
@@ -284,10 +284,10 @@ def test_missing_unknown_and_misshaped_tensors_are_refused_by_name(tmp_path):
 def test_checkpoints_dispatch_and_orbax_round_trip_is_bit_exact(tmp_path):
   path, _ = _fixture()
   cfg, params = hf.load_t5(str(path))
-  via_dispatch = checkpoints.load_frozen_params(str(path), cfg)
+  via_dispatch = frozen_models.load_frozen_params(str(path), cfg)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, via_dispatch)
-  checkpoints.save_params_orbax(params, str(tmp_path / "orbax"))
-  restored = checkpoints.load_frozen_params(str(tmp_path / "orbax"), cfg)
+  frozen_models.save_params_orbax(params, str(tmp_path / "orbax"))
+  restored = frozen_models.load_frozen_params(str(tmp_path / "orbax"), cfg)
   flat_a = jax.tree_util.tree_leaves_with_path(params)
   flat_b = dict(jax.tree_util.tree_leaves_with_path(restored))
   assert len(flat_a) == len(flat_b) == 52

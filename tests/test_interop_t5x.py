@@ -24,7 +24,7 @@ import pytest
 
 from prompt_jax.interop import t5x
 from prompt_jax.models import t5
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 from prompt_jax.tools.plan import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
@@ -107,7 +107,7 @@ def test_legacy_checkpoint_leaves_equal_the_raw_files():
 def test_legacy_checkpoint_forward_pass_is_finite():
   path = str(shared_fixture(LEGACY))
   cfg = tiny_config()
-  params = checkpoints.load_frozen_params(path, cfg)  # the trainer's entry point
+  params = frozen_models.load_frozen_params(path, cfg)  # the trainer's entry point
   tokens = np.array([[37, 423, 5, 1, 0, 0], [99, 1, 0, 0, 0, 0]], np.int32)
   dec = np.array([[0, 12, 7], [0, 3, 0]], np.int32)
   logits = t5.Transformer(cfg).apply({"params": params}, tokens, dec, dec, enable_dropout=False)
@@ -132,8 +132,8 @@ def test_the_msgpack_file_and_the_parent_directory_are_accepted():
   a = _flat(t5x.load_params(str(path / "checkpoint"), tiny_config()))
   b = _flat(t5x.load_params(str(path.parent), tiny_config()))  # latest checkpoint_<step>
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  assert checkpoints._format_of(str(path / "checkpoint")) == "t5x"
-  assert checkpoints._format_of(str(path)) == "t5x"
+  assert frozen_models._format_of(str(path / "checkpoint")) == "t5x"
+  assert frozen_models._format_of(str(path)) == "t5x"
 
 
 # ------------------------------------------------------------------------ T5X's Orbax layout
@@ -173,8 +173,8 @@ def test_t5x_orbax_layout_loads_target_only(tmp_path, random_params):
   checkpoint_dir = write_t5x_orbax(str(tmp_path / "run"), target, step=11)
   assert sorted(os.listdir(checkpoint_dir))[:2] == ["_CHECKPOINT_METADATA", "commit_success.txt"]
   for path in (checkpoint_dir, os.path.join(checkpoint_dir, "state"), str(tmp_path / "run")):
-    assert checkpoints._format_of(path) == "t5x", path
-    loaded = _flat(checkpoints.load_frozen_params(path, cfg))
+    assert frozen_models._format_of(path) == "t5x", path
+    loaded = _flat(frozen_models.load_frozen_params(path, cfg))
     want = _flat(params)
     assert loaded.keys() == want.keys()
     for name in want:

@@ -20,7 +20,7 @@ from prompt_jax.interop import peft
 from prompt_jax.models import decoding, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.serving import inference, multitask_inference
-from prompt_jax.storage import checkpoints, prompt_files
+from prompt_jax.storage import frozen_models, prompt_files
 
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 PREFIXES = {"sentiment": "sentiment: ", "topic": "topic: ", "adjective": "adjective: "}
@@ -29,7 +29,7 @@ INPUT_LENGTH, DECODE_LENGTH = 48, 8
 
 @pytest.fixture(scope="module")
 def frozen_numpy():
-  return checkpoints.load_params_npz(checkpoints.resolve_path(DEMO_CHECKPOINT))
+  return frozen_models.load_params_npz(frozen_models.resolve_path(DEMO_CHECKPOINT))
 
 
 def _prefix_prompt(frozen, prefix):

@@ -25,7 +25,7 @@ from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.p_tuning import PTuningPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import prompt_export
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 from prompt_jax.training import metric_writer, optimizers, trainer
 
 GIN_CONFIGS = Path(__file__).resolve().parent.parent / "gin_configs"
@@ -256,7 +256,7 @@ def test_demo_trains_and_exports(cli_run, validation_batch, tmp_path):
   assert isinstance(generator, PTuningPrompt)
   assert (generator.reparameterization_type, generator.hidden_size, generator.num_layers) == (
       "MLP", None, 2)
-  frozen = checkpoints.load_frozen_params(DEMO_CHECKPOINT, model.config)
+  frozen = frozen_models.load_frozen_params(DEMO_CHECKPOINT, model.config)
   loss_after = float(jax.jit(model.loss_fn)(params_lib.merge_params(trained, frozen),
                                              validation_batch, None)[0])
   print(f"training loss: step 1 (the untrained prompt) {first:.4f} -> steps 26-30 {last:.4f}; "

@@ -124,13 +124,13 @@ def _toy_pretrain_setup():
 
 @pytest.mark.slow  # two jit compilations; ~20 s idle, minutes on a loaded machine
 def test_pretrain_runs_both_phases(tmp_path):
-  from prompt_jax.storage import checkpoints
+  from prompt_jax.storage import frozen_models  # pylint: disable=g-import-not-at-top
   from prompt_jax.training import pretrain
   setup = {**_toy_pretrain_setup(), "train_steps": 2, "lm_adaptation_steps": 2}
   out = str(tmp_path / "m.npz")
   result = pretrain.pretrain(output_path=out, checkpoint_every_steps=0, **setup)
   assert np.isfinite(result["loss"]) and np.isfinite(result["lm_adaptation_loss"])
-  params = checkpoints.load_params_npz(out)
+  params = frozen_models.load_params_npz(out)
   assert params["token_embedder"]["embedding"].shape == (384, 16)
   with pytest.raises(ValueError, match="lm_adaptation_dataset_cfg"):
     pretrain.pretrain(**{**setup, "lm_adaptation_dataset_cfg": None}, output_path=out)
@@ -141,14 +141,14 @@ def test_pretrain_resumes_mid_phase_like_a_straight_run(tmp_path):
   equal the uninterrupted run's (same data order, dropout keys, optimizer state and schedule)."""
   import shutil
 
-  from prompt_jax.storage import checkpoints
+  from prompt_jax.storage import frozen_models
   from prompt_jax.training import pretrain
   setup = _toy_pretrain_setup()
   out = str(tmp_path / "run.npz")
   phases = tmp_path / "run_checkpoints"
   straight = pretrain.pretrain(output_path=out, checkpoint_every_steps=2, checkpoint_keep=None,
                                **setup)
-  expected = checkpoints.load_params_npz(out)
+  expected = frozen_models.load_params_npz(out)
 
   def saved_steps(phase):
     return sorted(int(p.name) for p in (phases / phase / "checkpoints").iterdir()
@@ -158,7 +158,7 @@ def test_pretrain_resumes_mid_phase_like_a_straight_run(tmp_path):
   assert saved_steps("lm_adaptation") == [2, 3]
 
   def assert_same_weights():
-    got = jax.tree_util.tree_leaves_with_path(checkpoints.load_params_npz(out))
+    got = jax.tree_util.tree_leaves_with_path(frozen_models.load_params_npz(out))
     for (path, leaf), want in zip(got, jax.tree_util.tree_leaves(expected), strict=True):
       np.testing.assert_allclose(leaf, want, rtol=1e-5, atol=1e-6, err_msg=str(path))
 

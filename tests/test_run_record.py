@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prompt_jax.storage import run_dir
+from prompt_jax.storage import frozen_models, run_dir
 from prompt_jax.training import metric_writer
 from tests.cli_harness import assert_one_line_error, run_cli, snapshot
 
@@ -244,10 +244,9 @@ def test_serving_a_runs_prompt_checks_its_placement_and_frozen_model(tmp_path, c
   assert_one_line_error(run_cli([*serve, "--checkpoint=builtin:demo_t5_tiny.npz"], capsys),
                         ["placement 'suffix'", "--placement=suffix"])
   other = tmp_path / "other.npz"
-  from prompt_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
-  params = checkpoints.load_params_npz(checkpoints.resolve_path("builtin:demo_t5_tiny.npz"))
+  params = frozen_models.load_params_npz(frozen_models.resolve_path("builtin:demo_t5_tiny.npz"))
   params["decoder"]["decoder_norm"]["scale"] = params["decoder"]["decoder_norm"]["scale"] * 1.01
-  checkpoints.save_params_npz(params, str(other))
+  frozen_models.save_params_npz(params, str(other))
   assert_one_line_error(run_cli([*serve, f"--checkpoint={other}", "--placement=suffix"],
                                 capsys), ["builtin:demo_t5_tiny.npz", "another file"])
   result = run_cli([*serve, "--checkpoint=builtin:demo_t5_tiny.npz", "--placement=suffix"],

@@ -30,7 +30,7 @@ from prompt_jax.prompts import (
 )
 from prompt_jax.prompts.base import InputPrompt, export_prompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 from tests.conftest import shared_fixture
 
 CONFIG = t5.preset("tiny", num_encoder_layers=4, num_decoder_layers=2, dropout_rate=0.0)
@@ -212,8 +212,8 @@ def _load_both(path, config):
   batch = per_layer.dummy_batch(2, 8, 4)
   abstract = lambda m: jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unbox(m.init_abstract(batch)))
-  return (per_layer, checkpoints.load_frozen_params(path, config, abstract(per_layer)),
-          scanned, checkpoints.load_frozen_params(path, config.replace(scan_layers=True),
+  return (per_layer, frozen_models.load_frozen_params(path, config, abstract(per_layer)),
+          scanned, frozen_models.load_frozen_params(path, config.replace(scan_layers=True),
                                                   abstract(scanned)))
 
 
@@ -250,12 +250,12 @@ def test_orbax_per_layer_checkpoint_loads_stacked(tmp_path):
   per_layer, _ = _models(HOOKS["none"])
   params = _params(per_layer, _batch())
   path = str(tmp_path / "frozen")
-  checkpoints.save_params_orbax(params, path)
+  frozen_models.save_params_orbax(params, path)
   per_layer_model, loaded, scanned, stacked = _load_both(path, CONFIG)
   _check_same_outputs(per_layer_model, loaded, scanned, stacked, CONFIG.vocab_size)
   # ... and a stacked Orbax checkpoint loads stacked as it is.
   stacked_path = str(tmp_path / "stacked")
-  checkpoints.save_params_orbax(stacked, stacked_path)
+  frozen_models.save_params_orbax(stacked, stacked_path)
   _, _, _, again = _load_both(stacked_path, CONFIG)
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, stacked)
 

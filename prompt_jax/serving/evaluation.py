@@ -21,7 +21,7 @@ from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.storage import checkpoints, prompt_files, run_dir
+from prompt_jax.storage import checkpoints, frozen_models, prompt_files, run_dir
 from prompt_jax.training.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def prompt_params_from_array(programs, prompt: np.ndarray):
     raise ValueError(f"prompt array of shape {prompt.shape} does not fit the configured prompt "
                      f"parameters {shapes}; restore from MODEL_DIR instead")
   tree = jax.tree_util.tree_map(lambda leaf: prompt.astype(leaf.dtype), programs.abstract_prompt)
-  return checkpoints.device_put_tree(tree, programs.prompt_shardings)
+  return frozen_models.device_put_tree(tree, programs.prompt_shardings)
 
 
 def load_prompt_params(programs, frozen_params, *, model_dir: Optional[str] = None,
@@ -247,7 +247,7 @@ def frozen_checkpoint_of(model_dir: Optional[str], initial_checkpoint_path: Opti
   if model_dir and os.path.isdir(model_dir):
     recorded, recorded_fingerprint = recorded_frozen_checkpoint(model_dir)
   if initial_checkpoint_path:
-    given = run_dir.fingerprint(checkpoints.resolve_path(initial_checkpoint_path))
+    given = run_dir.fingerprint(frozen_models.resolve_path(initial_checkpoint_path))
     # (a path that does not exist is left to the loader, which says so)
     if recorded and initial_checkpoint_path != recorded and given and not allow_config_change:
       if given != recorded_fingerprint:

@@ -36,7 +36,7 @@ from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import base
 from prompt_jax.prompts.bank import PromptBank
 from prompt_jax.serving import evaluation, inference
-from prompt_jax.storage import checkpoints, output_paths, prompt_files, run_dir
+from prompt_jax.storage import frozen_models, output_paths, prompt_files, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def check_against_runs(prompts: Mapping[str, str], checkpoint: str, placement: s
   """Refuse (ValueError naming the task and both values) a prompt exported by a run whose
   record says it was trained with another placement or on another frozen checkpoint (by
   fingerprint: the same file elsewhere is fine) than this serving uses."""
-  served = run_dir.fingerprint(checkpoints.resolve_path(checkpoint))
+  served = run_dir.fingerprint(frozen_models.resolve_path(checkpoint))
   for task, source in prompts.items():
     record = prompt_files.run_record_of(source)
     if record is None:

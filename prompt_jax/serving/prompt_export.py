@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from prompt_jax import params as params_lib
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import checkpoints, frozen_models
 
 
 def load_trained_prompt(model_dir: str, step: Optional[int] = None):
@@ -89,7 +89,7 @@ def export_prompt(model, model_dir: str, step: Optional[int] = None,
   path = evaluation.frozen_checkpoint_of(model_dir, initial_checkpoint_path,
                                          random_frozen_model=random_frozen_model)
   if path:
-    frozen = checkpoints.load_frozen_params(path, model.config)
+    frozen = frozen_models.load_frozen_params(path, model.config)
   else:
     frozen = PromptPrograms(model).random_frozen_params(jax.random.key(0))
   return fold_prompt(model, prompt_params, frozen), step

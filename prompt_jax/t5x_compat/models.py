@@ -34,11 +34,11 @@ EMBEDDING = "token_embedder/embedding"
 @functools.lru_cache(maxsize=2)
 def read_embedding(path: str) -> np.ndarray:
   """The [vocab, embed] token embedding of a T5X checkpoint (only that array is read), or of any
-  parameters `prompt_jax.storage.checkpoints.load_frozen_params` reads."""
+  parameters `prompt_jax.storage.frozen_models.load_frozen_params` reads."""
   from prompt_jax.interop import t5x as t5x_interop
-  from prompt_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import frozen_models  # pylint: disable=g-import-not-at-top
 
-  resolved = checkpoints.resolve_path(path)
+  resolved = frozen_models.resolve_path(path)
   if t5x_interop.is_t5x_checkpoint(resolved):
     return np.asarray(t5x_interop.load_prompt(resolved, EMBEDDING), np.float32)
   if resolved.endswith(".npz"):

@@ -72,9 +72,9 @@ def _refuse_existing_orbax(out: str) -> None:
 
 
 def _save_orbax(params, out: str) -> None:
-  from prompt_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
+  from prompt_jax.storage import frozen_models  # pylint: disable=g-import-not-at-top
   _refuse_existing_orbax(out)
-  checkpoints.save_params_orbax(params, out)
+  frozen_models.save_params_orbax(params, out)
 
 
 def hf_to_orbax(args) -> int:

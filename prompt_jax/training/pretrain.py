@@ -18,7 +18,7 @@ from prompt_jax.data import pipeline
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.storage import checkpoints
+from prompt_jax.storage import frozen_models
 from prompt_jax.training import optimizers, regimes, trainer
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def pretrain(*, config: t5.T5Config, dataset_cfg: pipeline.DatasetConfig, train_
                       seed=phase_seed, label=name.replace("_", " "), config_text=config_text)
     params = run.state.prompt_params
     result["loss" if name == "pretrain" else "lm_adaptation_loss"] = run.summary["train"]["loss"]
-  checkpoints.save_params_npz(jax.device_get(params), output_path)
+  frozen_models.save_params_npz(jax.device_get(params), output_path)
   result.update(seconds=time.perf_counter() - start, parameters=parameters)
   if eval_dataset_cfg is not None:
     result["eval_token_accuracy"] = _eval_token_accuracy(model, params, eval_dataset_cfg)

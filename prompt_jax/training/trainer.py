@@ -32,7 +32,7 @@ from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms, TrainState  # noqa: F401  (TrainState: public)
 from prompt_jax.serving import evaluation
-from prompt_jax.storage import checkpoints, run_dir
+from prompt_jax.storage import checkpoints, frozen_models, run_dir
 from prompt_jax.training import metric_writer, optimizers, preemption
 from prompt_jax.training.metric_writer import MetricWriter
 from prompt_jax.training.optimizers import adafactor
@@ -238,7 +238,7 @@ def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int
   programs = regime.programs
   data = getattr(regime, "dataset_cfg", None)
   frozen_path = initial_checkpoint_path
-  resolved = checkpoints.resolve_path(frozen_path) if frozen_path else None
+  resolved = frozen_models.resolve_path(frozen_path) if frozen_path else None
   return {
       **run_dir.model_entries(programs.model),
       "frozen_checkpoint": {"path": frozen_path, "fingerprint": run_dir.fingerprint(resolved)},
