@@ -27,10 +27,14 @@ from prompt_jax.data import pipeline, synthetic  # noqa: E402,F401  (registers d
 from prompt_jax.models import t5  # noqa: E402
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel  # noqa: E402
 from prompt_jax.partitioning import Partitioner  # noqa: E402
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers  # noqa: E402
 from prompt_jax.prompts.base import InputPrompt  # noqa: E402
 from prompt_jax.prompts.plain import Prompt  # noqa: E402
-from prompt_jax.training import trainer  # noqa: E402
+from prompt_jax.training import (
+  guards,
+  trainer,  # noqa: E402
+)
 
 SHAPES = {  # preset, checkpoint, batch, inputs, targets, prompt length
     "demo": ("tiny", "builtin:demo_t5_tiny.npz", 32, 64, 16, 10),
@@ -50,7 +54,7 @@ def main() -> None:
     config = dataclasses.replace(config, vocab_size=max(config.vocab_size, 384))
   model = EncoderDecoderModel(t5.Transformer(config, InputPrompt(
       Prompt(prompt_length, initializers.uniform()))))
-  pt = trainer.PromptTrainer(model, trainer.adafactor(), Partitioner(), inputs, targets,
+  pt = PromptPrograms.for_training(model, trainer.adafactor(), Partitioner(), inputs, targets,
                              batch_size)
   frozen = (pt.load_frozen_params(checkpoint) if checkpoint
             else pt.random_frozen_params(jax.random.key(0)))
@@ -70,7 +74,7 @@ def main() -> None:
 
   def deferred(state):
     device_batches = trainer.prefetch_to_devices(batches, pt.shard_batch, size=2)
-    finite = trainer.FiniteTracker()
+    finite = guards.FiniteTracker()
     for _ in range(args.steps):
       state, metrics = pt.train_step_fn(state, frozen, next(device_batches), rng)
       finite.update(metrics, 1)

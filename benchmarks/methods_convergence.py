@@ -35,12 +35,13 @@ from prompt_jax.data import metrics, pipeline, synthetic
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.prompts import initializers
+from prompt_jax.programs import PromptPrograms
+from prompt_jax.prompts import initializers, superpos
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.residual import ResidualPrompt
 from prompt_jax.prompts.superpos import SuperPosPrompt
-from prompt_jax.serving import evaluation
+from prompt_jax.serving import evaluators
 from prompt_jax.training import optimizers, trainer
 
 TASK = "demo_sentiment_flipped"
@@ -76,14 +77,14 @@ def methods(prompt_length: int):
       "residual": (ResidualPrompt(prompt_length, 128, sampled), optimizers.adamw(0.3, 1e-5)),
       "superpos": (SuperPosPrompt(prompt_length, 128, POPULATION),
                    optimizers.adamw(0.01, 1e-5,
-                                    weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN)),
+                                    weight_decay_pattern=superpos.WEIGHT_DECAY_PATTERN)),
   }
 
 
 def run(method: str, generator, optimizer, dropout_rate: float, args, validation_batches):
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny", dropout_rate=dropout_rate),
                                              InputPrompt(generator)))
-  pt = trainer.PromptTrainer(model, optimizer, Partitioner(), LENGTHS["inputs"],
+  pt = PromptPrograms.for_training(model, optimizer, Partitioner(), LENGTHS["inputs"],
                              LENGTHS["targets"], args.batch_size)
   frozen = pt.load_frozen_params(FROZEN)
   state = pt.init_state(frozen, jax.random.key(args.seed))
@@ -105,10 +106,10 @@ def run(method: str, generator, optimizer, dropout_rate: float, args, validation
       row["validation_loss"] = validation_loss()
     rows.append(row)
   seconds = time.perf_counter() - start
-  scores = evaluation.evaluate(
-      pt, state.prompt_params, frozen,
+  scores = evaluators.TaskEvaluator(
       pipeline.DatasetConfig(TASK, LENGTHS, split="validation", batch_size=args.batch_size,
-                             shuffle=False), max_decode_length=LENGTHS["targets"])
+                             shuffle=False), max_decode_length=LENGTHS["targets"])(
+      pt, state.prompt_params, frozen, args.steps)
   train = [r["train_loss"] for r in rows[1:]]
   threshold_step = next((r["step"] for r in rows[1:] if r["validation_loss"] != ""
                          and r["validation_loss"] < args.threshold), "")

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import train_throughput  # noqa: E402
 
 from prompt_jax.data import bucketing, packing  # noqa: E402
+from prompt_jax.prompts import base  # noqa: E402
 
 
 def parse_packed(spec: str) -> list[tuple[int, int]]:
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
                                args.open_rows)
     per_row = max(len(row) for batch in layout for row in batch)
     sides[f"packed {length}x{rows}"] = packing.pack_examples(
-        examples, rows, length, args.targets * per_row, args.prompt, args.open_rows)
+        examples, rows, length, args.targets * per_row, args.prompt, args.open_rows,
+        slot_id=base.PROMPT_SLOT_ID)
   print(f"lengths: median {np.median(lengths):.0f}, 90th pct {np.percentile(lengths, 90):.0f}, "
         f"max {lengths.max()}; prompt {args.prompt}, targets {args.targets}")
   real = args.prompt + lengths.mean()

@@ -48,7 +48,7 @@ from prompt_jax.programs import PromptPrograms  # noqa: E402
 from prompt_jax.prompts import initializers  # noqa: E402
 from prompt_jax.prompts.base import InputPrompt  # noqa: E402
 from prompt_jax.prompts.plain import Prompt  # noqa: E402
-from prompt_jax.tools import plan  # noqa: E402
+from prompt_jax.tools import flops as flop_counts  # noqa: E402
 from prompt_jax.training.optimizers import adafactor  # noqa: E402
 
 PRESET = "t5_1_1_small"
@@ -107,8 +107,8 @@ class JaxPromptTuning:
     self.state = self.pt.init_state(self.frozen, jax.random.key(1))
     self.rng = jax.random.key(2)
     self.last_loss = float("nan")
-    weights = plan.matmul_weights(self.pt.abstract_frozen, config.logits_via_embedding)
-    self.flops = lambda b, enc_len, tgt_len: plan.analytic_flops(
+    weights = flop_counts.matmul_weights(self.pt.abstract_frozen, config.logits_via_embedding)
+    self.flops = lambda b, enc_len, tgt_len: flop_counts.analytic_flops(
         weights, config, b, enc_len + prompt_length, tgt_len)["matmul"]
 
   def run(self, batches: list[dict]) -> float:

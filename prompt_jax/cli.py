@@ -414,98 +414,120 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
   elif command == "infer-multitask":
     parser = _new(command, prog, MULTITASK_USAGE)
     _add_multitask_flags(parser)
-  elif command == "sweep":
-    parser = _new(command, prog, GIN_USAGE.replace(
-        "[--verbosity=LEVEL]", "[--mode=MODE] [--sweep_dir=DIR] ..."))
-    _add_gin_flags(parser, "gin configuration (the sweep file)")
-    parser.add_argument("--mode", default="local", choices=("local", "commands", "collect"),
-                        help="local: run the unfinished cells here, one after another "
-                             "(default); commands: write <sweep_dir>/commands.sh, one job line "
-                             "per unfinished cell, and run nothing; collect: only gather results")
-    parser.add_argument("--sweep_dir", default=None, metavar="DIR",
-                        help="overrides SweepConfig.sweep_dir (local path or gs://)")
-    parser.add_argument("--max_cells", type=_count_at_least(0), default=None, metavar="N",
-                        help="run at most N unfinished cells, then collect")
-    parser.add_argument("--stop_on_error", action="store_true",
-                        help="stop at the first failed cell (default: record it in "
-                             "<cell>/sweep_error.json and go on)")
-    parser.add_argument("--select", action="append", default=[], metavar="AXIS=V1,V2",
-                        help="only cells with these values (repeatable), e.g. "
-                             "--select=size=mini_1m --select=prompt_length=1,20")
-    parser.add_argument("--cell_binding", action="append", default=[], metavar="BINDING",
-                        help="a gin binding added to every cell after the sweep's own "
-                             "(repeatable), e.g. --cell_binding='TRAIN_STEPS = 5'")
-  elif command == "plan":
-    parser = _new(command, prog, GIN_USAGE.replace(
-        "[--verbosity=LEVEL]", "--mesh=DATAxMODEL\n       [--topology=GEN:GRID] "
-        "[--programs=train,eval,score,predict] [--max_batch]\n       [--platform=cpu|gpu|tpu] "
-        "[--chip=CHIP] [--gpu_target_config=FILE] [--json=FILE] [--verbosity=LEVEL]"))
-    _add_gin_flags(parser, "gin configuration (the training config)")
-    parser.add_argument("--mesh", required=True, metavar="DATAxMODEL",
-                        help="the (data, model) mesh, e.g. 4x2 (required)")
-    parser.add_argument("--topology", default=None, metavar="GEN:GRID",
-                        help="a TPU slice compiled for by the TPU compiler (needs libtpu), e.g. "
-                             "v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:2x4, v5e:4x4; DATA x MODEL must "
-                             "be its chip count")
-    parser.add_argument("--programs", default=None, metavar="LIST",
-                        help="comma-separated subset of train,eval,score,predict (default: all "
-                             "four with --topology, else train)")
-    parser.add_argument("--max_batch", action="store_true",
-                        help="also search (doubling, then bisection over compiles) the largest "
-                             "global batch whose train step fits (needs --topology)")
-    parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"),
-                        help="without --topology: the platform planned for (default cpu)")
-    parser.add_argument("--chip", default=None, choices=CHIPS,
-                        help="without --topology: accelerator whose memory and peak FLOP/s the "
-                             "plan is compared with (default: v5e for tpu, h100 for gpu)")
-    parser.add_argument("--gpu_target_config", default=None, metavar="FILE",
-                        help="compile for GPUs without a GPU: an XLA GpuTargetConfigProto text "
-                             "file (e.g. XLA's xla/backends/gpu/target_config/specs/"
-                             "h100_sxm.txtpb); needs jax-cuda12-plugin")
-    parser.add_argument("--json", default=None, metavar="FILE",
-                        help="also write the numbers to this JSON file")
-  elif command == "export-prompt":
-    parser = _new(command, prog, "{prog} --model_dir=DIR [--step=N] [--output=FILE.npy] "
-                  "[--peft_dir=DIR] [--format=both|npy|peft] ...\n   or: " + GIN_USAGE.replace(
-                      "[--verbosity=LEVEL]", "[--model_dir=DIR] [--step=N]\n       "
-                      "[--output=FILE.npy] [--peft_dir=DIR] [--format=both|npy|peft] ..."))
-    _add_gin_flags(parser, "gin configuration (the run's model and prompt files)")
-    parser.add_argument("--model_dir", metavar="DIR",
-                        help="the training run directory (default: gin MODEL_DIR)")
-    parser.add_argument("--step", type=_count_at_least(0), metavar="N",
-                        help="checkpoint step (default: the latest)")
-    parser.add_argument("--output", metavar="FILE.npy",
-                        help=".npy path (default MODEL_DIR/export/prompt_<step>.npy)")
-    parser.add_argument("--peft_dir", metavar="DIR",
-                        help="PEFT directory (default MODEL_DIR/export/peft_<step>)")
-    parser.add_argument("--base_model_name_or_path", metavar="NAME",
-                        help="recorded in the PEFT adapter config, e.g. google/t5-base-lm-adapt")
-    parser.add_argument("--initial_checkpoint_path", metavar="CHECKPOINT",
-                        help="the frozen checkpoint (default: the one the run recorded)")
-    parser.add_argument("--random_frozen_model", action="store_true",
-                        help="fold against a randomly initialised frozen model when the run "
-                             "records no frozen checkpoint (otherwise an error)")
-    parser.add_argument("--format", choices=("both", "npy", "peft"), default="both",
-                        help="what to write (default both)")
-    parser.add_argument("--t5x_checkpoint", metavar="DIR",
-                        help="fold the prompt of a T5X prompt-tuning checkpoint_<step> instead "
-                             "of a prompt_jax run (writes --output; no t5x needed)")
-  elif command == "curves":
-    parser = _new(command, prog, "{prog} MODEL_DIR [MODEL_DIR ...] [--output=PNG] [--overwrite]")
-    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
-                        help="a training run directory (with metrics.jsonl); several: compared")
-    parser.add_argument("--output", default=None, metavar="PNG",
-                        help="the image to write (default MODEL_DIR/curves.png for one run, "
-                             "redrawn; required for several); never an existing file unless "
-                             "--overwrite")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --output")
+  elif command in _PARSERS:
+    parser = _PARSERS[command](command, prog)
   else:  # convert; its sub-commands take --verbosity
     parser = _new(command, prog, "{prog} {{hf-to-orbax,t5x-to-orbax,prompt}} ...")
     _add_convert_commands(parser)
     return parser
   _add_verbosity(parser)
   return parser
+
+
+def _sweep_parser(command: str, prog: Optional[str]) -> argparse.ArgumentParser:
+  """`prompt-jax sweep`: the sweep's gin file and how to run its cells."""
+  parser = _new(command, prog, GIN_USAGE.replace(
+      "[--verbosity=LEVEL]", "[--mode=MODE] [--sweep_dir=DIR] ..."))
+  _add_gin_flags(parser, "gin configuration (the sweep file)")
+  parser.add_argument("--mode", default="local", choices=("local", "commands", "collect"),
+                      help="local: run the unfinished cells here, one after another "
+                           "(default); commands: write <sweep_dir>/commands.sh, one job line "
+                           "per unfinished cell, and run nothing; collect: only gather results")
+  parser.add_argument("--sweep_dir", default=None, metavar="DIR",
+                      help="overrides SweepConfig.sweep_dir (local path or gs://)")
+  parser.add_argument("--max_cells", type=_count_at_least(0), default=None, metavar="N",
+                      help="run at most N unfinished cells, then collect")
+  parser.add_argument("--stop_on_error", action="store_true",
+                      help="stop at the first failed cell (default: record it in "
+                           "<cell>/sweep_error.json and go on)")
+  parser.add_argument("--select", action="append", default=[], metavar="AXIS=V1,V2",
+                      help="only cells with these values (repeatable), e.g. "
+                           "--select=size=mini_1m --select=prompt_length=1,20")
+  parser.add_argument("--cell_binding", action="append", default=[], metavar="BINDING",
+                      help="a gin binding added to every cell after the sweep's own "
+                           "(repeatable), e.g. --cell_binding='TRAIN_STEPS = 5'")
+  return parser
+
+
+def _plan_parser(command: str, prog: Optional[str]) -> argparse.ArgumentParser:
+  """`prompt-jax plan`: the training config, the mesh and what to compile for."""
+  parser = _new(command, prog, GIN_USAGE.replace(
+      "[--verbosity=LEVEL]", "--mesh=DATAxMODEL\n       [--topology=GEN:GRID] "
+      "[--programs=train,eval,score,predict] [--max_batch]\n       [--platform=cpu|gpu|tpu] "
+      "[--chip=CHIP] [--gpu_target_config=FILE] [--json=FILE] [--verbosity=LEVEL]"))
+  _add_gin_flags(parser, "gin configuration (the training config)")
+  parser.add_argument("--mesh", required=True, metavar="DATAxMODEL",
+                      help="the (data, model) mesh, e.g. 4x2 (required)")
+  parser.add_argument("--topology", default=None, metavar="GEN:GRID",
+                      help="a TPU slice compiled for by the TPU compiler (needs libtpu), e.g. "
+                           "v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:2x4, v5e:4x4; DATA x MODEL must "
+                           "be its chip count")
+  parser.add_argument("--programs", default=None, metavar="LIST",
+                      help="comma-separated subset of train,eval,score,predict (default: all "
+                           "four with --topology, else train)")
+  parser.add_argument("--max_batch", action="store_true",
+                      help="also search (doubling, then bisection over compiles) the largest "
+                           "global batch whose train step fits (needs --topology)")
+  parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"),
+                      help="without --topology: the platform planned for (default cpu)")
+  parser.add_argument("--chip", default=None, choices=CHIPS,
+                      help="without --topology: accelerator whose memory and peak FLOP/s the "
+                           "plan is compared with (default: v5e for tpu, h100 for gpu)")
+  parser.add_argument("--gpu_target_config", default=None, metavar="FILE",
+                      help="compile for GPUs without a GPU: an XLA GpuTargetConfigProto text "
+                           "file (e.g. XLA's xla/backends/gpu/target_config/specs/"
+                           "h100_sxm.txtpb); needs jax-cuda12-plugin")
+  parser.add_argument("--json", default=None, metavar="FILE",
+                      help="also write the numbers to this JSON file")
+  return parser
+
+
+def _export_parser(command: str, prog: Optional[str]) -> argparse.ArgumentParser:
+  """`prompt-jax export-prompt`: which run and step, and what to write."""
+  parser = _new(command, prog, "{prog} --model_dir=DIR [--step=N] [--output=FILE.npy] "
+                "[--peft_dir=DIR] [--format=both|npy|peft] ...\n   or: " + GIN_USAGE.replace(
+                    "[--verbosity=LEVEL]", "[--model_dir=DIR] [--step=N]\n       "
+                    "[--output=FILE.npy] [--peft_dir=DIR] [--format=both|npy|peft] ..."))
+  _add_gin_flags(parser, "gin configuration (the run's model and prompt files)")
+  parser.add_argument("--model_dir", metavar="DIR",
+                      help="the training run directory (default: gin MODEL_DIR)")
+  parser.add_argument("--step", type=_count_at_least(0), metavar="N",
+                      help="checkpoint step (default: the latest)")
+  parser.add_argument("--output", metavar="FILE.npy",
+                      help=".npy path (default MODEL_DIR/export/prompt_<step>.npy)")
+  parser.add_argument("--peft_dir", metavar="DIR",
+                      help="PEFT directory (default MODEL_DIR/export/peft_<step>)")
+  parser.add_argument("--base_model_name_or_path", metavar="NAME",
+                      help="recorded in the PEFT adapter config, e.g. google/t5-base-lm-adapt")
+  parser.add_argument("--initial_checkpoint_path", metavar="CHECKPOINT",
+                      help="the frozen checkpoint (default: the one the run recorded)")
+  parser.add_argument("--random_frozen_model", action="store_true",
+                      help="fold against a randomly initialised frozen model when the run "
+                           "records no frozen checkpoint (otherwise an error)")
+  parser.add_argument("--format", choices=("both", "npy", "peft"), default="both",
+                      help="what to write (default both)")
+  parser.add_argument("--t5x_checkpoint", metavar="DIR",
+                      help="fold the prompt of a T5X prompt-tuning checkpoint_<step> instead "
+                           "of a prompt_jax run (writes --output; no t5x needed)")
+  return parser
+
+
+def _curves_parser(command: str, prog: Optional[str]) -> argparse.ArgumentParser:
+  """`prompt-jax curves`: run directories and the image."""
+  parser = _new(command, prog, "{prog} MODEL_DIR [MODEL_DIR ...] [--output=PNG] [--overwrite]")
+  parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                      help="a training run directory (with metrics.jsonl); several: compared")
+  parser.add_argument("--output", default=None, metavar="PNG",
+                      help="the image to write (default MODEL_DIR/curves.png for one run, "
+                           "redrawn; required for several); never an existing file unless "
+                           "--overwrite")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --output")
+  return parser
+
+
+_PARSERS = {"sweep": _sweep_parser, "plan": _plan_parser, "export-prompt": _export_parser,
+            "curves": _curves_parser}
 
 
 def _add_convert_commands(parser: argparse.ArgumentParser) -> None:
@@ -737,14 +759,13 @@ def bound_model_dir(gin_bindings: Sequence[str]) -> Optional[str]:
 
 def run_evaluator(config_text: str) -> Optional[str]:
   """How to score a run the way its training did, from its config.gin: the training's own
-  evaluate_fn as a gin reference (`trainer.train.evaluate_fn`, e.g. an ensemble's), the gin
-  file runs/multitask_eval.gin for a multi-task run (every task with its own prompt), else None
-  (the default evaluation)."""
-  match = re.search(r"^trainer\.train\.evaluate_fn = (@[\w.]+)\s*$", config_text, re.MULTILINE)
+  evaluator as a gin value (`trainer.train.evaluator`, e.g. 'ensemble'), 'multitask' for a
+  multi-task run (every task with its own prompt), else None (the default evaluation)."""
+  match = re.search(r"^trainer\.train\.evaluator = ('\w+')\s*$", config_text, re.MULTILINE)
   if match:
     return match.group(1)
   if re.search(r"^multitask_training\.train_multitask\.", config_text, re.MULTILINE):
-    return "runs/multitask_eval.gin"
+    return "'multitask'"
   return None
 
 
@@ -804,10 +825,8 @@ def from_run_directory(command: str, args: argparse.Namespace) -> None:
   args.gin_bindings[:0] = spt_retrain_bindings(model_dir)
   if command == "eval":
     evaluator = run_evaluator(Path(config).read_text())
-    if evaluator and evaluator.endswith(".gin"):
-      args.gin_file.append(evaluator)
-    elif evaluator:
-      args.gin_bindings.insert(0, f"evaluation.run_evaluation.evaluate_fn = {evaluator}")
+    if evaluator:
+      args.gin_bindings.insert(0, f"evaluation.run_evaluation.evaluator = {evaluator}")
   if command == "infer" and any(b.split("=")[0].strip() == "INPUTS_PATH"
                                 for b in args.gin_bindings):
     args.gin_bindings.append("MIXTURE_OR_TASK_NAME = None")  # inputs instead of the run's task
@@ -852,7 +871,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
              f"--platform={args.platform}", *([f"--chip={args.chip}"] if args.chip else []),
              *([f"--programs={args.programs}"] if args.programs else []),
              *([f"--json={args.json}"] if args.json else [])]
-    target = plan.target(request, again)
+    target = _plan_target(plan, request, again)
     import gin  # pylint: disable=g-import-not-at-top
     gin_utils.configure_gin(args.gin_file, args.gin_bindings, args.search_paths, **checks)
     for macro, value in (("MODEL_DIR", "None"), ("MIXTURE_OR_TASK_NAME", "'plan_only'")):
@@ -883,6 +902,26 @@ def _run(command: str, args: argparse.Namespace) -> int:
   return int(convert.main(args) or 0)
 
 
+def _plan_target(plan, request, reexec_argv: Sequence[str]):
+  """`plan.target(request)`, the devices `prompt-jax plan` compiles for, after the process-wide
+  settings a compile-only plan needs: the library returns them (`plan.settings`), the command
+  sets them here, before jax touches a device. jax_platforms (compile only: do not open this
+  host's TPU runtime or look for a GPU) and XLA_FLAGS stay; libtpu's start-up environment is
+  set while the TPU slice is described, then removed."""
+  settings = plan.settings(request, os.environ)  # first: its error if the compiler is missing
+  if settings.xla_flags is not None:
+    os.environ["XLA_FLAGS"] = settings.xla_flags
+  if settings.jax_platforms is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_platforms", settings.jax_platforms)
+  os.environ.update(settings.libtpu_environ)
+  try:
+    return plan.target(request, reexec_argv)
+  finally:
+    for name in settings.libtpu_environ:
+      os.environ.pop(name, None)
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
   """`prompt-jax sweep`: the SweepConfig of the sweep's gin file (`--sweep_dir` overrides its
   sweep_dir) and a parameter counter for its sizes, both parsing gin in child processes."""
@@ -904,7 +943,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _run_curves(args: argparse.Namespace) -> int:
   """`prompt-jax curves`: one run -> MODEL_DIR/curves.png (or --output); several -> --output."""
-  curves = _import("curves", "prompt_jax.training.curves")
+  curves = _import("curves", "prompt_jax.storage.curves")
   if len(args.model_dirs) == 1:
     path = curves.plot_run(args.model_dirs[0], args.output, overwrite=args.overwrite)
   elif not args.output:

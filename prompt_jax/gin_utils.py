@@ -419,7 +419,7 @@ def check_config(config: StaticConfig, *, roots: Optional[Sequence[str]] = None,
 def check_overridden(config: StaticConfig, used: set[str]) -> None:
   """ValueError when a macro the user set (a binding) never reaches the run because a later
   definition replaced the value that read it: e.g. PROMPT_FILE, read by the
-  `PROMPT_INIT = @initializers.from_array()` of prompts/from_file.gin, when a later file's
+  `PROMPT_INIT = @prompt_files.from_array()` of prompts/from_file.gin, when a later file's
   `PROMPT_INIT = @initializers.uniform()` wins. Names both definitions. An override by a
   binding (the command line's) is deliberate and not reported."""
   for name, binding in config.user_macros:

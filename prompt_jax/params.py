@@ -15,6 +15,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_TRAINABLE_PATTERN = r"(^|/)prompt(/|$)"
 
@@ -79,3 +80,16 @@ def check_same_shapes(tree: Any, reference: Any, what: str = "parameters") -> No
       raise ValueError(f"{what}: {path} has shape {got.get(path)}, expected {want.get(path)}"
                        if path in got and path in want else
                        f"{what}: {path} is {'missing' if path in want else 'unexpected'}")
+
+
+def leading_size(tree: Any, what: str) -> int:
+  """N, the leading axis shared by every leaf of a prompt bank's `tree` ([N, ...] leaves);
+  a ValueError naming each leaf's shape when they differ or one has no axis."""
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None
+           for leaf in jax.tree_util.tree_leaves(tree)}
+  if len(sizes) != 1 or None in sizes:
+    paths = {jax.tree_util.keystr(p): np.shape(x)
+             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    raise ValueError(f"a prompt bank needs every {what} leaf to have the same leading prompt "
+                     f"axis [num_prompts, ...]; got shapes {paths}")
+  return sizes.pop()

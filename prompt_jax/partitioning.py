@@ -9,6 +9,9 @@ Every parameter is created with logical axis names; the rules here map them onto
     `prompt_jax/prompts/*.py`, collected by `prompt_jax.prompts.logical_axis_rules()`), all
     replicated. This file names no prompt method; a new method brings its own rules.
 
+The rules are composed on demand (`standard_logical_axis_rules()`, called when a `Partitioner`
+is built without rules), so importing this module imports no prompt method.
+
 A logical name that no rule names is replicated (flax's `logical_to_mesh_axes` leaves such a
 dimension unsharded), so an axis only needs a rule here to be *split*; a prompt hook defined
 outside `prompt_jax/prompts` works without one.
@@ -55,20 +58,18 @@ def standard_logical_axis_rules(additional_rules: Optional[LogicalAxisRules] = N
           + tuple(tuple(rule) for rule in additional_rules or ()))
 
 
-STANDARD_LOGICAL_AXIS_RULES = standard_logical_axis_rules()
-
-
 @dataclasses.dataclass(frozen=True)
 class Partitioner:
   """A (data, model) device mesh and the logical axis rules that lay arrays out on it.
 
   Attributes:
     num_partitions: size of the `model` axis; the `data` axis takes the remaining devices.
-    logical_axis_rules: (logical name, mesh axis or None) pairs.
+    logical_axis_rules: (logical name, mesh axis or None) pairs; None (default):
+      `standard_logical_axis_rules()`.
   """
 
   num_partitions: int = 1
-  logical_axis_rules: LogicalAxisRules = STANDARD_LOGICAL_AXIS_RULES
+  logical_axis_rules: Optional[LogicalAxisRules] = None
   devices: Optional[Sequence[Any]] = None
 
   def __post_init__(self):
@@ -76,9 +77,10 @@ class Partitioner:
     if self.num_partitions < 1 or len(devices) % self.num_partitions:
       raise ValueError(f"Partitioner.num_partitions={self.num_partitions} must divide the "
                        f"{len(devices)} available devices")
+    rules = (standard_logical_axis_rules() if self.logical_axis_rules is None
+             else self.logical_axis_rules)
     object.__setattr__(self, "devices", tuple(devices))
-    object.__setattr__(self, "logical_axis_rules", tuple(tuple(r) for r in
-                                                         self.logical_axis_rules))
+    object.__setattr__(self, "logical_axis_rules", tuple(tuple(r) for r in rules))
 
   @property
   def mesh(self) -> Mesh:

@@ -21,6 +21,7 @@ with one.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Optional
 
 import flax
@@ -33,7 +34,10 @@ from prompt_jax import params as params_lib
 from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.prompts import base as prompts_base
 from prompt_jax.storage import frozen_models
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -77,7 +81,8 @@ class PromptPrograms:
       they are loaded); None keeps float32. The prompt and its optimizer state stay float32.
     batch_size, input_length, target_length: the batch shape the model is traced with to find
       its parameters (`dummy_batch`; parameter shapes do not depend on it, a real input length
-      checks the encoder budget early).
+      checks the encoder budget early). With an optimizer it is the global training batch, which
+      must divide over the data axis.
   """
 
   def __init__(self, model: EncoderDecoderModel, partitioner: Optional[Partitioner] = None,
@@ -87,6 +92,10 @@ class PromptPrograms:
                target_length: int = 8):
     self.model = model
     self.partitioner = partitioner = partitioner or Partitioner()
+    if optimizer is not None and batch_size % partitioner.data_parallel_size:
+      raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size "
+                       f"{partitioner.data_parallel_size}")
+    self.batch_size = batch_size
     self.optimizer = optimizer
     self.trainable_pattern = trainable_pattern
     self.frozen_dtype = _frozen_dtype(frozen_dtype)
@@ -118,6 +127,18 @@ class PromptPrograms:
           self._train_step_impl,
           in_shardings=(self.state_shardings, self.frozen_shardings, None, replicated),
           out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+  @classmethod
+  def for_training(cls, model: EncoderDecoderModel, optimizer: optax.GradientTransformation,
+                   partitioner: Optional[Partitioner], input_length: int, target_length: int,
+                   batch_size: int,
+                   trainable_pattern: str = params_lib.DEFAULT_TRAINABLE_PATTERN,
+                   frozen_dtype: Optional[str] = None) -> PromptPrograms:
+    """The programs of a training run on a global batch of `batch_size` rows of
+    [input_length] / [target_length] tokens (the model is traced with that shape, so the
+    encoder length budget is checked before anything is loaded)."""
+    return cls(model, partitioner, optimizer, trainable_pattern, frozen_dtype,
+               batch_size=batch_size, input_length=input_length, target_length=target_length)
 
   # ------------------------------------------------------------------------------ parameters
 
@@ -161,6 +182,20 @@ class PromptPrograms:
     loaded = frozen_models.load_frozen_params(path, self.model.config, self.frozen_structs(),
                                             self.partitioner)
     return frozen_models.device_put_tree(self.cast_frozen(loaded), self.frozen_shardings)
+
+  def frozen_params(self, path: Optional[str], rng: Array, *, random_ok: bool,
+                    hint: str = "set INITIAL_CHECKPOINT_PATH") -> Any:
+    """The frozen parameters: loaded from `path` (`load_frozen_params`); with no path,
+    randomly initialised when `random_ok` (a warning says so when the model has frozen
+    parameters), else a ValueError ending with `hint`."""
+    if path:
+      return self.load_frozen_params(path)
+    if not random_ok:
+      raise ValueError(f"no frozen checkpoint: {hint}")
+    if params_lib.count(self.abstract_frozen):
+      log.warning("no frozen checkpoint (INITIAL_CHECKPOINT_PATH is not set): the frozen model "
+                  "is randomly initialised")
+    return self.random_frozen_params(rng)
 
   def init_prompt(self, frozen_params, rng: Array):
     """A freshly initialised prompt (its initialiser sees the frozen embedding), float32."""
@@ -285,8 +320,6 @@ class PromptPrograms:
 
   def export_prompt(self, prompt_params, frozen_params) -> Optional[np.ndarray]:
     """The prompt as a plain [length, embed] array (methods fold their reparameterisation)."""
-    from prompt_jax.prompts import base as prompts_base  # pylint: disable=g-import-not-at-top
-
     params = params_lib.merge_params(prompt_params, frozen_params)
     exported = prompts_base.export_prompt(self.model.module.prompt, params)
     return None if exported is None else np.asarray(exported)

@@ -310,9 +310,9 @@ def test_start_up_is_quiet_unless_asked(verbosity, tmp_path):
 
 def test_cli_constants_match_the_library():
   from prompt_jax.prompts import base
-  from prompt_jax.tools import convert, plan
+  from prompt_jax.tools import convert, topology
   assert cli.PROMPT_FORMATS == convert.PROMPT_FORMATS
-  assert sorted(cli.CHIPS) == sorted(plan.CHIPS)
+  assert sorted(cli.CHIPS) == sorted(topology.CHIPS)
   assert cli.PLACEMENTS == base.PLACEMENTS
 
 

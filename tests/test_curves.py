@@ -1,5 +1,5 @@
 """MODEL_DIR/metrics.jsonl (one line per logged scalar, truncated on resume) and the curves drawn
-from it: `prompt_jax.training.curves` and `prompt-jax curves`."""
+from it: `prompt_jax.storage.curves` and `prompt-jax curves`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from prompt_jax import cli
-from prompt_jax.training import curves, metric_writer
-from prompt_jax.training.metric_writer import METRICS_FILE, MetricWriter
+from prompt_jax.storage import curves, metric_writer
+from prompt_jax.storage.metric_writer import METRICS_FILE, MetricWriter
 
 
 def _write_run(model_dir, train_steps=(10, 20, 30), eval_steps=(0, 20), offset=0.0):

@@ -42,7 +42,7 @@ from prompt_jax.prompts.bank import PromptBank
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import inference
-from prompt_jax.tools.plan import fake_device_flags
+from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
 EOS = 1

@@ -17,12 +17,13 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank, check_prompt_ids
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import ensemble, evaluation, inference
-from prompt_jax.training import trainer
+from prompt_jax.training import optimizers, trainer
 from tests.adafactor_tolerance import assert_adafactor_runs_agree
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
@@ -57,7 +58,7 @@ def _bank_params(prompts):
 
 @pytest.fixture(scope="module")
 def frozen():
-  pt = trainer.PromptTrainer(_plain_model(), trainer.adafactor(), Partitioner(), 64, 16, 8)
+  pt = PromptPrograms.for_training(_plain_model(), trainer.adafactor(), Partitioner(), 64, 16, 8)
   return pt.load_frozen_params(DEMO_CHECKPOINT)
 
 
@@ -191,8 +192,8 @@ def _train_curves(frozen, num_prompts, steps, optimizer_for_bank, optimizer=None
   and the same batches; and both runs' final prompts."""
   rng = np.random.default_rng(3)
   batches = [_random_batch(rng, 4) for _ in range(steps)]
-  sep = trainer.PromptTrainer(_plain_model(), optimizer or trainer.adafactor(), Partitioner(), 24,
-                              6, 4)
+  sep = PromptPrograms.for_training(_plain_model(), optimizer or trainer.adafactor(),
+                                    Partitioner(), 24, 6, 4)
   initial, separate_losses, separate_final = [], [], []
   for i in range(num_prompts):
     state = sep.init_state(frozen, jax.random.key(10 + i))
@@ -204,8 +205,8 @@ def _train_curves(frozen, num_prompts, steps, optimizer_for_bank, optimizer=None
     separate_losses.append(losses)
     separate_final.append(np.asarray(state.prompt_params["encoder"]["prompt"]["prompt"]
                                      ["prompt"]))
-  bank = trainer.PromptTrainer(_bank_model(num_prompts), optimizer_for_bank, Partitioner(), 24,
-                               6, 4 * num_prompts)
+  bank = PromptPrograms.for_training(_bank_model(num_prompts), optimizer_for_bank,
+                                     Partitioner(), 24, 6, 4 * num_prompts)
   prompts = _bank_params(np.stack(initial))
   state = trainer.TrainState(step=jnp.array(0, jnp.int32), prompt_params=prompts,
                              opt_state=optimizer_for_bank.init(prompts))
@@ -223,7 +224,7 @@ def _train_curves(frozen, num_prompts, steps, optimizer_for_bank, optimizer=None
 
 
 def test_training_n_prompts_equals_n_separate_runs(frozen):
-  optimizer = ensemble.per_prompt(trainer.adafactor())
+  optimizer = optimizers.per_prompt(trainer.adafactor())
   separate, bank, mean, separate_final, bank_final = _train_curves(frozen, 2, 5, optimizer)
   assert separate[:, -1].max() < separate[:, 0].min()  # they do train
   # Losses of ~8 from two programs that sum in other orders (the bank gathers each row's prompt,
@@ -251,13 +252,13 @@ def test_one_shared_optimizer_couples_the_prompts(frozen):
 @pytest.mark.slow
 def test_per_prompt_clipping_equals_separate_runs(frozen):
   separate, bank, _, separate_final, bank_final = _train_curves(
-      frozen, 2, 4, ensemble.per_prompt(_clipped_sgd()), _clipped_sgd())
+      frozen, 2, 4, optimizers.per_prompt(_clipped_sgd()), _clipped_sgd())
   np.testing.assert_allclose(bank, separate, atol=1e-5, rtol=0)
   np.testing.assert_allclose(bank_final, separate_final, atol=1e-5, rtol=0)
 
 
 def test_per_prompt_rejects_leaves_without_a_common_prompt_axis():
-  optimizer = ensemble.per_prompt(trainer.adafactor())
+  optimizer = optimizers.per_prompt(trainer.adafactor())
   with pytest.raises(ValueError, match="same leading prompt axis"):
     optimizer.init({"a": jnp.zeros((3, 4)), "b": jnp.zeros((2, 4))})
 
@@ -269,13 +270,16 @@ def test_ensemble_evaluation_equals_per_prompt_runs_and_a_vote_by_hand(frozen):
   num_prompts = 3
   eval_cfg = pipeline.DatasetConfig("demo_sentiment", LENGTHS, split="validation",
                                     batch_size=100, shuffle=False)
-  bank = trainer.PromptTrainer(_bank_model(num_prompts), ensemble.per_prompt(trainer.adafactor()),
-                               Partitioner(), 64, 16, 100)
+  bank = PromptPrograms.for_training(_bank_model(num_prompts),
+                                     optimizers.per_prompt(trainer.adafactor()),
+                                     Partitioner(), 64, 16, 100)
   state = bank.init_state(frozen, jax.random.key(0))
   prompts = np.asarray(state.prompt_params["encoder"]["prompt"]["prompt"]["prompts"])
-  scores = ensemble.evaluate_ensemble(bank, state.prompt_params, frozen, eval_cfg, 16)
+  scores = ensemble.EnsembleEvaluator(eval_cfg, max_decode_length=16)(
+      bank, state.prompt_params, frozen, 0)
 
-  plain = trainer.PromptTrainer(_plain_model(), trainer.adafactor(), Partitioner(), 64, 16, 100)
+  plain = PromptPrograms.for_training(_plain_model(), trainer.adafactor(), Partitioner(), 64, 16,
+                                      100)
   records = list(inference.task_records(eval_cfg))
   vocabulary = pipeline.get_task_or_mixture("demo_sentiment").output_features["inputs"].vocabulary
   targets = [r["targets"] for r in records]
@@ -357,11 +361,13 @@ def test_ensemble_rank_classification_averages_each_prompts_log_likelihoods(froz
   num_prompts = 3
   eval_cfg = pipeline.DatasetConfig(RANK_TASK, LENGTHS, split="validation", batch_size=16,
                                     shuffle=False)
-  bank = trainer.PromptTrainer(_bank_model(num_prompts), ensemble.per_prompt(trainer.adafactor()),
-                               Partitioner(), 64, 16, 16)
+  bank = PromptPrograms.for_training(_bank_model(num_prompts),
+                                     optimizers.per_prompt(trainer.adafactor()),
+                                     Partitioner(), 64, 16, 16)
   state = bank.init_state(frozen, jax.random.key(1))
   prompts = np.asarray(state.prompt_params["encoder"]["prompt"]["prompt"]["prompts"])
-  scores = ensemble.evaluate_ensemble(bank, state.prompt_params, frozen, eval_cfg, 16)
+  scores = ensemble.EnsembleEvaluator(eval_cfg, max_decode_length=16)(
+      bank, state.prompt_params, frozen, 0)
 
   # Independently: log-likelihood of each label under each prompt, from the plain model.
   vocabulary = synthetic.OUTPUT_FEATURES["inputs"].vocabulary
@@ -424,7 +430,7 @@ def test_ensemble_replication_and_length_bucketing_compose_in_one_run(tmp_path):
     return trainer.train(
         model=_bank_model(2), model_dir=str(tmp_path / name), train_steps=3,
         train_dataset_cfg=cfg, initial_checkpoint_path=DEMO_CHECKPOINT,
-        optimizer=ensemble.per_prompt(trainer.adafactor()), checkpoint_every_steps=3,
+        optimizer=optimizers.per_prompt(trainer.adafactor()), checkpoint_every_steps=3,
         log_every_steps=1, batch_transforms=transforms)
 
   full = run("full", [ensemble.ReplicateAcrossPrompts(2), record])

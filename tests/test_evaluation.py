@@ -20,7 +20,7 @@ from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.serving import evaluation
+from prompt_jax.serving import evaluation, evaluators, loading
 from prompt_jax.training import trainer
 from tests.test_tasks_glue import mock_glue
 
@@ -63,8 +63,8 @@ def _validation_examples(name):
 @pytest.fixture(scope="module")
 def restored(trained_run):
   """(trainer, frozen params, prompt params, step) restored from the run's MODEL_DIR."""
-  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
-  prompt, step = evaluation.load_prompt_params(pt, frozen, model_dir=trained_run[0])
+  pt, frozen = loading.build_programs(_model(), DEMO_CHECKPOINT)
+  prompt, step = loading.load_prompt_params(pt, frozen, model_dir=trained_run[0])
   return pt, frozen, prompt, step
 
 
@@ -108,17 +108,20 @@ def test_beam_search_accuracy_is_the_accuracy_of_its_best_decode(restored):
   hits = [vocab.decode([int(t) for t in rows[0]]) == ex["targets_pretokenized"].decode()
           for rows, ex in zip(out, examples)]
   with mock_glue(NUM_EXAMPLES):
-    got = evaluation.evaluate(pt, prompt, frozen, _cfg(TASK), LENGTHS["targets"],
-                              decoding=beams)
+    got = evaluators.TaskEvaluator(_cfg(TASK), max_decode_length=LENGTHS["targets"],
+                                   decoding=beams)(pt, prompt, frozen, 0)
   assert got["accuracy"] == pytest.approx(100 * np.mean(hits))
 
 
-def test_a_greedy_only_evaluate_fn_refuses_another_decoding():
-  from prompt_jax.serving import ensemble  # pylint: disable=g-import-not-at-top
+def test_a_greedy_only_evaluator_refuses_another_decoding():
   with mock_glue(NUM_EXAMPLES), pytest.raises(ValueError, match="decodes greedily only"):
-    evaluation.run_evaluation(model=_model(), dataset_cfg=_cfg(TASK),
-                              evaluate_fn=ensemble.evaluate_ensemble,
+    evaluation.run_evaluation(model=_model(), dataset_cfg=_cfg(TASK), evaluator="ensemble",
                               decoding=decoding.BeamSearch())
+
+
+def test_an_unknown_evaluator_is_refused_with_the_known_ones():
+  with pytest.raises(ValueError, match="unknown evaluator 'ensembel'; known: task, ensemble"):
+    evaluation.make_evaluator("ensembel", _cfg(TASK), max_decode_length=8)
 
 
 def test_prompt_jax_eval_on_a_rank_task_prints_the_table(trained_run, restored, capsys):
@@ -178,7 +181,7 @@ def test_demo_sentiment_rank_accuracy_matches_scoring_by_hand(restored):
   pt, frozen, prompt, _ = restored
   cfg = pipeline.DatasetConfig("demo_sentiment_rank", LENGTHS, split="validation",
                                batch_size=100, shuffle=False, module="prompt_jax.data.synthetic")
-  got = evaluation.evaluate(pt, prompt, frozen, cfg, 16)["accuracy"]
+  got = evaluators.TaskEvaluator(cfg, max_decode_length=16)(pt, prompt, frozen, 0)["accuracy"]
   examples = synthetic.make_examples("validation")
   scores = _score_labels_by_hand(pt, frozen, prompt, [ex["sentence"] for ex in examples],
                                  synthetic.SENTIMENT_LABELS)
@@ -203,10 +206,10 @@ def test_grouped_superglue_metrics_through_seqio(restored):
   answers) come out of seqio's Evaluator with T5's metric names."""
   pt, frozen, prompt, _ = restored
   with mock_glue(4):
-    multirc = evaluation.evaluate(pt, prompt, frozen,
-                                  _cfg("taskless_super_glue_multirc_v102_rank_bytes"), 16)
-    record = evaluation.evaluate(pt, prompt, frozen,
-                                 _cfg("super_glue_record_v102_bytes"), 16)
+    multirc = evaluators.TaskEvaluator(_cfg("taskless_super_glue_multirc_v102_rank_bytes"),
+                                       max_decode_length=16)(pt, prompt, frozen, 0)
+    record = evaluators.TaskEvaluator(_cfg("super_glue_record_v102_bytes"),
+                                      max_decode_length=16)(pt, prompt, frozen, 0)
   assert set(multirc) == {"f1", "exact_match"}
   assert set(record) == {"em", "f1"}
   assert all(0 <= v <= 100 for v in [*multirc.values(), *record.values()])
@@ -215,11 +218,11 @@ def test_grouped_superglue_metrics_through_seqio(restored):
 def test_prompt_array_of_the_wrong_shape_is_rejected(restored):
   pt = restored[0]
   with pytest.raises(ValueError, match=r"shape \(5, 64\) does not fit"):
-    evaluation.prompt_params_from_array(pt, np.zeros((5, 64), np.float32))
+    loading.prompt_params_from_array(pt, np.zeros((5, 64), np.float32))
 
 
 def test_metrics_table_lists_every_metric():
-  table = evaluation.format_metrics_table({"f1": 66.666, "accuracy": 50.0})
+  table = evaluators.format_metrics_table({"f1": 66.666, "accuracy": 50.0})
   lines = table.splitlines()
   assert lines[2].split() == ["accuracy", "50.00"] and lines[3].split() == ["f1", "66.67"]
 
@@ -231,8 +234,8 @@ def test_truncated_eval_examples_are_counted_and_logged(caplog):
     evaluator = seqio.Evaluator(TASK, seqio.EncDecFeatureConverter(pack=False),
                                 eval_split="validation",
                                 sequence_length=dict(cfg.task_feature_lengths))
-    with caplog.at_level("WARNING", logger="prompt_jax.serving.evaluation"):
-      counts = evaluation.count_truncated(evaluator, cfg.task_feature_lengths)
+    with caplog.at_level("WARNING", logger="prompt_jax.serving.evaluators"):
+      counts = evaluators.count_truncated(evaluator, cfg.task_feature_lengths)
   expected = sum(len(ex["inputs_pretokenized"]) + 1 > 24 for ex in _validation_examples(TASK))
   assert expected > 0 and counts[TASK] == {"inputs": expected, "targets": 0}
   assert f"{expected} of {NUM_EXAMPLES} evaluation examples" in caplog.text
@@ -241,4 +244,5 @@ def test_truncated_eval_examples_are_counted_and_logged(caplog):
 def test_evaluating_a_missing_split_names_the_splits(restored):
   pt, frozen, prompt, _ = restored
   with mock_glue(NUM_EXAMPLES), pytest.raises(ValueError, match="validation_matched"):
-    evaluation.evaluate(pt, prompt, frozen, _cfg("glue_mnli_v002_bytes"), 16)
+    evaluators.TaskEvaluator(_cfg("glue_mnli_v002_bytes"), max_decode_length=16)(
+        pt, prompt, frozen, 0)

@@ -16,11 +16,12 @@ from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
-from prompt_jax.prompts import initializers
+from prompt_jax.prompts import superpos
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.superpos import SuperPosPrompt
 from prompt_jax.serving import prompt_export
+from prompt_jax.storage import prompt_files
 from prompt_jax.training import optimizers, trainer
 
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
@@ -43,7 +44,7 @@ def run_dir(tmp_path_factory):
                 train_dataset_cfg=pipeline.DatasetConfig("demo_sentiment", LENGTHS, batch_size=8),
                 initial_checkpoint_path=DEMO_CHECKPOINT,
                 optimizer=optimizers.adamw(
-                    0.05, weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN),
+                    0.05, weight_decay_pattern=superpos.WEIGHT_DECAY_PATTERN),
                 checkpoint_every_steps=2, log_every_steps=1)
   return model_dir
 
@@ -79,7 +80,7 @@ def test_cli_writes_npy_and_peft_that_serve_with_identical_logits(run_dir, tmp_p
   # serving: the SuperPos model and a plain Prompt loaded from the .npy give the same logits
   model = _model()
   plain = EncoderDecoderModel(t5.Transformer(
-      t5.preset("tiny"), InputPrompt(Prompt(4, initializers.from_array(str(out))))))
+      t5.preset("tiny"), InputPrompt(Prompt(4, prompt_files.from_array(str(out))))))
   from prompt_jax.storage import (
     frozen_models,  # pylint: disable=g-import-not-at-top
   )

@@ -15,8 +15,8 @@ from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.storage import checkpoints
-from prompt_jax.training import metric_writer, trainer
+from prompt_jax.storage import checkpoints, metric_writer
+from prompt_jax.training import guards, trainer
 from tests.cli_harness import assert_one_line_error, run_cli, snapshot
 
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -44,10 +44,10 @@ def _train(model_dir, steps, **kwargs):
 
 
 def test_the_loss_guard_fires_on_a_window_of_high_losses_only():
-  guard = trainer.DivergenceGuard(loss_factor=10.0, param_factor=None, window=3)
+  guard = guards.DivergenceGuard(loss_factor=10.0, param_factor=None, window=3)
   assert [guard.check(loss, None) for loss in (1.0, 12.0, 12.0)] == [None, None, None]
   assert "above 10 x the untrained loss 1" in guard.check(12.0, None)  # mean(12, 12, 12)
-  spiky = trainer.DivergenceGuard(loss_factor=10.0, param_factor=None, window=3)
+  spiky = guards.DivergenceGuard(loss_factor=10.0, param_factor=None, window=3)
   assert [spiky.check(loss, None) for loss in (1.0, 25.0, 1.0, 2.0, 25.0, 1.0)] == [None] * 6
 
 
@@ -56,7 +56,7 @@ def test_a_finite_runaway_stops_like_nan_and_leaves_the_good_checkpoints(tmp_pat
   resume with another learning rate must be allowed: the run record refuses it otherwise.)"""
   _train(tmp_path, 4, checkpoint_every_steps=2, log_every_steps=1)
   before = snapshot(tmp_path)
-  with pytest.raises(trainer.TrainingDivergedError,
+  with pytest.raises(guards.TrainingDivergedError,
                      match=r"at step 5: the trainable parameters reached .* stopped without "
                            r"saving it. Last good checkpoint: step 4"):
     _train(tmp_path, 8, checkpoint_every_steps=2, log_every_steps=1,

@@ -20,7 +20,7 @@ from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.serving import evaluation, inference
+from prompt_jax.serving import inference, loading
 from tests.conftest import GIN_CONFIGS, REPO_ROOT
 from tests.test_tasks_glue import mock_glue
 
@@ -75,8 +75,8 @@ def test_cli_infer_writes_the_in_process_predictions(tmp_path, prompt_file):
   lines = [json.loads(line) for line in output.read_text().splitlines()]
   assert [(r["id"], r["inputs"]) for r in lines] == list(enumerate(texts))
 
-  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
-  prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
+  pt, frozen = loading.build_programs(_model(), DEMO_CHECKPOINT)
+  prompt = loading.prompt_params_from_array(pt, np.load(prompt_file))
   expected = inference.predict_texts(pt, prompt, frozen, texts, seqio.ByteVocabulary(), 64, 12,
                                      batch_size=2)
   assert [r["prediction"] for r in lines] == expected
@@ -106,8 +106,8 @@ def test_infer_writes_the_n_best_beams_with_their_scores(tmp_path, prompt_file):
                   return_all_decodes=True)
   lines = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["id"] for r in lines] == [0, 1, 2]
-  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
-  prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
+  pt, frozen = loading.build_programs(_model(), DEMO_CHECKPOINT)
+  prompt = loading.prompt_params_from_array(pt, np.load(prompt_file))
   for line, text in zip(lines, texts):
     assert set(line) == {"inputs", "id", "prediction", "predictions", "scores"}
     assert line["prediction"] == line["predictions"][0] and len(line["predictions"]) == 3
@@ -142,8 +142,8 @@ def test_cli_infer_decodes_with_the_gin_decode_fn(tmp_path, prompt_file):
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = [json.loads(line) for line in output.read_text().splitlines()]
-  pt, frozen = evaluation.build_programs(_model(), DEMO_CHECKPOINT)
-  prompt = evaluation.prompt_params_from_array(pt, np.load(prompt_file))
+  pt, frozen = loading.build_programs(_model(), DEMO_CHECKPOINT)
+  prompt = loading.prompt_params_from_array(pt, np.load(prompt_file))
   expected = inference.predict_decodes(pt, prompt, frozen, texts, seqio.ByteVocabulary(), 64, 12,
                                        batch_size=2, decoding=decoding.BeamSearch(2, 0.0))
   assert [r["predictions"] for r in lines] == [[t for t, _ in d] for d in expected]

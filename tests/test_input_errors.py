@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from prompt_jax.data import pipeline
 from prompt_jax.interop import hf, peft, t5x
-from prompt_jax.prompts import base, initializers
+from prompt_jax.prompts import base
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import inference, multitask_inference
 from prompt_jax.storage import checkpoints, frozen_models, prompt_files
@@ -367,7 +367,7 @@ def test_read_prompt_names_the_file(tmp_path):
 
 def test_from_array_keeps_the_shape_message(tmp_path):
   np.save(tmp_path / "p.npy", np.zeros((7, 32), np.float32))
-  init = initializers.from_array(str(tmp_path / "p.npy"))
+  init = prompt_files.from_array(str(tmp_path / "p.npy"))
   with pytest.raises(ValueError, match=r"has shape \(7, 32\), expected \(7, 64\) \(prompt "
                                        r"length, model emb_dim\)"):
     init(None, (7, 64), None)

@@ -18,6 +18,7 @@ from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import prompt_files
 from tests.conftest import shared_fixture
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
@@ -75,12 +76,12 @@ def test_adapter_reproduces_peft_logits_states_and_generate():
 
 
 def test_adapter_as_prompt_initialiser_gives_the_same_logits(tmp_path):
-  """The path users take: the adapter saved as .npy, loaded by `initializers.from_array`."""
+  """The path users take: the adapter saved as .npy, loaded by `prompt_files.from_array`."""
   adapter = shared_fixture("peft_prompt_tiny")
   np.save(tmp_path / "prompt.npy", peft.load_prompt(str(adapter)))
   path = shared_fixture("hf_t5_tiny_v1_1")
   cfg, frozen = hf.load_t5(str(path))
-  module = t5.Transformer(cfg, InputPrompt(Prompt(5, initializers.from_array(
+  module = t5.Transformer(cfg, InputPrompt(Prompt(5, prompt_files.from_array(
       str(tmp_path / "prompt.npy")))))
   model = EncoderDecoderModel(module)
   ids, dec = np.load(path / "input_ids.npy"), np.load(path / "decoder_input_ids.npy")

@@ -25,7 +25,7 @@ import pytest
 from prompt_jax.interop import t5x
 from prompt_jax.models import t5
 from prompt_jax.storage import frozen_models
-from prompt_jax.tools.plan import fake_device_flags
+from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
 LEGACY = "t5x_t5_1_1_tiny_legacy/checkpoint_3"

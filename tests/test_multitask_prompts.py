@@ -21,11 +21,12 @@ from prompt_jax.data import pipeline, synthetic
 from prompt_jax.models import losses, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts.base import PLACEMENTS, InputPrompt
 from prompt_jax.prompts.mpt import MPTPrompt
 from prompt_jax.prompts.multitask_prompts import SharedTaskPrompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.training import multitask_training, optimizers, trainer
+from prompt_jax.training import multitask_training, optimizers
 
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
 TASKS = ("a", "b", "c")
@@ -151,7 +152,8 @@ def test_model_logits_of_a_mixed_batch_equal_single_prompt_models(method):
   rng = np.random.default_rng(1)
   hook = _hook(method, "suffix")
   model = _model(hook)
-  programs = trainer.PromptTrainer(model, optimizers.adafactor(), Partitioner(), L_IN, L_OUT, 6)
+  programs = PromptPrograms.for_training(model, optimizers.adafactor(), Partitioner(), L_IN,
+                                         L_OUT, 6)
   frozen = programs.load_frozen_params(DEMO_CHECKPOINT)
   prompt_params = _random_like(programs.init_prompt(frozen, jax.random.key(0)), rng)
   batch = _batch(rng, [0, 1, 2, 2, 1, 0])
@@ -257,8 +259,8 @@ def test_one_multitask_step_sums_task_gradients_on_shared_and_keeps_task_rows_ap
   model = _model(hook)
   paths = multitask_training.task_leaf_paths(model)
   lr = 0.05
-  multi = trainer.PromptTrainer(model, optimizers.per_task(optax.sgd(lr), paths), Partitioner(),
-                                L_IN, L_OUT, 6)
+  multi = PromptPrograms.for_training(model, optimizers.per_task(optax.sgd(lr), paths),
+                                      Partitioner(), L_IN, L_OUT, 6)
   frozen = multi.load_frozen_params(DEMO_CHECKPOINT)
   regime = multitask_training.MultiTaskTuning(multi, None, TASKS, paths)
   params = _random_like(multi.init_prompt(frozen, jax.random.key(0)), rng)

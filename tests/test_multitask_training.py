@@ -15,10 +15,12 @@ from prompt_jax.interop import peft
 from prompt_jax.models import losses, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank
-from prompt_jax.serving import evaluation
-from prompt_jax.training import multitask_training, optimizers, trainer
+from prompt_jax.serving import loading, multitask_evaluation
+from prompt_jax.storage import prompt_files
+from prompt_jax.training import multitask_training, optimizers
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
 pytestmark = pytest.mark.numerics
@@ -62,8 +64,9 @@ def test_n_tasks_in_one_run_equal_n_single_task_runs(placement):
   model = _bank_model(placement)
   task_paths = multitask_training.task_leaf_paths(model)
   assert task_paths == ["encoder/prompt/prompt/prompts"]
-  multi = trainer.PromptTrainer(model, optimizers.per_task(optimizers.adafactor(), task_paths),
-                                Partitioner(), L_IN, L_OUT, 6)
+  multi = PromptPrograms.for_training(
+      model, optimizers.per_task(optimizers.adafactor(), task_paths), Partitioner(), L_IN, L_OUT,
+      6)
   frozen = multi.load_frozen_params(DEMO_CHECKPOINT)
   regime = multitask_training.MultiTaskTuning(multi, None, TASKS, task_paths)
   state = regime.init_state(frozen, jax.random.key(0))
@@ -74,11 +77,11 @@ def test_n_tasks_in_one_run_equal_n_single_task_runs(placement):
     multi_losses.append({t: float(metrics[f"loss/{task}"]) for t, task in enumerate(TASKS)})
   bank = np.asarray(multi.export_prompt(state.prompt_params, frozen))
 
-  single = multitask_training.single_prompt_programs(multi)
-  single = trainer.PromptTrainer(single.model, optimizers.adafactor(), Partitioner(), L_IN,
+  single = multitask_evaluation.single_prompt_programs(multi)
+  single = PromptPrograms.for_training(single.model, optimizers.adafactor(), Partitioner(), L_IN,
                                  L_OUT, 2)
   for t in range(len(TASKS)):
-    alone = single.state_from_prompt(evaluation.prompt_params_from_array(single, bank0[t]))
+    alone = single.state_from_prompt(loading.prompt_params_from_array(single, bank0[t]))
     for step, batch in enumerate(batches):
       rows = _rows(batch, t)
       if not len(rows["encoder_input_tokens"]):
@@ -186,11 +189,10 @@ def test_multitask_command_runs_the_mixture(tmp_path, capsys):
 
 
 def test_spot_transfer_starts_from_the_mean_of_a_trained_bank(tmp_path):
-  from prompt_jax.prompts import initializers
   bank = np.random.default_rng(3).normal(size=(3, 4, 8)).astype(np.float32)
   np.save(tmp_path / "bank.npy", bank)
-  init = initializers.from_array(str(tmp_path / "bank.npy"), bank_mean=True)
+  init = prompt_files.from_array(str(tmp_path / "bank.npy"), bank_mean=True)
   np.testing.assert_allclose(init(None, (4, 8)), bank.mean(axis=0), rtol=1e-6)
   with pytest.raises(ValueError, match=r"bank_mean needs a bank .* got shape \(4, 8\)"):
     np.save(tmp_path / "one.npy", bank[0])
-    initializers.from_array(str(tmp_path / "one.npy"), bank_mean=True)
+    prompt_files.from_array(str(tmp_path / "one.npy"), bank_mean=True)

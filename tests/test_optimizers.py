@@ -1,4 +1,5 @@
-"""AdamW with path-masked weight decay, checked against a NumPy AdamW, and its gin bindings."""
+"""AdamW with path-masked weight decay (checked against a NumPy AdamW), its gin bindings, and
+SPT's weights optimizer split by parameter path."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from prompt_jax.prompts import superpos
 from prompt_jax.training import optimizers
 from tests.conftest import GIN_CONFIGS
 
@@ -28,7 +30,7 @@ def _leaves(tree):
 def test_with_zero_gradient_only_the_coefficients_move():
   params = _superpos_tree()
   lr, wd = 0.1, 0.5
-  opt = optimizers.adamw(lr, wd, weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN)
+  opt = optimizers.adamw(lr, wd, weight_decay_pattern=superpos.WEIGHT_DECAY_PATTERN)
   state = opt.init(params)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   current = params
@@ -59,7 +61,7 @@ def test_matches_a_numpy_adamw_with_the_decay_mask():
   rng = np.random.default_rng(1)
   grads_seq = [{"coefficients": rng.normal(size=(3, 5)), "embeddings": rng.normal(size=(3, 5, 4))}
                for _ in range(4)]
-  opt = optimizers.adamw(0.05, 0.2, weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN)
+  opt = optimizers.adamw(0.05, 0.2, weight_decay_pattern=superpos.WEIGHT_DECAY_PATTERN)
   state, current = opt.init(params), params
   for grads in grads_seq:
     tree = {"encoder": {"prompt": {"prompt": {k: jnp.asarray(v, jnp.float32)
@@ -110,6 +112,8 @@ def test_gin_prompt_files_bind_the_papers_adamw(prompt_file, lr, decays_embeddin
     opt = gin.get_configurable(optimizers.adamw)()
   finally:
     gin.clear_config()
+  if prompt_file == "superpos":  # the gin file binds the method's own pattern, not a copy
+    assert optimizers.description(opt)["weight_decay_pattern"] == superpos.WEIGHT_DECAY_PATTERN
   params = _superpos_tree()
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   updates, _ = opt.update(zeros, opt.init(params), params)
@@ -118,3 +122,39 @@ def test_gin_prompt_files_bind_the_papers_adamw(prompt_file, lr, decays_embeddin
   # with a zero gradient the update is exactly the decoupled decay -lr * 1e-5 * param
   np.testing.assert_allclose(u_c, -lr * 1e-5 * c, rtol=1e-5)
   np.testing.assert_allclose(u_e, -lr * 1e-5 * e if decays_embeddings else 0.0 * e, rtol=1e-5)
+
+
+def _spt_weights(with_generator=True):
+  tree = {"prompt": {"prompt": jnp.ones((2, 4))}}
+  if with_generator:
+    tree["layers_1"] = {"generator": {"down": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}}
+  return {"encoder": {"prompt": tree}}
+
+
+def test_spt_optimizer_gives_the_generators_adam_and_the_prompt_adafactor():
+  lr_prompt, lr_gen = 0.3, 3e-3
+  opt = optimizers.spt_optimizer(lr_prompt, lr_gen)
+  params = _spt_weights()
+  state = opt.init(params)
+  assert sorted(state.inner_states) == ["generator", "prompt"]  # checkpointed state's keys
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = opt.update(grads, state, params)
+  adam, _ = optax.adam(lr_gen).update(grads, optax.adam(lr_gen).init(params), params)
+  factor = optimizers.adafactor(lr_prompt)
+  ada, _ = factor.update(grads, factor.init(params), params)
+  layer, prompt = (updates["encoder"]["prompt"][k] for k in ("layers_1", "prompt"))
+  jax.tree_util.tree_map(np.testing.assert_allclose, layer,
+                         adam["encoder"]["prompt"]["layers_1"])
+  np.testing.assert_allclose(prompt["prompt"], ada["encoder"]["prompt"]["prompt"]["prompt"])
+  # SPT's re-training with K = 0 kept layers: no generator at all is fine.
+  no_generator = _spt_weights(with_generator=False)
+  ones = jax.tree_util.tree_map(jnp.ones_like, no_generator)
+  updates, _ = opt.update(ones, opt.init(no_generator), no_generator)
+  ada, _ = factor.update(ones, factor.init(no_generator), no_generator)
+  np.testing.assert_allclose(updates["encoder"]["prompt"]["prompt"]["prompt"],
+                             ada["encoder"]["prompt"]["prompt"]["prompt"])
+
+
+def test_split_by_path_refuses_a_bad_regex():
+  with pytest.raises(ValueError, match="split_by_path pattern '\\(' is not a valid regex"):
+    optimizers.split_by_path("(", optax.adam(0.1), optax.adam(0.1))

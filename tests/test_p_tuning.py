@@ -20,13 +20,14 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.prompts import initializers, p_tuning
+from prompt_jax.programs import PromptPrograms
+from prompt_jax.prompts import p_tuning
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.p_tuning import PTuningPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import prompt_export
-from prompt_jax.storage import frozen_models
-from prompt_jax.training import metric_writer, optimizers, trainer
+from prompt_jax.storage import frozen_models, metric_writer, prompt_files
+from prompt_jax.training import optimizers
 
 GIN_CONFIGS = Path(__file__).resolve().parent.parent / "gin_configs"
 TABLE = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
@@ -187,7 +188,7 @@ def test_lstm_trains_only_prompt_parameters():
   generator = PTuningPrompt(4, "LSTM", hidden_size=8, dropout=0.1)
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny"), InputPrompt(generator)))
   # no weight decay: a parameter changes only if its gradient is non-zero
-  pt = trainer.PromptTrainer(model, optimizers.adamw(0.01, weight_decay=0.0), Partitioner(),
+  pt = PromptPrograms.for_training(model, optimizers.adamw(0.01, weight_decay=0.0), Partitioner(),
                              64, 16, 8)
   assert not any("prompt" in k for k in _flat(pt.abstract_frozen))
   frozen = pt.load_frozen_params(DEMO_CHECKPOINT)
@@ -278,7 +279,7 @@ def test_demo_trains_and_exports(cli_run, validation_batch, tmp_path):
   assert np.abs(folded - np.asarray(flat[PREFIX + "embedding"])).max() > 1e-2
 
   plain = EncoderDecoderModel(t5.Transformer(
-      t5.preset("tiny"), InputPrompt(Prompt(10, initializers.from_array(str(out))))))
+      t5.preset("tiny"), InputPrompt(Prompt(10, prompt_files.from_array(str(out))))))
   plain_params = params_lib.unbox(jax.jit(plain.init_missing)(jax.random.key(0), frozen,
                                                               validation_batch))
   plain_logits = np.asarray(jax.jit(plain.logits)(plain_params, validation_batch))

@@ -16,9 +16,10 @@ from prompt_jax.models import losses, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.bank import PromptBank
-from prompt_jax.prompts.base import InputPrompt
+from prompt_jax.prompts.base import PROMPT_SLOT_ID, InputPrompt
 from prompt_jax.prompts.deep import DeepPrompt
 from prompt_jax.prompts.plain import Prompt
+from tests.test_import_graph import import_graph
 
 P = 5  # prompt length
 ROW, TARGETS = 64, 16  # packed row: encoder positions (prompt slots included), decoder positions
@@ -82,7 +83,7 @@ def _pack(examples, rows=3):
   lengths = lambda key: [int(np.sum(e[key] > 0)) for e in examples]
   layout = packing.first_fit(lengths("encoder_input_tokens"), lengths("decoder_target_tokens"),
                              rows, ROW, TARGETS, P)
-  batches = packing.pack_examples(examples, rows, ROW, TARGETS, P)
+  batches = packing.pack_examples(examples, rows, ROW, TARGETS, P, slot_id=PROMPT_SLOT_ID)
   assert len(batches) == len(layout) == 1, "the test wants every example in one packed batch"
   assert max(len(row) for row in layout[0]) >= 2, "no row holds two examples"
   return batches[0], layout[0]
@@ -98,7 +99,7 @@ def test_packed_layout_reserves_the_prompt_in_front_of_every_example():
       tokens = tokens[tokens > 0]
       np.testing.assert_array_equal(pos[seg == s], np.arange(P + len(tokens)))
       np.testing.assert_array_equal(batch["encoder_input_tokens"][r][seg == s],
-                                    np.r_[[packing.PROMPT_SLOT_ID] * P, tokens])
+                                    np.r_[[PROMPT_SLOT_ID] * P, tokens])
       targets = examples[i]["decoder_target_tokens"]
       targets = targets[targets > 0]
       dseg = batch["decoder_segment_ids"][r]
@@ -210,7 +211,22 @@ def test_an_example_longer_than_a_row_is_refused():
   examples = _examples(n=1, max_in=70)
   examples[0]["encoder_input_tokens"][:] = 5
   with pytest.raises(ValueError, match="example 0 needs 5 prompt \\+ 70 input = 75 encoder"):
-    packing.pack_examples(examples, 2, ROW, TARGETS, P)
+    packing.pack_examples(examples, 2, ROW, TARGETS, P, slot_id=PROMPT_SLOT_ID)
+
+
+def test_the_data_side_imports_no_prompt_module():
+  graph = import_graph()
+  assert not {m for m in graph["prompt_jax.data.packing"] if m.startswith("prompt_jax.prompts")}
+
+
+def test_prompt_slots_need_the_hooks_slot_token():
+  # The data side does not know the prompt: the caller passes the hook's slot token.
+  for slot_id in (None, 0, True):
+    with pytest.raises(ValueError, match="prompt_length=5 reserves prompt slots: slot_id must be "
+                                         "the prompt hook's slot token >= 1"):
+      packing.pack_examples(_examples(), 2, ROW, TARGETS, P, slot_id=slot_id)
+  with pytest.raises(ValueError, match="slot_id must be"):
+    packing.feature_converter(P)
 
 
 def test_first_fit_fills_earlier_rows_first_and_closes_full_batches():
@@ -234,7 +250,7 @@ def test_seqio_converter_packs_with_the_prompt_reserved_and_losses_match():
     one = tf.data.Dataset.from_tensors({"inputs": strip(e["encoder_input_tokens"]),
                                         "targets": strip(e["decoder_target_tokens"])})
     ds = one if ds is None else ds.concatenate(one)
-  converter = packing.feature_converter(P)
+  converter = packing.feature_converter(P, slot_id=PROMPT_SLOT_ID)
   rows = list(converter(ds, {"inputs": ROW, "targets": TARGETS}).as_numpy_iterator())
   batch = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in packing.PACKED_KEYS}
   layout, i = [], 0  # seqio packs in order
@@ -249,7 +265,7 @@ def test_seqio_converter_packs_with_the_prompt_reserved_and_losses_match():
       tokens = strip(examples[j]["encoder_input_tokens"])
       np.testing.assert_array_equal(pos[seg == s], np.arange(P + len(tokens)))
       np.testing.assert_array_equal(batch["encoder_input_tokens"][r][seg == s],
-                                    np.r_[[packing.PROMPT_SLOT_ID] * P, tokens])
+                                    np.r_[[PROMPT_SLOT_ID] * P, tokens])
   packed = _packed_example_losses(model, params, batch, layout)
   unpacked = _token_losses(model, params, _unpacked(examples)).sum(axis=1)
   np.testing.assert_allclose([packed[j] for j in range(len(examples))], unpacked,

@@ -5,6 +5,7 @@ compiles by the TPU compiler need libtpu (`pip install -e ".[tpu]"`) and skip wi
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -18,7 +19,8 @@ import pytest
 
 from prompt_jax import cli
 from prompt_jax.models import t5
-from prompt_jax.tools import plan
+from prompt_jax.tools import plan, plan_devices, plan_report
+from prompt_jax.tools.topology import CHIPS, parse_topology
 from prompt_jax.training import trainer
 from tests.conftest import REPO_ROOT
 
@@ -164,24 +166,87 @@ def test_bad_mesh_is_a_one_line_error(capsys):
 
 def test_fake_devices_are_asked_for_in_the_child_environment_only(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-  monkeypatch.delenv(plan._CHILD_ENV, raising=False)
+  monkeypatch.delenv(plan_devices._CHILD_ENV, raising=False)
   started = {}
 
   def run(command, env, check):
     started.update(command=command, env=env)
     return subprocess.CompletedProcess(command, 0)
 
-  monkeypatch.setattr(plan.subprocess, "run", run)
+  monkeypatch.setattr(plan_devices.subprocess, "run", run)
   with pytest.raises(SystemExit) as stop:
-    plan._devices_for("cpu", 64, ["--mesh=8x8"])
+    plan_devices.host_devices("cpu", 64, ["--mesh=8x8"])
   assert stop.value.code == 0
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"  # this process: unchanged
   assert started["env"]["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
                                          "--xla_force_host_platform_device_count=64")
   assert started["env"]["JAX_PLATFORMS"] == "cpu"
   assert started["command"][1:] == ["-m", "prompt_jax.cli", "plan", "--mesh=8x8"]
-  assert plan.fake_device_flags("--xla_force_host_platform_device_count=2 --a", 8) == (
+  assert plan_devices.fake_device_flags("--xla_force_host_platform_device_count=2 --a", 8) == (
       "--a --xla_force_host_platform_device_count=8")
+
+
+def test_compile_only_settings_are_returned_not_set(monkeypatch):
+  """What a TPU or GPU plan needs set in the process (jax_platforms, XLA_FLAGS, libtpu's start-up
+  environment) is returned by the library, for the variables the environment lacks."""
+  monkeypatch.setattr(plan_devices, "check_libtpu", lambda: "0.0.42")
+  monkeypatch.setattr(plan_devices, "check_gpu_compiler", lambda: jax.__version__)
+  before = dict(os.environ), jax.config.jax_platforms
+  environ = {"XLA_FLAGS": "--a", "TPU_SKIP_MDS_QUERY": "0"}
+  tpu = plan.settings(plan.request(mesh="2x4", topology="v5e:2x4"), environ)
+  assert (tpu.jax_platforms, tpu.xla_flags) == ("cpu", None)
+  assert tpu.libtpu_environ == {"TPU_ACCELERATOR_TYPE": "v5litepod-8",
+                                "TPU_WORKER_HOSTNAMES": "localhost",
+                                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  gpus = plan.request(mesh="4x2", gpu_target_config="h100.txtpb")
+  gpu = plan.settings(gpus, environ)
+  assert (gpu.jax_platforms, gpu.xla_flags, dict(gpu.libtpu_environ)) == (
+      "cpu", "--a --xla_gpu_enable_triton_gemm=false", {})
+  assert plan.settings(gpus, {"JAX_PLATFORMS": "cuda",
+                              "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}) == (
+      plan_devices.ProcessSettings())
+  assert plan.settings(plan.request(mesh="4x2", platform="tpu"), {}) == (
+      plan_devices.ProcessSettings())
+  assert (dict(os.environ), jax.config.jax_platforms) == before
+
+
+def test_the_command_sets_them_while_the_slice_is_described(monkeypatch):
+  monkeypatch.setattr(plan_devices, "check_libtpu", lambda: "0.0.42")
+  for name in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+               "TPU_SKIP_MDS_QUERY", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+    monkeypatch.delenv(name, raising=False)
+  updates, seen = [], {}
+  monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+  monkeypatch.setattr(plan, "target", lambda req, argv: seen.update(os.environ) or "devices")
+  assert cli._plan_target(plan, plan.request(mesh="2x4", topology="v5e:2x4"), []) == "devices"
+  assert updates == [("jax_platforms", "cpu")]
+  assert (seen["TPU_ACCELERATOR_TYPE"], seen["TPU_SKIP_MDS_QUERY"]) == ("v5litepod-8", "1")
+  assert "TPU_ACCELERATOR_TYPE" not in os.environ and "TPU_SKIP_MDS_QUERY" not in os.environ
+
+
+def _process_state_changes(source: str) -> list[str]:
+  """The calls and assignments in `source` that change jax's config or the environment."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+        "jax.config.update", "os.environ.update", "os.environ.pop", "os.environ.setdefault",
+        "os.environ.clear", "os.putenv", "os.unsetenv"):
+      found.append(ast.unparse(node))
+    targets = ([node.target] if isinstance(node, ast.AugAssign) else
+               getattr(node, "targets", []) if isinstance(node, (ast.Assign, ast.Delete)) else [])
+    found += [ast.unparse(t) for t in targets
+              if isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ"]
+  return found
+
+
+def test_plan_modules_change_no_process_state():
+  """Settings belong to the command line: no module of the plan updates jax's config or this
+  process's environment."""
+  assert _process_state_changes("os.environ['A'] = '1'\njax.config.update('x', 1)") == [
+      "os.environ['A']", "jax.config.update('x', 1)"]
+  for name in ("plan", "plan_devices", "plan_report", "flops", "topology"):
+    source = (REPO_ROOT / "prompt_jax" / "tools" / f"{name}.py").read_text()
+    assert _process_state_changes(source) == [], name
 
 
 def test_importing_prompt_jax_data_imports_no_tensorflow():
@@ -235,20 +300,20 @@ def test_host_only_tensorflow_hides_gpus_when_a_pipeline_starts(monkeypatch):
     ("V5P:2x2x1", 4, 1, (2, 2, 1), "v5p-8"),
 ])
 def test_topology_names_give_the_slice(name, chips, hosts, bounds, cloud):
-  topology = plan.parse_topology(name)
+  topology = parse_topology(name)
   assert topology.name == name.lower()
   assert (topology.chips, topology.hosts, topology.chips_per_host_bounds) == (chips, hosts, bounds)
   assert topology.accelerator_type == cloud
-  assert topology.hbm_gib == plan.CHIPS[name.lower().split(":")[0]][0]
+  assert topology.hbm_gib == CHIPS[name.lower().split(":")[0]][0]
 
 
 @pytest.mark.parametrize("cloud", ["v4-8", "v4-16", "v4-32", "v4-128", "v5p-8", "v5p-64",
                                    "v5litepod-1", "v5litepod-8", "v5litepod-16", "v5litepod-256",
                                    "v6e-4", "v6e-8", "v6e-64"])
 def test_cloud_accelerator_types_name_the_slice_they_create(cloud):
-  topology = plan.parse_topology(cloud)  # what scripts/tpu pass (--topology=$ACCELERATOR)
+  topology = parse_topology(cloud)  # what scripts/tpu pass (--topology=$ACCELERATOR)
   assert topology.accelerator_type == cloud
-  assert plan.parse_topology(topology.name) == topology  # a valid GENERATION:GRID slice
+  assert parse_topology(topology.name) == topology  # a valid GENERATION:GRID slice
 
 
 @pytest.mark.parametrize("name, message", [
@@ -264,7 +329,7 @@ def test_cloud_accelerator_types_name_the_slice_they_create(cloud):
 ])
 def test_bad_topologies_are_one_line_errors(name, message):
   with pytest.raises(ValueError, match=re.escape(message)) as error:
-    plan.parse_topology(name)
+    parse_topology(name)
   assert repr(name) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -312,10 +377,10 @@ def test_mismatched_libtpu_says_what_to_install(monkeypatch):
                       lambda name: "0.0.40" if name == "libtpu" else "1")
   with pytest.raises(ValueError, match=r"libtpu 0\.0\.40 does not match jax .* needs "
                      r"libtpu==0\.0\.42\.\*; pip install \"jax\[tpu\]=="):
-    plan.check_libtpu()
+    plan_devices.check_libtpu()
   monkeypatch.setattr(importlib.metadata, "version",
                       lambda name: "0.0.42.1" if name == "libtpu" else "1")
-  assert plan.check_libtpu() == "0.0.42.1"
+  assert plan_devices.check_libtpu() == "0.0.42.1"
 
 
 def test_out_of_memory_is_the_compilers_line_with_its_numbers():
@@ -347,11 +412,11 @@ def test_max_batch_doubles_then_bisects_over_compiles(start, largest):
 
   planner.compile = compile_
   result = planner.max_batch(start, log=lambda _: None)
-  if largest < plan.MAX_BATCH_LIMIT:
+  if largest < plan_report.MAX_BATCH_LIMIT:
     assert result["max_batch"] == largest // 4 * 4
     assert result["first_not_fitting"] == result["max_batch"] + 4
   else:
-    assert result["limit_reached"] and result["max_batch"] >= plan.MAX_BATCH_LIMIT
+    assert result["limit_reached"] and result["max_batch"] >= plan_report.MAX_BATCH_LIMIT
   assert len(compiled) == len(set(compiled)) <= 2 * 16  # no batch compiled twice
 
 
@@ -462,13 +527,13 @@ def test_an_over_large_batch_is_the_compilers_out_of_memory(tmp_path):
   assert re.search(r"\d+(\.\d+)?G", last)  # the compiler's own numbers
   assert result["programs"]["train"]["fits"] is False
   assert "train step does NOT fit: RESOURCE_EXHAUSTED" in stdout
-  assert plan.fit_hint(result["config"]["remat_policy"]) in stdout
+  assert plan_report.fit_hint(result["config"]["remat_policy"]) in stdout
 
 
 def test_fit_hint_offers_only_remat_policies_that_keep_less():
   from prompt_jax.models import t5
-  assert sorted(plan.REMAT_BY_MEMORY) == sorted(t5.REMAT_POLICIES)
-  hints = {p: plan.fit_hint(p) for p in plan.REMAT_BY_MEMORY}
+  assert sorted(plan_report.REMAT_BY_MEMORY) == sorted(t5.REMAT_POLICIES)
+  hints = {p: plan_report.fit_hint(p) for p in plan_report.REMAT_BY_MEMORY}
   assert "REMAT_POLICY='full'" in hints["none"]
   assert "REMAT_POLICY='dots_with_no_batch_dims_saveable'" in hints["dots_saveable"]
   assert "REMAT_POLICY='dots_saveable'" not in hints["dots_with_no_batch_dims_saveable"]

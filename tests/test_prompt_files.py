@@ -69,7 +69,6 @@ def test_source_files_and_formats(sources):
   assert [prompt_files.source_format(f"{s}/{x}") for x in ("p.npy", "bank.npy#0", "adapter",
                                                            "run@5")] == ["npy", "npy", "peft",
                                                                          "run"]
-  assert prompt_files.PEFT_CONFIG_FILE == peft.CONFIG_FILE
 
 
 def test_a_path_with_hash_or_at_that_exists_is_a_path(tmp_path):
@@ -148,10 +147,10 @@ def test_write_npy_is_atomic_and_refuses_an_existing_file(tmp_path):
 def test_eval_prompt_path_forms_give_the_npy_metrics(tmp_path):
   """PROMPT_PATH as a bank row, a run directory and MODEL_DIR@STEP: the same prompt
   parameters, step and metrics as the plain .npy (the shipped tiny model, mock SST-2)."""
-  from prompt_jax.serving import evaluation  # pylint: disable=g-import-not-at-top
+  from prompt_jax.serving import evaluators, loading  # pylint: disable=g-import-not-at-top
   from tests.test_evaluation import DEMO_CHECKPOINT, LENGTHS, TASK, _cfg, _model, mock_glue
   model = _model()
-  programs, frozen = evaluation.build_programs(model, DEMO_CHECKPOINT)
+  programs, frozen = loading.build_programs(model, DEMO_CHECKPOINT)
   prompt = np.random.default_rng(0).uniform(
       -0.5, 0.5, (4, model.config.emb_dim)).astype(np.float32)
   np.save(tmp_path / "prompt_30.npy", prompt)
@@ -159,14 +158,13 @@ def test_eval_prompt_path_forms_give_the_npy_metrics(tmp_path):
   os.makedirs(tmp_path / "run" / run_dir.PROMPTS_DIR)
   np.save(run_dir.prompt_export_path(str(tmp_path / "run"), 30), prompt)
   np.save(run_dir.prompt_export_path(str(tmp_path / "run"), 10), prompt * 0)
-  evaluators: dict = {}
+  evaluator = evaluators.TaskEvaluator(_cfg(TASK), max_decode_length=LENGTHS["targets"])
   results = {}
   for form in ("prompt_30.npy", "bank.npy#1", "run", "run@30"):
-    params, step = evaluation.load_prompt_params(programs, frozen,
+    params, step = loading.load_prompt_params(programs, frozen,
                                                  prompt_path=str(tmp_path / form))
     with mock_glue(8):
-      results[form] = (step, evaluation.evaluate(programs, params, frozen, _cfg(TASK),
-                                                 LENGTHS["targets"], evaluators=evaluators))
+      results[form] = (step, evaluator(programs, params, frozen, step))
   assert {form: step for form, (step, _) in results.items()} == {
       "prompt_30.npy": 30, "bank.npy#1": 0, "run": 30, "run@30": 30}
   expected = results["prompt_30.npy"][1]
@@ -177,7 +175,6 @@ def test_eval_prompt_path_forms_give_the_npy_metrics(tmp_path):
 
 def test_convert_and_from_array_take_every_source(sources, capsys):
   from prompt_jax import cli  # pylint: disable=g-import-not-at-top
-  from prompt_jax.prompts import initializers  # pylint: disable=g-import-not-at-top
   assert cli.main(["convert", "prompt", f"{sources}/run@5", f"{sources}/out5.npy"]) == 0
   assert "3 x 4 prompt (run -> npy)" in capsys.readouterr().out
   np.testing.assert_array_equal(np.load(sources / "out5.npy"), PROMPT * 0)
@@ -186,7 +183,7 @@ def test_convert_and_from_array_take_every_source(sources, capsys):
   assert cli.main(["convert", "prompt", f"{sources}/run@6", f"{sources}/x.npy"]) == 1
   err = capsys.readouterr().err.strip()
   assert "step 6 was not exported" in err and "[5, 20]" in err and len(err.splitlines()) == 1
-  init = initializers.from_array(f"{sources}/bank.npy#2")
+  init = prompt_files.from_array(f"{sources}/bank.npy#2")
   np.testing.assert_array_equal(np.asarray(init(None, (3, 4), None)), BANK[2])
-  init = initializers.from_array(f"{sources}/multi@5", bank_mean=True)
+  init = prompt_files.from_array(f"{sources}/multi@5", bank_mean=True)
   np.testing.assert_array_equal(np.asarray(init(None, (3, 4), None)), BANK.mean(0) * 0)

@@ -12,6 +12,7 @@ from prompt_jax.models import t5
 from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.storage import prompt_files
 from tests.conftest import shared_fixture
 
 TABLE = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
@@ -101,13 +102,13 @@ def test_from_string_uses_each_token():
 def test_from_array_checks_shape(tmp_path):
   path = tmp_path / "p.npy"
   np.save(path, np.ones((3, 8), np.float32))
-  init = initializers.from_array(str(path))
+  init = prompt_files.from_array(str(path))
   np.testing.assert_array_equal(init(jax.random.key(0), (3, 8), None), np.ones((3, 8)))
   with pytest.raises(ValueError, match=r"has shape \(3, 8\), expected \(4, 8\)"):
     init(jax.random.key(0), (4, 8), None)
   np.save(tmp_path / "bad.npy", np.ones((3,), np.float32))
   with pytest.raises(ValueError, match=r"must hold \[length, embed\], got shape \(3,\)"):
-    initializers.from_array(str(tmp_path / "bad.npy"))
+    prompt_files.from_array(str(tmp_path / "bad.npy"))
 
 
 def test_prompt_initialiser_sees_the_frozen_embedding():
@@ -132,15 +133,15 @@ def test_released_prompt_loads_into_a_base_sized_config():
   path = shared_fixture("prompt_t5_1_1_lm100k_base_sst2.npy")
   released = np.load(path)
   module = t5.Transformer(t5.preset("t5_1_1_lm_adapted_base"),
-                          InputPrompt(Prompt(100, initializers.from_array(str(path)))))
+                          InputPrompt(Prompt(100, prompt_files.from_array(str(path)))))
   tokens = jnp.ones((1, 4), jnp.int32)
   init = lambda: module.init(jax.random.key(0), tokens, tokens, tokens, enable_dropout=False)
   shapes = jax.eval_shape(init)["params"]["encoder"]["prompt"]["prompt"]["prompt"]
   assert tuple(shapes.value.shape) == released.shape == (100, 768)
-  p = initializers.from_array(str(path))(jax.random.key(0), (100, 768), None)
+  p = prompt_files.from_array(str(path))(jax.random.key(0), (100, 768), None)
   np.testing.assert_array_equal(np.asarray(p), released)
   with pytest.raises(ValueError, match=r"expected \(100, 512\)"):
-    initializers.from_array(str(path))(jax.random.key(0), (100, 512), None)
+    prompt_files.from_array(str(path))(jax.random.key(0), (100, 512), None)
 
 
 # ------------------------------------------------------------------------------ placements

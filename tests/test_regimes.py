@@ -15,11 +15,12 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers, spt
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.storage import run_dir
-from prompt_jax.training import metric_writer, optimizers, regimes, spt_training, trainer
+from prompt_jax.storage import metric_writer, run_dir
+from prompt_jax.training import guards, optimizers, regimes, spt_training, trainer
 
 LENGTHS = {"inputs": 32, "targets": 8}
 DATA = pipeline.DatasetConfig("demo_sentiment", LENGTHS, batch_size=4)
@@ -65,7 +66,7 @@ def test_spt_search_stops_on_a_non_finite_gate_update(tmp_path):
   search = _search(mode="joint")
   search.gate_optimizer = optax.scale(np.inf)  # the gates' update overflows at step 1
   search.step_fn = jax.jit(search._search_step)
-  with pytest.raises(trainer.TrainingDivergedError, match="diverged at step 1: .*non-finite"):
+  with pytest.raises(guards.TrainingDivergedError, match="diverged at step 1: .*non-finite"):
     trainer.run(search, model_dir=str(tmp_path / "run"), train_steps=2,
                 checkpoint_every_steps=1)
   assert not (tmp_path / "run" / "checkpoints").exists()
@@ -74,7 +75,7 @@ def test_spt_search_stops_on_a_non_finite_gate_update(tmp_path):
 def test_prompt_tuning_starts_from_given_parameters(tmp_path):
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny"),
                                              InputPrompt(Prompt(4, initializers.uniform()))))
-  programs = trainer.PromptTrainer(model, optax.sgd(0.0), Partitioner(), LENGTHS["inputs"],
+  programs = PromptPrograms.for_training(model, optax.sgd(0.0), Partitioner(), LENGTHS["inputs"],
                                    LENGTHS["targets"], DATA.batch_size)
   given = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.25, s.dtype),
                                  programs.abstract_prompt)

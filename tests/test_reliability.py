@@ -20,11 +20,12 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
-from prompt_jax.storage import checkpoints, run_dir
-from prompt_jax.training import metric_writer, trainer
+from prompt_jax.storage import checkpoints, metric_writer, run_dir
+from prompt_jax.training import guards, trainer
 from tests.cli_harness import DEMO_GIN, assert_one_line_error, run_cli, snapshot
 from tests.conftest import REPO_ROOT
 
@@ -60,7 +61,7 @@ def _prompt(model_dir, step):
 
 def test_an_update_that_overflows_the_prompt_is_never_saved(tmp_path):
   """lr 1e39: the loss before the update is finite, the updated prompt is not."""
-  with pytest.raises(trainer.TrainingDivergedError,
+  with pytest.raises(guards.TrainingDivergedError,
                      match=r"at step 1: loss .*updated prompt non-finite.*checkpoint: none"):
     _train(tmp_path, 1, optimizer=trainer.adafactor(learning_rate=1e39),
            checkpoint_every_steps=1)
@@ -72,7 +73,7 @@ def test_an_update_that_overflows_the_prompt_is_never_saved(tmp_path):
 def test_divergence_after_good_steps_names_the_last_good_checkpoint(tmp_path):
   _train(tmp_path, 2, checkpoint_every_steps=1)
   good = _prompt(tmp_path, 2)
-  with pytest.raises(trainer.TrainingDivergedError, match=r"at step 3: .*step 2 in"):
+  with pytest.raises(guards.TrainingDivergedError, match=r"at step 3: .*step 2 in"):
     _train(tmp_path, 4, optimizer=trainer.adafactor(learning_rate=1e39),
            allow_config_change=True,
            checkpoint_every_steps=1)
@@ -190,7 +191,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, co
 
 def test_a_non_finite_checkpoint_is_skipped(tmp_path, capsys):
   _train(tmp_path, 2, checkpoint_every_steps=1)
-  pt = trainer.PromptTrainer(_model(), trainer.adafactor(), Partitioner(), 64, 16, 8)
+  pt = PromptPrograms.for_training(_model(), trainer.adafactor(), Partitioner(), 64, 16, 8)
   manager = checkpoints.PromptCheckpointManager(str(tmp_path), 1)
   state, meta = manager.restore(2, pt.abstract_state())
   poisoned = state.replace(step=state.step + 1, prompt_params=jax.tree_util.tree_map(
@@ -249,16 +250,23 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_bit_identically(
 # ------------------------------------------------------------- final evaluation and summaries
 
 
-def _cheap_evaluate(pt, prompt_params, frozen_params, dataset_cfg, max_decode_length):
-  """The mean eval loss of the first eval batch (stands in for seqio decoding, to be quick)."""
-  del max_decode_length
-  batch = next(pipeline.iterate_batches(dataset_cfg))
-  return {"eval_loss": float(pt.eval_step(prompt_params, frozen_params, batch)["loss"])}
+class _CheapEvaluator:
+  """The mean eval loss of the first eval batch (stands in for seqio decoding, to be quick): an
+  evaluator class of the user's own, as `evaluation.make_evaluator` accepts."""
+
+  def __init__(self, dataset_cfg, *, max_decode_length, decoding=None, log_dir=None):
+    del max_decode_length, decoding, log_dir
+    self.dataset_cfg = dataset_cfg
+
+  def __call__(self, pt, prompt_params, frozen_params, step):
+    del step
+    batch = next(pipeline.iterate_batches(self.dataset_cfg))
+    return {"eval_loss": float(pt.eval_step(prompt_params, frozen_params, batch)["loss"])}
 
 
 def test_a_run_cut_short_in_its_final_evaluation_finishes_on_rerun(tmp_path, capsys):
   kwargs = {"eval_dataset_cfg": _data(split="validation", shuffle=False),
-            "evaluate_fn": _cheap_evaluate}
+            "evaluator": _CheapEvaluator}
   first = _train(tmp_path, 2, **kwargs)
   assert json.loads((tmp_path / "eval_untrained.json").read_text()) == first["eval_untrained"]
   # Killed during the final evaluation: everything but summary.json is there.
@@ -280,7 +288,7 @@ def test_a_run_cut_short_in_its_final_evaluation_finishes_on_rerun(tmp_path, cap
 
 def test_a_resumed_run_keeps_the_untrained_evaluation(tmp_path):
   kwargs = {"eval_dataset_cfg": _data(split="validation", shuffle=False),
-            "evaluate_fn": _cheap_evaluate}
+            "evaluator": _CheapEvaluator}
   first = _train(tmp_path, 2, **kwargs)
   resumed = _train(tmp_path, 4, **kwargs)
   assert resumed["eval_untrained"] == first["eval_untrained"]
@@ -299,7 +307,7 @@ def test_missing_exports_are_recreated_on_resume(tmp_path):
 
 KILL_AFTER_WRITE = textwrap.dedent("""
     import os, signal, sys
-    from prompt_jax.training.metric_writer import MetricWriter
+    from prompt_jax.storage.metric_writer import MetricWriter
     writer = MetricWriter(sys.argv[1], 'eval', enabled=True)
     writer.write(0, {'accuracy': 31.75})
     writer.write(100, {'accuracy': 100.0})

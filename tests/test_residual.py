@@ -14,11 +14,13 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.residual import ResidualPrompt
-from prompt_jax.training import optimizers, trainer
+from prompt_jax.storage import prompt_files
+from prompt_jax.training import optimizers
 
 TABLE = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
@@ -88,7 +90,7 @@ def test_train_fold_and_serve(tmp_path):
   bit-identical after steps; the folded prompt serves with identical logits."""
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny"),
                                              InputPrompt(ResidualPrompt(6, 32))))
-  pt = trainer.PromptTrainer(model, optimizers.adamw(0.3), Partitioner(), 64, 16, 8)
+  pt = PromptPrograms.for_training(model, optimizers.adamw(0.3), Partitioner(), 64, 16, 8)
   frozen = pt.load_frozen_params(DEMO_CHECKPOINT)
   frozen_before = jax.tree_util.tree_map(np.array, frozen)
   state = pt.init_state(frozen, jax.random.key(0))
@@ -116,7 +118,7 @@ def test_train_fold_and_serve(tmp_path):
   params = params_lib.merge_params(state.prompt_params, frozen)
   np.save(tmp_path / "p.npy", folded)
   plain = EncoderDecoderModel(t5.Transformer(
-      t5.preset("tiny"), InputPrompt(Prompt(6, initializers.from_array(str(tmp_path / "p.npy"))))))
+      t5.preset("tiny"), InputPrompt(Prompt(6, prompt_files.from_array(str(tmp_path / "p.npy"))))))
   plain_params = params_lib.unbox(jax.jit(plain.init_missing)(jax.random.key(0), frozen, jbatch))
   # Not bit-equal: the export folds the prompt in its own program, the model inside the logits'
   # (another fusion), so the prompts differ in the last bits and the logits by ~1e-6 of their scale

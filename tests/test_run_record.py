@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prompt_jax.storage import frozen_models, run_dir
-from prompt_jax.training import metric_writer
+from prompt_jax.storage import frozen_models, metric_writer, run_dir
 from tests.cli_harness import assert_one_line_error, run_cli, snapshot
 
 SHORT = ["--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=2",

@@ -24,8 +24,9 @@ from flax import traverse_util
 
 from prompt_jax import partitioning, prompts
 from prompt_jax.models import t5
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import bank, base, deep, p_tuning, plain, residual, spt, superpos
-from prompt_jax.tools.plan import fake_device_flags
+from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import REPO_ROOT
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.numerics
 SCRIPT = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np
     from prompt_jax.training import trainer
+    from prompt_jax.programs import PromptPrograms
     from prompt_jax.data import pipeline, synthetic
     from prompt_jax.models import t5
     from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -55,7 +57,7 @@ SCRIPT = textwrap.dedent("""
               for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
     def run(partitioner, m=None, frozen_dtype=None):
-      pt = trainer.PromptTrainer(m or model(), trainer.adafactor(), partitioner, 64, 16, 8,
+      pt = PromptPrograms.for_training(m or model(), trainer.adafactor(), partitioner, 64, 16, 8,
                                  frozen_dtype=frozen_dtype)
       frozen = pt.load_frozen_params('builtin:demo_t5_tiny.npz')
       state = pt.init_state(frozen, jax.random.key(0))
@@ -95,7 +97,7 @@ SCRIPT = textwrap.dedent("""
     out['remat'] = {}
     for policy in ('none', 'full', 'dots_saveable'):
       m = model(remat_policy=policy, num_encoder_layers=3, num_decoder_layers=1)
-      pt = trainer.PromptTrainer(m, trainer.adafactor(), meshes['4x2'], 128, 8, 16)
+      pt = PromptPrograms.for_training(m, trainer.adafactor(), meshes['4x2'], 128, 8, 16)
       frozen = pt.random_frozen_params(jax.random.key(2))
       state = pt.init_state(frozen, jax.random.key(0))
       b = {k: np.asarray(jax.random.randint(jax.random.key(3), v.shape, 3, 300))
@@ -275,13 +277,15 @@ from prompt_jax.partitioning import Partitioner
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
+from prompt_jax.programs import PromptPrograms
 model = EncoderDecoderModel(t5.Transformer(t5.preset('tiny'),
                                            InputPrompt(Prompt(4, initializers.uniform()))))
 cfg = pipeline.DatasetConfig('demo_sentiment', {'inputs': 64, 'targets': 16}, batch_size=8)
 n, i = jax.process_count(), jax.process_index()
 batches = pipeline.iterate_batches(cfg, shard_id=i, num_shards=n)
 local = [next(batches) for _ in range(2)]
-pt = trainer.PromptTrainer(model, trainer.adafactor(), Partitioner(num_partitions=2), 64, 16, 8)
+pt = PromptPrograms.for_training(model, trainer.adafactor(), Partitioner(num_partitions=2), 64,
+                                 16, 8)
 frozen = pt.load_frozen_params('builtin:demo_t5_tiny.npz')
 state = pt.init_state(frozen, jax.random.key(0))
 losses = []
@@ -332,8 +336,8 @@ def test_two_processes_train_like_one_device(tmp_path):
   assert outs[0]["local"][0] != outs[1]["local"][0]  # each host read a different shard
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny"),
                                              InputPrompt(Prompt(4, initializers.uniform()))))
-  pt = trainer.PromptTrainer(model, trainer.adafactor(), Partitioner(devices=jax.devices()[:1]),
-                             64, 16, 8)
+  pt = PromptPrograms.for_training(model, trainer.adafactor(),
+                                   Partitioner(devices=jax.devices()[:1]), 64, 16, 8)
   frozen = pt.load_frozen_params("builtin:demo_t5_tiny.npz")
   state = pt.init_state(frozen, jax.random.key(0))
   losses = []
@@ -392,9 +396,18 @@ def test_standard_rules_compose_model_prompt_and_additional_rules(monkeypatch):
   rules = partitioning.standard_logical_axis_rules(additional_rules=[["toy_axis", "model"]])
   assert rules[:len(t5x)] == t5x and rules[-1] == ("toy_axis", "model")
   assert rules[len(t5x):-1] == prompts.logical_axis_rules()
-  assert partitioning.standard_logical_axis_rules() == partitioning.STANDARD_LOGICAL_AXIS_RULES
+  assert partitioning.Partitioner().logical_axis_rules == partitioning.standard_logical_axis_rules()
   # Two method files may share a name only with the same mesh axis.
   monkeypatch.setattr(superpos, "LOGICAL_AXIS_RULES", (("prompt", "model"),))
   with pytest.raises(ValueError, match=r"logical axis 'prompt': prompt_jax\.prompts\.superpos "
                                        r"maps it to 'model', prompt_jax\.prompts\.base to None"):
     prompts.logical_axis_rules()
+
+
+def test_importing_partitioning_imports_no_prompt_method():
+  # The prompt rules are composed when a Partitioner is built, not at import time.
+  code = ("import sys, prompt_jax.partitioning; "
+          "print(sorted(m for m in sys.modules if m.startswith('prompt_jax.prompts.')))")
+  child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=600, check=True)
+  assert child.stdout.strip() == "[]", child.stdout

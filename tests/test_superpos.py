@@ -14,11 +14,13 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.prompts import initializers
+from prompt_jax.programs import PromptPrograms
+from prompt_jax.prompts import superpos
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.prompts.superpos import SuperPosPrompt
-from prompt_jax.training import optimizers, trainer
+from prompt_jax.storage import prompt_files
+from prompt_jax.training import optimizers
 
 TABLE = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
 DEMO_CHECKPOINT = "builtin:demo_t5_tiny.npz"
@@ -120,8 +122,8 @@ def _batch(batch_size=8):
 def setup():
   """A SuperPos prompt (L=4, m=16) on the demo's frozen model, dropout off; compiled once."""
   model = _model(SuperPosPrompt(4, 16, population_size=259))
-  pt = trainer.PromptTrainer(model, optimizers.adamw(
-      0.01, weight_decay_pattern=optimizers.SUPERPOS_DECAY_PATTERN), Partitioner(), 64, 16, 8)
+  pt = PromptPrograms.for_training(model, optimizers.adamw(
+      0.01, weight_decay_pattern=superpos.WEIGHT_DECAY_PATTERN), Partitioner(), 64, 16, 8)
   return model, pt, pt.load_frozen_params(DEMO_CHECKPOINT)
 
 
@@ -141,7 +143,7 @@ def test_folded_prompt_serves_with_a_plain_prompt_and_identical_logits(setup, tm
   # a plain Prompt initialised from the exported .npy gives the same logits
   np.save(tmp_path / "p.npy", folded)
   plain = EncoderDecoderModel(t5.Transformer(
-      t5.preset("tiny"), InputPrompt(Prompt(4, initializers.from_array(str(tmp_path / "p.npy"))))))
+      t5.preset("tiny"), InputPrompt(Prompt(4, prompt_files.from_array(str(tmp_path / "p.npy"))))))
   plain_params = params_lib.unbox(jax.jit(plain.init_missing)(jax.random.key(0), frozen, batch))
   np.testing.assert_array_equal(
       np.asarray(plain_params["encoder"]["prompt"]["prompt"]["prompt"]), folded)
@@ -184,7 +186,7 @@ def test_dropout_switch_applies_in_training_only(setup):
   batch = _batch()
   _, pt_off, frozen = setup
   model = _model(SuperPosPrompt(4, 16, population_size=259), dropout_rate=0.1)
-  pt_on = trainer.PromptTrainer(model, optimizers.adamw(), Partitioner(), 64, 16, 8)
+  pt_on = PromptPrograms.for_training(model, optimizers.adamw(), Partitioner(), 64, 16, 8)
   results = {}
   for rate, pt in ((0.0, pt_off), (0.1, pt_on)):
     state = pt.init_state(frozen, jax.random.key(0))

@@ -3,6 +3,9 @@ the decoding cache, and the preset sizes."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import flax
 import flax.linen as nn
 import jax
@@ -11,13 +14,15 @@ import numpy as np
 import pytest
 
 from prompt_jax import params as params_lib
+from prompt_jax import prompts
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.prompts import base, initializers
+from prompt_jax.prompts import base, hook, initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from tests import reference_t5
+from tests.test_import_graph import import_graph
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
 pytestmark = pytest.mark.numerics
@@ -187,9 +192,11 @@ def test_config_rejects_bad_values_by_name():
 class TaskPrompt(nn.Module):
   """A hook the model has never heard of: its own batch feature `task_ids` [b] picks one of
   `num_tasks` prompts per example (what a multi-task prompt does). Its parameter's first axis,
-  `toy_task`, has no partitioning rule anywhere."""
+  `toy_task`, has no partitioning rule anywhere. It subclasses nothing of prompt_jax: it defines
+  every member of the contract (`prompts.hook.PromptHook`) itself."""
 
   input_features = ("task_ids",)
+  scan_layer_inputs = None  # per-layer stacks only
 
   num_tasks: int
   length: int
@@ -224,6 +231,40 @@ class TaskPrompt(nn.Module):
 
   def export(self, embedding_table):
     return self.prompts
+
+
+def _prompt_hook_classes():
+  """Every encoder hook class of prompt_jax/prompts (a Linen module with `input_mask`)."""
+  found = set()
+  for info in pkgutil.iter_modules(prompts.__path__):
+    module = importlib.import_module(f"{prompts.__name__}.{info.name}")
+    found |= {c for c in vars(module).values() if isinstance(c, type)
+              and issubclass(c, nn.Module) and hasattr(c, "input_mask")}
+  return sorted(found, key=lambda c: c.__name__)
+
+
+def test_every_prompt_hook_defines_the_whole_contract():
+  # The model reads these members directly (no getattr defaults), so every hook has them all.
+  contract = {*hook.PromptHook.__annotations__,
+              *(n for n, v in vars(hook.PromptHook).items()
+                if callable(v) and (n == "__call__" or not n.startswith("_")))}
+  assert contract == {"input_features", "__call__", "input_mask", "layer_inputs",
+                      "scan_layer_inputs", "export"}
+  classes = _prompt_hook_classes()
+  assert {"InputPrompt", "PromptBank", "DeepPrompt", "SelectivePrompt", "SharedTaskPrompt",
+          "MPTPrompt"} <= {c.__name__ for c in classes}
+  for cls in [*classes, TaskPrompt]:
+    missing = [name for name in contract if not hasattr(cls, name)]
+    assert not missing, (cls.__name__, missing)
+    assert isinstance(cls.input_features, tuple), cls.__name__
+  assert isinstance(InputPrompt(Prompt(2)), hook.PromptHook)
+
+
+def test_the_model_imports_nothing_from_prompts():
+  graph = import_graph()
+  edges = {(m, e) for m, targets in graph.items() if m.startswith("prompt_jax.models")
+           for e in targets if e.startswith("prompt_jax.prompts")}
+  assert not edges, edges
 
 
 def _task_batch(task_ids):

@@ -7,10 +7,12 @@ it; with t5x installed (from github.com/google-research/t5x) the slow ones run s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 from typing import Mapping
 
 import flax
@@ -24,8 +26,9 @@ from flax.core import meta
 
 from prompt_jax.models import t5
 from prompt_jax.prompts import base, initializers, plain, residual, superpos
+from prompt_jax.storage import frozen_models
 from prompt_jax.t5x_compat import axes, optim
-from prompt_jax.tools.plan import fake_device_flags
+from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import GIN_CONFIGS, REPO_ROOT, shared_fixture
 
 DEMO_PARAMS = REPO_ROOT / "prompt_jax" / "assets" / "demo_t5_tiny.npz"
@@ -95,7 +98,7 @@ def test_prompt_axis_rules_cover_every_prompt_axis(method):
   boxed = traverse_util.flatten_dict(_boxed_variables(method)["params"], sep="/",
                                      is_leaf=lambda _, x: isinstance(x, meta.Partitioned))
   prompt_axes = {n for k, v in boxed.items() if k.startswith("encoder/prompt/") for n in v.names}
-  assert prompt_axes and prompt_axes <= set(axes.PROMPT_AXES)
+  assert prompt_axes and prompt_axes <= set(axes.prompt_axes())
   assert prompt_axes <= {name for name, _ in axes.prompt_axis_rules()}
 
 
@@ -175,6 +178,43 @@ def test_export_prompt_command_folds_a_t5x_checkpoint(tmp_path, capsys):
                    f"--output={out}"]) == 0
   np.testing.assert_array_equal(np.load(out), params["encoder"]["prompt"]["prompt"]["prompt"])
   assert str(out) in capsys.readouterr().out
+
+
+def test_each_model_reads_its_prompt_init_embedding_once(tmp_path, monkeypatch):
+  """`PromptEncoderDecoderModel` keeps the table it read (T5X initialises more than once); no
+  cache outlives the model. Without t5x: models.py is loaded, unregistered, over a stand-in
+  `t5x.models.EncoderDecoderModel`."""
+  stand_in = types.ModuleType("t5x.models")
+  stand_in.EncoderDecoderModel = type("EncoderDecoderModel", (), {
+      "__init__": lambda self, *args, **kwargs: None})
+  package = types.ModuleType("t5x")
+  package.models = stand_in
+  monkeypatch.setitem(sys.modules, "t5x", package)
+  monkeypatch.setitem(sys.modules, "t5x.models", stand_in)
+  spec = importlib.util.spec_from_file_location(
+      "_t5x_compat_models_under_test", REPO_ROOT / "prompt_jax" / "t5x_compat" / "models.py")
+  models = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(models)
+  assert not hasattr(models.read_embedding, "cache_info")  # no process-wide cache
+
+  tables = {}
+  for name in ("a", "b"):
+    tables[name] = np.full((8, 4), ord(name), np.float32)
+    frozen_models.save_params_npz({"token_embedder": {"embedding": tables[name]}},
+                                  str(tmp_path / f"{name}.npz"))
+  reads = []
+  read = models.read_embedding
+  monkeypatch.setattr(models, "read_embedding", lambda path: reads.append(path) or read(path))
+  first = models.PromptEncoderDecoderModel(prompt_init_checkpoint=str(tmp_path / "a.npz"))
+  for _ in range(3):
+    np.testing.assert_array_equal(first.prompt_init_embedding(), tables["a"])
+  assert reads == [str(tmp_path / "a.npz")]
+  second = models.PromptEncoderDecoderModel(prompt_init_checkpoint=str(tmp_path / "a.npz"))
+  second.prompt_init_embedding()
+  assert len(reads) == 2  # its own read: nothing shared between models
+  first.prompt_init_checkpoint = str(tmp_path / "b.npz")
+  np.testing.assert_array_equal(first.prompt_init_embedding(), tables["b"])
+  assert len(reads) == 3
 
 
 # --------------------------------------------------------------------------------- with t5x

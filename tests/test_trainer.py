@@ -17,12 +17,13 @@ from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo t
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.storage import checkpoints
-from prompt_jax.tools.plan import fake_device_flags
-from prompt_jax.training import trainer
+from prompt_jax.tools.plan_devices import fake_device_flags
+from prompt_jax.training import guards, trainer
 from tests.adafactor_tolerance import assert_adafactor_runs_agree
 from tests.conftest import REPO_ROOT
 
@@ -51,7 +52,7 @@ def _host(tree):
 
 def test_only_the_prompt_trains_and_frozen_params_are_bit_identical():
   model = _model()
-  pt = trainer.PromptTrainer(model, trainer.adafactor(), Partitioner(), 64, 16, 8)
+  pt = PromptPrograms.for_training(model, trainer.adafactor(), Partitioner(), 64, 16, 8)
   frozen = pt.load_frozen_params(DEMO_CHECKPOINT)
   frozen_before = _host(frozen)
   state = pt.init_state(frozen, jax.random.key(0))
@@ -82,7 +83,7 @@ def test_only_the_prompt_trains_and_frozen_params_are_bit_identical():
 def test_no_prompt_configured_is_an_error():
   model = EncoderDecoderModel(t5.Transformer(t5.preset("tiny")))
   with pytest.raises(ValueError, match="no parameter matches the trainable pattern"):
-    trainer.PromptTrainer(model, trainer.adafactor(), Partitioner(), 64, 16, 8)
+    PromptPrograms.for_training(model, trainer.adafactor(), Partitioner(), 64, 16, 8)
 
 
 def _train(model_dir, steps, model=None, **kwargs):
@@ -124,11 +125,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   _train(tmp_path, 2)
   good = _saved_prompt(tmp_path, 2)
   # A zero loss-normalising factor turns the loss into inf/nan at the next step.
-  with pytest.raises(trainer.TrainingDivergedError, match="at step 3.*step 2 in"):
+  with pytest.raises(guards.TrainingDivergedError, match="at step 3.*step 2 in"):
     _train(tmp_path, 6, model=_model(normalizer=0.0))
   manager = checkpoints.PromptCheckpointManager(str(tmp_path), 2)
   assert manager.latest_step() == 2
-  pt = trainer.PromptTrainer(_model(), trainer.adafactor(), Partitioner(), 64, 16, 8)
+  pt = PromptPrograms.for_training(_model(), trainer.adafactor(), Partitioner(), 64, 16, 8)
   state, _ = manager.restore(2, pt.abstract_state())
   np.testing.assert_array_equal(
       np.asarray(state.prompt_params["encoder"]["prompt"]["prompt"]["prompt"]), good)
@@ -142,6 +143,7 @@ def test_missing_model_dir_is_an_error():
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     from prompt_jax.training import trainer
+    from prompt_jax.programs import PromptPrograms
     from prompt_jax.data import pipeline, synthetic
     from prompt_jax.models import t5
     from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -158,7 +160,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     out = {}
     for name, partitioner in [('1x1', Partitioner(devices=jax.devices()[:1])),
                               ('4x2', Partitioner(num_partitions=2))]:
-      pt = trainer.PromptTrainer(model, trainer.adafactor(), partitioner, 64, 16, 8)
+      pt = PromptPrograms.for_training(model, trainer.adafactor(), partitioner, 64, 16, 8)
       frozen = pt.load_frozen_params('builtin:demo_t5_tiny.npz')
       state = pt.init_state(frozen, jax.random.key(0))
       losses = []

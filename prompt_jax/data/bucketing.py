@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from prompt_jax.data import pipeline
+
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 ENCODER_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
 
@@ -104,7 +106,6 @@ def iterate_bucketed_batches(cfg, buckets: Sequence[int], *, start_step: int = 0
   """Endless bucketed training batches from a `pipeline.DatasetConfig` (skips `start_step`).
 
   The largest bucket should be the task's input length (longer inputs are truncated to it)."""
-  from prompt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if max(buckets) > cfg.task_feature_lengths["inputs"]:
     raise ValueError(f"largest length bucket {max(buckets)} exceeds the input length "
                      f"{cfg.task_feature_lengths['inputs']}")

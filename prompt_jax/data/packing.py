@@ -7,15 +7,17 @@ positions, in T5X's packed layout (seqio's `EncDecFeatureConverter(pack=True)`: 
 ids start at 1, padding is 0). With a prompt, every example first gets `prompt_length` reserved
 slots in front of its tokens, so its segment covers its own prompt:
 
-    encoder_input_tokens  S S S 7 8 5 1 S S S 8 4 1 0     (S = PROMPT_SLOT_ID, prompt length 3)
+    encoder_input_tokens  S S S 7 8 5 1 S S S 8 4 1 0     (S = slot_id, prompt length 3)
     encoder_segment_ids   1 1 1 1 1 1 1 2 2 2 2 2 2 0
     encoder_positions     0 1 2 3 4 5 6 0 1 2 3 4 5 0
     decoder_target_tokens 3 9 1 4 1 0
     decoder_input_tokens  0 3 9 0 4 0
     decoder_segment_ids   1 1 1 2 2 0
 
-`InputPrompt` (placement `prefix`) fills slot `position` of every segment with prompt row
-`position` (`prompt_jax.prompts.base.fill_prompt_slots`), and the model's segment masks keep the
+The slot token `slot_id` is the prompt hook's to choose (non-zero: seqio strips zeros as
+padding), so the caller that knows the prompt passes it: `prompt_jax.prompts.base.PROMPT_SLOT_ID`
+for `InputPrompt` (placement `prefix`), which fills slot `position` of every segment with prompt
+row `position` (`prompt_jax.prompts.base.fill_prompt_slots`). The model's segment masks keep the
 examples apart, so every example's loss is its unpacked loss (tests/test_packing.py). The loss
 of a packed batch with T5X's default normaliser (`NUM_REAL_TARGET_TOKENS`) is T5X's.
 
@@ -31,7 +33,6 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from prompt_jax.data import bucketing
-from prompt_jax.prompts.base import PROMPT_SLOT_ID  # written into the reserved prompt slots
 
 PACKED_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
                "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
@@ -88,8 +89,20 @@ def first_fit(input_lengths: Sequence[int], target_lengths: Sequence[int], rows:
   return [closed[k:k + rows] for k in range(0, len(closed), rows)]
 
 
+def _check_slots(prompt_length, slot_id: Optional[int]) -> None:
+  """prompt_length >= 0; prompt slots need a slot_id >= 1 (0 is padding)."""
+  if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) or (
+      prompt_length < 0):
+    raise ValueError(f"prompt_length must be an integer >= 0, got {prompt_length!r}")
+  if prompt_length and (isinstance(slot_id, bool) or not isinstance(slot_id, (int, np.integer))
+                        or slot_id < 1):
+    raise ValueError(f"prompt_length={prompt_length} reserves prompt slots: slot_id must be the "
+                     f"prompt hook's slot token >= 1 (prompts.base.PROMPT_SLOT_ID), got "
+                     f"{slot_id!r}")
+
+
 def _pack_row(row: Sequence[Mapping[str, np.ndarray]], input_length: int, target_length: int,
-              prompt_length: int) -> dict[str, np.ndarray]:
+              prompt_length: int, slot_id: Optional[int]) -> dict[str, np.ndarray]:
   """One packed row (1-D features) from its examples' stripped features."""
   out = {k: np.zeros(input_length if k.startswith("encoder") else target_length, np.int32)
          for k in PACKED_KEYS}
@@ -99,7 +112,7 @@ def _pack_row(row: Sequence[Mapping[str, np.ndarray]], input_length: int, target
     n_in, n_tgt = prompt_length + len(tokens), len(targets)
     enc = slice(at_in, at_in + n_in)
     out["encoder_input_tokens"][enc] = np.concatenate(
-        [np.full(prompt_length, PROMPT_SLOT_ID, np.int32), tokens])
+        [np.full(prompt_length, slot_id or 0, np.int32), tokens])
     out["encoder_segment_ids"][enc] = segment
     out["encoder_positions"][enc] = np.arange(n_in)
     dec = slice(at_tgt, at_tgt + n_tgt)
@@ -113,16 +126,18 @@ def _pack_row(row: Sequence[Mapping[str, np.ndarray]], input_length: int, target
 
 
 def pack_examples(examples: Iterable[Mapping[str, np.ndarray]], rows: int, input_length: int,
-                  target_length: int, prompt_length: int,
-                  open_rows: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+                  target_length: int, prompt_length: int, open_rows: Optional[int] = None, *,
+                  slot_id: Optional[int] = None) -> list[dict[str, np.ndarray]]:
   """Host examples -> packed batches of `rows` rows ([rows, input_length] encoder features,
   [rows, target_length] decoder features, `PACKED_KEYS`, int32), greedy first fit with
-  `open_rows` rows open (`first_fit`).
+  `open_rows` rows open (`first_fit`); the prompt slots hold `slot_id` (required when
+  prompt_length > 0).
 
   Each example is a mapping of 1-D `encoder_input_tokens` and `decoder_target_tokens` (trailing
   zeros are padding and are dropped) and optionally `decoder_loss_weights`; other features are
   ignored. `input_length` counts every example's `prompt_length` reserved slots. The last batch
   is padded with empty rows (all zero: no segment, no loss) to `rows` rows."""
+  _check_slots(prompt_length, slot_id)
   stripped = []
   for ex in examples:
     tokens = np.asarray(ex["encoder_input_tokens"], np.int32)
@@ -137,9 +152,9 @@ def pack_examples(examples: Iterable[Mapping[str, np.ndarray]], rows: int, input
                      rows, input_length, target_length, prompt_length, open_rows)
   batches = []
   for batch in layout:
-    packed = [_pack_row([stripped[i] for i in row], input_length, target_length, prompt_length)
-              for row in batch]
-    packed += [_pack_row([], input_length, target_length, prompt_length)
+    packed = [_pack_row([stripped[i] for i in row], input_length, target_length, prompt_length,
+                        slot_id) for row in batch]
+    packed += [_pack_row([], input_length, target_length, prompt_length, slot_id)
                for _ in range(rows - len(batch))]
     batches.append({k: np.stack([row[k] for row in packed]) for k in PACKED_KEYS})
   return batches
@@ -162,21 +177,20 @@ def utilisation(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]
           "examples_per_row": examples / max(rows, 1)}
 
 
-def feature_converter(prompt_length: int, **kwargs):
-  """seqio's `EncDecFeatureConverter(pack=True)` with `prompt_length` prompt slots reserved in
-  front of every example's inputs (imports seqio and TensorFlow when called).
+def feature_converter(prompt_length: int, *, slot_id: Optional[int] = None, **kwargs):
+  """seqio's `EncDecFeatureConverter(pack=True)` with `prompt_length` prompt slots (token
+  `slot_id`, required when prompt_length > 0) reserved in front of every example's inputs
+  (imports seqio and TensorFlow when called).
 
   The converter's `inputs` length is the packed row length, slots included: an example with more
   than `inputs - prompt_length` tokens loses its end, as seqio truncates. seqio packs in order
   (a row is closed when the next example does not fit). `kwargs` go to the converter (e.g.
   `bos_id`); `pack` is always True."""
+  _check_slots(prompt_length, slot_id)
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) or (
-      prompt_length < 0):
-    raise ValueError(f"prompt_length must be an integer >= 0, got {prompt_length!r}")
-  slots = tf.fill([int(prompt_length)], tf.constant(PROMPT_SLOT_ID, tf.int32))
+  slots = tf.fill([int(prompt_length)], tf.constant(slot_id or 0, tf.int32))
 
   def reserve(ex):
     return dict(ex, inputs=tf.concat([slots, tf.cast(ex["inputs"], tf.int32)], axis=0))

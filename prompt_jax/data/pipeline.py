@@ -148,7 +148,7 @@ def count_truncated(cfg: DatasetConfig, *, shard_id: int = 0, num_shards: int = 
                     sample: int = TRUNCATION_SAMPLE) -> dict[str, dict[str, int]]:
   """Per task and feature, how many of the first `sample` examples of `cfg.split` (this host's
   shard, unshuffled) are longer than `cfg.task_feature_lengths`, i.e. get truncated. Non-zero
-  counts are logged as warnings, as `evaluation.count_truncated` does for evaluation.
+  counts are logged as warnings, as `evaluators.count_truncated` does for evaluation.
 
   The examples are read untrimmed; where a preprocessor trims by itself
   (`append_eos_after_trim`), examples that reach the length exactly are re-encoded from their

@@ -30,6 +30,8 @@ import os
 from typing import Any, Optional
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from prompt_jax.models import t5
 
@@ -141,8 +143,6 @@ def read_json(path: str, what: str = "a JSON object") -> dict:
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of one `.safetensors` file; a truncated or corrupt file raises one ValueError
   naming it."""
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return load_file(path)
   except FileNotFoundError as e:

@@ -26,7 +26,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from prompt_jax import partitioning
@@ -86,7 +90,6 @@ def _is_ts_spec(value: Any) -> bool:
 
 
 def _read_msgpack(directory: str) -> dict:
-  import msgpack  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, MSGPACK_FILE)
   with open(path, "rb") as f:
     data = f.read()
@@ -138,7 +141,6 @@ class _LegacyLeaf:
     self.dtype = np.dtype(dtype)
     self._array, self._store = None, None
     if _is_ts_spec(value):
-      import tensorstore as ts  # pylint: disable=g-import-not-at-top
       self._store = ts.open(_absolute_spec(value, directory, dtype), open=True,
                             read=True).result()
       self.shape = tuple(int(n) for n in self._store.shape)
@@ -166,8 +168,6 @@ def _legacy_target(directory: str, dtype) -> dict[str, _LegacyLeaf]:
 
 def _orbax_metadata(state_dir: str) -> dict[str, tuple[int, ...]]:
   """'/'-joined path -> shape of every `target` leaf of a T5X Orbax checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
   tree = getattr(metadata, "tree", metadata)
   if "target" not in tree:
@@ -179,7 +179,6 @@ def _orbax_metadata(state_dir: str) -> dict[str, tuple[int, ...]]:
 def _orbax_restore(state_dir: str, wanted: dict[str, Any], dtype,
                    shardings: Optional[dict[str, NamedSharding]]) -> dict[str, Any]:
   """Restore only the `target` leaves in `wanted` (path -> ShapeDtypeStruct)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   item, restore_args = {}, {}
   for name, shape_dtype in wanted.items():
     if shardings is None:
@@ -199,7 +198,6 @@ def _orbax_restore(state_dir: str, wanted: dict[str, Any], dtype,
 
 
 def _orbax_step(state_dir: str) -> Optional[int]:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.PyTreeCheckpointer() as checkpointer:
     try:
       restored = checkpointer.restore(
@@ -230,7 +228,7 @@ def _shardings(boxed: Mapping, mesh_or_partitioner: MeshOrPartitioner) -> Option
   if isinstance(mesh_or_partitioner, Mesh):
     specs = nn.get_partition_spec(boxed)
     tree = nn.logical_to_mesh_sharding(specs, mesh_or_partitioner,
-                                       partitioning.STANDARD_LOGICAL_AXIS_RULES)
+                                       partitioning.standard_logical_axis_rules())
   elif isinstance(mesh_or_partitioner, partitioning.Partitioner):
     tree = mesh_or_partitioner.shardings_for(boxed)
   else:
@@ -355,7 +353,6 @@ def save_params(params: Mapping, directory: str, step: int, *, inline_max_size: 
   are inline in the msgpack.
   `param_states`: optional optimizer state to record (T5X's `state/param_states`); by default an
   empty dict. Returns the checkpoint directory."""
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
   if step < 0:
     raise ValueError(f"save_params: step must be >= 0, got {step}")
   checkpoint_dir = os.path.join(os.path.abspath(directory), f"checkpoint_{int(step)}")

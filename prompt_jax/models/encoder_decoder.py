@@ -50,8 +50,8 @@ class EncoderDecoderModel:
   @property
   def prompt_feature_names(self) -> tuple[str, ...]:
     """The batch features the prompt hook reads (its `input_features`); () without a hook."""
-    hook = getattr(self.module, "prompt", None)
-    return tuple(getattr(hook, "input_features", ())) if hook is not None else ()
+    hook = self.module.prompt
+    return () if hook is None else tuple(hook.input_features)
 
   def prompt_features(self, batch: Batch) -> dict:
     """{name: batch[name]} for the hook's features present in `batch`."""

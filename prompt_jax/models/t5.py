@@ -16,35 +16,26 @@ without renaming and the module fits T5X's `EncoderDecoderModel`:
   decoder/decoder_norm/scale, decoder/logits_dense/kernel    [embed, vocab] (untied only)
 
 The model knows nothing about prompt methods. It accepts an *encoder prompt hook*: any Linen
-module with the members below (`prompt_jax.prompts.base.InputPrompt` is the input-level one).
-The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuning.
+module with the members below, which the model reads directly (every hook defines them all). The
+contract is written out, with shapes, as the Protocol `prompt_jax.prompts.hook.PromptHook` (this
+module imports nothing from `prompt_jax.prompts`; `prompts.base.InputPrompt` is the input-level
+hook). The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuning.
 
-  input_features: tuple[str, ...]  (class attribute; a hook without it reads none)
-      The per-example batch features the hook reads, e.g. ('prompt_ids',) for a prompt bank.
-      `EncoderDecoderModel` takes exactly these from the batch (those present) and passes them
-      as one mapping, `prompt_features` {name: [b, ...]}; `Transformer.__call__`/`encode` and
-      the encoder forward it to the hook untouched. A hook that needs a new per-example input
-      (a task index, ...) declares it here; the model does not change. The hook checks the
-      mapping: features it does not read, or a missing one it needs, raise ValueError (while
-      parameters are being created the features may be absent: the dummy batch has none).
+  input_features: tuple[str, ...]
+      The per-example batch features the hook reads (a bank: ('prompt_ids',)); the model hands
+      them over untouched as one mapping, `prompt_features` {name: [b, ...]}.
   __call__(input_tokens [b, l], embedded_inputs [b, l, d], embedding_table [vocab, d],
            prompt_features) -> (embedded [b, l', d], mask [b, l'])
       Called once, on the embedded input tokens.
   input_mask(input_tokens [b, l]) -> mask [b, l']
-      The same mask, without computing a prompt (decoding steps use it; it depends on the
-      tokens only).
+      The same mask without computing a prompt (decoding steps).
   layer_inputs(layer, hidden [b, l', d], input_tokens [b, l], prompt_features) -> hidden
-      Called before every encoder layer (layer = 0 .. num_encoder_layers - 1): deep prompts and
-      SPT replace the hidden states at the prompt positions; input-level hooks return `hidden`.
-  scan_layer_inputs(num_layers, hidden [b, l', d], input_tokens [b, l], prompt_features)
+      Called before every encoder layer (per-layer stacks).
+  scan_layer_inputs(num_layers, hidden, input_tokens, prompt_features)
       -> None | (layer_values, context, update)
-      Scanned layers only (`T5Config.scan_layers`), called once before the scan in place of
-      `layer_inputs`: None when no layer changes (input-level hooks); else `layer_values`, a
-      tree of [num_layers, ...] arrays (layer l's slice reaches layer l), `context`, a tree
-      every layer sees, and `update(layer_values_l, hidden, context) -> hidden`, a pure
-      function (no module) run before each block, equal to `layer_inputs(l, ...)`. The hook's
-      parameters keep their own names (deep prompts' `layers_{l}`); only the frozen blocks are
-      stacked. A hook without this method is refused under scan.
+      Scanned layers (`T5Config.scan_layers`): called once before the scan instead of
+      `layer_inputs`; `update(layer_values_l, hidden, context) -> hidden` runs before each
+      block. A hook whose `scan_layer_inputs` is None is refused under scan.
 
 A model without a hook refuses non-empty `prompt_features`. Folding a trained prompt into a plain
 array for serving is not the model's business: `prompt_jax.prompts.base.export_prompt(hook,
@@ -610,7 +601,7 @@ class Encoder(nn.Module):
       # ids (handed over from the batch, or from this argument); the masks below use them.
       if encoder_segment_ids is None:
         encoder_segment_ids = features.get("encoder_segment_ids")
-      elif "encoder_segment_ids" in getattr(self.prompt, "input_features", ()):
+      elif "encoder_segment_ids" in self.prompt.input_features:
         features.setdefault("encoder_segment_ids", encoder_segment_ids)
       else:
         raise ValueError(f"packed inputs (encoder_segment_ids) need a prompt hook that reads "
@@ -651,7 +642,7 @@ class Encoder(nn.Module):
     cfg = self.config
     layer_values = context = update = None
     if self.prompt is not None:
-      scan_inputs = getattr(self.prompt, "scan_layer_inputs", None)
+      scan_inputs = self.prompt.scan_layer_inputs
       if scan_inputs is None:
         raise ValueError(f"T5Config.scan_layers=True needs a prompt hook with scan_layer_inputs; "
                          f"{type(self.prompt).__name__} has none (set scan_layers=False)")
@@ -808,7 +799,7 @@ class Transformer(nn.Module):
     if self.prompt is not None:
       # Packed rows (T5X's positional call passes them as arguments): a hook that declares the
       # packing features gets them; the segment ids also reach the masks from the features.
-      declared = getattr(self.prompt, "input_features", ())
+      declared = self.prompt.input_features
       if encoder_positions is not None and "encoder_positions" in declared:
         features.setdefault("encoder_positions", encoder_positions)
       if encoder_segment_ids is None:

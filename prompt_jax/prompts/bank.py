@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax.prompts import base, initializers
+from prompt_jax.prompts import base, hook, initializers
 from prompt_jax.prompts.base import PLACEMENTS, insert_prompt, prompt_mask
 
 Array = jax.Array
@@ -69,7 +69,7 @@ class PromptStack(nn.Module):
         (self.num_prompts, self.length, embedding_table.shape[-1]))
 
 
-class PromptBank(base.InputLevelOnly, nn.Module):
+class PromptBank(hook.InputLevelOnly, nn.Module):
   """Encoder hook with `num_prompts` prompts; `prompt_ids` [b] picks one per example.
 
   Attributes:

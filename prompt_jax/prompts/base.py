@@ -8,9 +8,9 @@ A *prompt generator* is a Linen module with an integer attribute `length` and
 `embedding_table` is the frozen token embedding, passed so that initialisers (sampled vocabulary,
 class labels, SuperPos) can read it; generators that do not need it ignore it.
 
-`InputPrompt` wraps a generator into the encoder hook the model expects (see the hook contract
-in `prompt_jax.models.t5`): it places the prompt in the embedded input and extends the attention
-mask. Its child is named `prompt`, so a plain prompt's parameter lives at
+`InputPrompt` wraps a generator into the encoder hook the model expects (the contract:
+`prompt_jax.prompts.hook.PromptHook`): it places the prompt in the embedded input and extends the
+attention mask. Its child is named `prompt`, so a plain prompt's parameter lives at
 `encoder/prompt/prompt/prompt` exactly as in T5X prompt tuning.
 
 Placements (`PLACEMENTS`): a placement is one `Placement` entry of `PLACEMENT_TABLE`, defined by
@@ -23,11 +23,11 @@ Per-example inputs: a hook lists the batch features it reads in `input_features`
 
 Packed rows (`prompt_jax.data.packing`): several examples share one encoder row, and each keeps
 its own copy of the prompt. The data side reserves the prompt's p positions in front of every
-example, so that `encoder_segment_ids` and `encoder_positions` (T5X's packing features) cover the
-prompt: positions 0..p-1 of a segment are its prompt slots, its tokens follow. `InputPrompt`
-reads these two features (`PACKED_FEATURES`); when they are present it inserts nothing and fills
-each slot (token `PROMPT_SLOT_ID`) with prompt row `position` (`fill_prompt_slots`), and the
-mask is `segment_ids > 0`.
+example (token `PROMPT_SLOT_ID`, which the caller hands to the packer as `slot_id`), so that
+`encoder_segment_ids` and `encoder_positions` (T5X's packing features) cover the prompt:
+positions 0..p-1 of a segment are its prompt slots, its tokens follow. `InputPrompt` reads these
+two features (`PACKED_FEATURES`); when they are present it inserts nothing and fills each slot
+with prompt row `position` (`fill_prompt_slots`), and the mask is `segment_ids > 0`.
 The model's segment masks keep the examples apart and its relative positions are the unpacked
 ones within a segment. Only the `prefix` placement and input-level hooks pack; without the two
 features the unpacked path runs unchanged.
@@ -61,14 +61,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_jax.prompts.hook import InputLevelOnly, PromptFeatures
+
 Array = jax.Array
-PromptFeatures = Mapping[str, Array]  # per-example hook inputs: name -> [batch, ...]
 
 MAX_ENCODER_LENGTH = 8192
 PACKED_FEATURES = ("encoder_segment_ids", "encoder_positions")  # T5X's packing features
 PACKED_PLACEMENTS = ("prefix",)
-# The token id the data side writes into reserved prompt slots (non-zero: seqio's packer strips
-# zeros as padding); the hook replaces the slots' embeddings.
+# The token id of reserved prompt slots (non-zero: seqio's packer strips zeros as padding): the
+# caller hands it to `prompt_jax.data.packing` (`slot_id`), the hook replaces those embeddings.
 PROMPT_SLOT_ID = 1
 LOGICAL_AXIS_RULES = (("prompt", None), ("prompt_embed", None), ("prompt_mlp", None))
 
@@ -190,7 +191,7 @@ def fill_prompt_slots(prompt: Array, embedded: Array, input_tokens: Array, segme
 
 def unread_features(hook: nn.Module, prompt_features: Optional[PromptFeatures]) -> list[str]:
   """The names in `prompt_features` that `hook` does not list in its `input_features`."""
-  declared = set(getattr(hook, "input_features", ()))
+  declared = set(hook.input_features)
   return sorted(set(prompt_features or {}) - declared)
 
 
@@ -231,23 +232,6 @@ def export_prompt(hook: Optional[nn.Module], params: Mapping) -> Optional[Array]
     return None
   table = params["token_embedder"]["embedding"]
   return hook.apply({"params": params["encoder"]["prompt"]}, table, method=hook.export)
-
-
-class InputLevelOnly:
-  """The layer half of the hook protocol for prompts that only touch the encoder's input: they
-  leave every layer's hidden states alone (a mixin for Linen hooks; it has no fields)."""
-
-  def layer_inputs(self, layer: int, hidden: Array, input_tokens: Array,
-                   prompt_features: Optional[PromptFeatures] = None) -> Array:
-    """hidden [b, l, d] unchanged."""
-    del layer, input_tokens, prompt_features
-    return hidden
-
-  def scan_layer_inputs(self, num_layers: int, hidden: Array, input_tokens: Array,
-                        prompt_features: Optional[PromptFeatures] = None):
-    """Scanned layers: no layer changes (None; see models/t5.py)."""
-    del num_layers, hidden, input_tokens, prompt_features
-    return None
 
 
 class InputPrompt(InputLevelOnly, nn.Module):

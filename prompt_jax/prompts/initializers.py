@@ -11,8 +11,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from prompt_jax.storage import prompt_files
-
 Array = jax.Array
 PromptInit = Callable[[Array, tuple, Optional[Array]], Array]
 
@@ -126,27 +124,5 @@ def from_string(text: str, vocabulary, population_size: int = 5000,
     _need_table("from_string", embedding_table, shape)
     head = _embed_token_lists([[i] for i in ids], embedding_table)
     return _fill(rng, head, shape, embedding_table, population_size, first_id)
-
-  return init
-
-
-def from_array(path: str, bank_mean: bool = False) -> PromptInit:
-  """The prompt saved at `path`, e.g. a released prompt: any prompt source of
-  `prompt_jax.storage.prompt_files` (`FILE.npy`, `FILE.npy#ROW`, a PEFT adapter directory, a run
-  directory `MODEL_DIR[@STEP]`); its shape must match exactly.
-
-  `bank_mean=True` reads a bank `[num_prompts, length, embed]` (e.g. a multi-task run's
-  prompts/prompt_<step>.npy) and starts from the mean of its prompts (SPoT's transfer from
-  several source tasks)."""
-  array = prompt_files.read_prompt(path, allow_bank=bank_mean)
-  if bank_mean:
-    if array.ndim != 3:
-      raise ValueError(f"{path}: bank_mean needs a bank [num_prompts, length, embed], got shape "
-                       f"{array.shape}")
-    array = array.mean(axis=0)
-
-  def init(rng, shape, embedding_table=None):
-    del rng, embedding_table
-    return jnp.asarray(prompt_files.check_prompt_array(array, path, shape))
 
   return init

@@ -42,7 +42,7 @@ What PEFT does (`peft/tuners/multitask_prompt_tuning/{config,model}.py`,
   (2) Placement: PEFT only prefixes; every `InputPrompt` placement works here. (3) PEFT's
   transfer initialisations ('AVERAGE_SOURCE_TASKS', 'EXACT_SOURCE_TASK' load the source factors
   from a state dict, 'ONLY_SOURCE_SHARED' the shared prompt only) are not built in; the shared
-  prompt can start from a saved array with `initializers.from_array`. (4) An out-of-range task id
+  prompt can start from a saved array with `prompt_files.from_array`. (4) An out-of-range task id
   gathers NaN rows (as a prompt bank does) where `index_select` raises.
 """
 

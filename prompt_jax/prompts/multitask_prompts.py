@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax.prompts import base, initializers
+from prompt_jax.prompts import base, hook, initializers
 from prompt_jax.prompts.base import PLACEMENTS, insert_prompt, prompt_mask
 
 Array = jax.Array
@@ -82,7 +82,7 @@ def combine_prompts(shared: Array, tasks: Array, combine: str) -> Array:
   raise ValueError(f"combine must be one of {COMBINATIONS}, got {combine!r}")
 
 
-class TaskPromptHook(base.InputLevelOnly, nn.Module):
+class TaskPromptHook(hook.InputLevelOnly, nn.Module):
   """Encoder hook with one computed prompt per task, chosen per example by `prompt_ids` [b].
 
   A subclass defines `num_tasks`, `length` and `placement` (fields or properties) and

@@ -46,8 +46,12 @@ from prompt_jax.prompts import base, deep
 
 Array = jax.Array
 
-# The gate logits, relative to the trainable tree (`encoder/prompt/layers_3/gate`).
+# Parameter paths relative to the trainable tree, for the optimizers: the gate logits G
+# (`encoder/prompt/layers_3/gate`; `optimizers.gate_adam`) and the generators' weights
+# (`encoder/prompt/layers_3/generator/down/kernel`; Adam in `optimizers.spt_optimizer`, the input
+# prompt gets Adafactor).
 GATE_PATTERN = r"(^|/)gate$"
+GENERATOR_PATTERN = r"(^|/)generator(/|$)"
 GATE_PATH = re.compile(r"(^|/)layers_(\d+)/gate$")
 
 

@@ -8,8 +8,9 @@ trainable weights. The token is
     prompt[i] = coefficients[i] @ embeddings[i]        (the paper's p_i = E_i p'_i, E_i = rows^T)
 
 No softmax over the coefficients by default: the paper found it worse (`softmax=True` exists to
-reproduce that ablation). Weight decay belongs on `coefficients` only, not on `embeddings`
-(`prompt_jax.training.optimizers.SUPERPOS_DECAY_PATTERN`).
+reproduce that ablation). Weight decay belongs on `coefficients` only, not on `embeddings`:
+`WEIGHT_DECAY_PATTERN`, for `optimizers.adamw(weight_decay_pattern=...)` (gin:
+`@superpos.weight_decay_pattern()`, as `prompts/superpos.gin` binds it).
 
 Memory: `embeddings` holds length * m * embed parameters (10 x 128 x 768 = 983k for T5-base,
 5.2M for XXL), plus twice that in AdamW state. `shared_embeddings=True` keeps one [m, embed]
@@ -30,6 +31,14 @@ Array = jax.Array
 # SuperPos's own axis (the m sampled embeddings a prompt token is combined from); replicated like
 # every prompt axis.
 LOGICAL_AXIS_RULES = (("superpos_basis", None),)
+# Weight decay on the coefficients p' only (the paper), as a regex over trainable parameter paths
+# (`encoder/prompt/prompt/coefficients`).
+WEIGHT_DECAY_PATTERN = r"(^|/)coefficients$"
+
+
+def weight_decay_pattern() -> str:
+  """`WEIGHT_DECAY_PATTERN`, for gin: `weight_decay_pattern = @superpos.weight_decay_pattern()`."""
+  return WEIGHT_DECAY_PATTERN
 
 
 def sampled_rows(population_size: int, shared: bool):

@@ -9,7 +9,7 @@ the replicated loss is the mean of the N per-prompt losses, so each prompt's gra
 its own run's; `per_prompt` multiplies it back by N. Together, N prompts train exactly as N
 separate runs with the same initial prompts and data (dropout aside: masks are drawn per row).
 
-Evaluation: `evaluate_ensemble` decodes (or scores) every example once per prompt in the same
+Evaluation: `EnsembleEvaluator` decodes (or scores) every example once per prompt in the same
 mixed batches and reports, for each metric, each prompt's value (`prompt_<i>/<metric>`), their
 mean (`mean_prompt/...`), the best single prompt (`best_prompt/...`, the maximum over prompts of
 that metric) and the ensemble (`ensemble/...`):
@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
-from prompt_jax.serving import evaluation
-from prompt_jax.training.optimizers import leading_size, per_prompt  # noqa: F401  (gin: optimizers.*)
+from prompt_jax.models import decoding as decoding_lib
+from prompt_jax.serving import evaluators
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +102,22 @@ def average_scores(scores: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------- evaluation
 
 
-def num_prompts_of(trainer) -> int:
-  """N, from the leading axis of the trainer's (bank) prompt parameters."""
-  return leading_size(trainer.abstract_prompt, "trainable parameter")
+def num_prompts_of(programs) -> int:
+  """N, from the leading axis of the programs' (bank) prompt parameters."""
+  return params_lib.leading_size(programs.abstract_prompt, "trainable parameter")
 
 
-def _all_prompt_outputs(trainer, prompt_params, frozen_params, ds, batch_size: int,
+def _all_prompt_outputs(programs, prompt_params, frozen_params, ds, batch_size: int,
                         num_prompts: int, max_decode_length: int, kind: str):
   """(indices, [N, n] outputs) for one dataset; every example once per prompt, mixed batches."""
   indices, outputs = [], []
-  for batch_indices, batch, real in evaluation._batches(ds, batch_size):  # pylint: disable=protected-access
+  for batch_indices, batch, real in evaluators.batches(ds, batch_size):
     rows = replicate_across_prompts(batch, num_prompts)
     if kind == "predict":
-      tokens = trainer.predict(prompt_params, frozen_params, rows, max_decode_length)
+      tokens = programs.predict(prompt_params, frozen_params, rows, max_decode_length)
       out = tokens.reshape(num_prompts, batch_size, -1)[:, :real]
     else:
-      scores = trainer.score(prompt_params, frozen_params, rows)
+      scores = programs.score(prompt_params, frozen_params, rows)
       out = scores.reshape(num_prompts, batch_size)[:, :real]
     indices.extend(batch_indices)
     outputs.append(out)
@@ -125,80 +126,82 @@ def _all_prompt_outputs(trainer, prompt_params, frozen_params, ds, batch_size: i
   return indices, np.concatenate(outputs, axis=1)
 
 
-def evaluate_ensemble(trainer, prompt_params, frozen_params,
-                      dataset_cfg: pipeline.DatasetConfig, max_decode_length: int,
-                      log_dir: Optional[str] = None,
-                      step: Optional[int] = None) -> dict[str, float]:
-  """`trainer.train(evaluate_fn=...)` for a prompt bank: each prompt's metrics, their mean, the
+class EnsembleEvaluator:
+  """A prompt bank's evaluator (`evaluators.Evaluator`): each prompt's metrics, their mean, the
   best single prompt and the ensemble (majority vote / averaged scores) on the eval split.
 
   Keys: `<kind>/<metric>` with kind in prompt_<i>, mean_prompt, best_prompt, ensemble (metric
-  names as `evaluation.evaluate` gives them). Predictions are not logged (`log_dir` is unused).
+  names as `evaluators.TaskEvaluator` gives them). Decoding is greedy only (a vote over beams is
+  not defined here); predictions are not logged (`log_dir` is accepted and unused).
   """
-  del log_dir
-  num_prompts = num_prompts_of(trainer)
-  pipeline.get_task_or_mixture(dataset_cfg.mixture_or_task_name, dataset_cfg.module)
-  evaluator = seqio.Evaluator(
-      mixture_or_task_name=dataset_cfg.mixture_or_task_name,
-      feature_converter=seqio.EncDecFeatureConverter(pack=False),
-      eval_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached,
-      sequence_length=dict(dataset_cfg.task_feature_lengths), logger_cls=(),
-      async_compute_metrics=False)
-  if not evaluator.eval_tasks:
-    raise ValueError(f"{dataset_cfg.mixture_or_task_name!r} has no task with metrics and a "
-                     f"{dataset_cfg.split!r} split to evaluate")
-  cache: dict[tuple[int, str], Any] = {}  # (id of seqio's cached task dataset, kind) -> outputs
 
-  def outputs(ds, kind):
-    key = (id(ds), kind)
-    if key not in cache:
-      cache[key] = _all_prompt_outputs(trainer, prompt_params, frozen_params, ds,
-                                       dataset_cfg.batch_size, num_prompts, max_decode_length,
-                                       kind)
-    return cache[key]
+  def __init__(self, dataset_cfg: pipeline.DatasetConfig, *, max_decode_length: int,
+               decoding: Optional[Any] = None, log_dir: Optional[str] = None):
+    del log_dir
+    if decoding_lib.resolve(decoding) != decoding_lib.Greedy():
+      raise ValueError(f"DECODE_FN {decoding!r}: the ensemble evaluator decodes greedily only; "
+                       "use DECODE_FN = @decoding.Greedy()")
+    self.dataset_cfg, self.max_decode_length = dataset_cfg, int(max_decode_length)
+    self._evaluator: Optional[seqio.Evaluator] = None
 
-  def fns(member: Optional[int]):
-    """seqio predict/score fns for prompt `member`, or for the ensemble when None."""
-    def predict_fn(ds, model_params=None):
-      del model_params
-      indices, tokens = outputs(ds, "predict")
-      if member is not None:
-        chosen = tokens[member]
+  def __call__(self, programs, prompt_params, frozen_params, step: int) -> dict[str, float]:
+    if self._evaluator is None:
+      self._evaluator = evaluators.seqio_evaluator(self.dataset_cfg)
+    num_prompts = num_prompts_of(programs)
+    cache: dict[tuple[int, str], Any] = {}  # (id of seqio's cached task dataset, kind) -> outputs
+
+    def outputs(ds, kind):
+      key = (id(ds), kind)
+      if key not in cache:
+        cache[key] = _all_prompt_outputs(programs, prompt_params, frozen_params, ds,
+                                         self.dataset_cfg.batch_size, num_prompts,
+                                         self.max_decode_length, kind)
+      return cache[key]
+
+    results: dict[str, float] = {}
+    per_prompt_scores = []
+    for member in list(range(num_prompts)) + [None]:
+      predict_fn, score_fn = _member_fns(outputs, member, num_prompts)
+      all_metrics, _ = self._evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn,
+                                                score_fn=score_fn, step=step)
+      flat = evaluators.flatten_metrics(all_metrics.result())
+      if member is None:
+        results.update({f"ensemble/{k}": v for k, v in flat.items()})
       else:
-        chosen = majority_vote([[tuple(int(t) for t in row) for row in tokens[i]]
-                                for i in range(num_prompts)])
-      return [(i, [int(t) for t in row]) for i, row in zip(indices, chosen)]
+        per_prompt_scores.append(flat)
+        results.update({f"prompt_{member}/{k}": v for k, v in flat.items()})
+    for name in per_prompt_scores[0]:
+      values = [scores[name] for scores in per_prompt_scores]
+      results[f"mean_prompt/{name}"] = float(np.mean(values))
+      results[f"best_prompt/{name}"] = float(np.max(values))
+    if jax.process_index() == 0:
+      print(format_ensemble_table(results), flush=True)
+    return results
 
-    def score_fn(ds, model_params=None):
-      del model_params
-      indices, scores = outputs(ds, "score")
-      chosen = scores[member] if member is not None else average_scores(scores)
-      return list(zip(indices, np.asarray(chosen, np.float64).tolist()))
-    return predict_fn, score_fn
 
-  results: dict[str, float] = {}
-  per_prompt_scores = []
-  for member in list(range(num_prompts)) + [None]:
-    predict_fn, score_fn = fns(member)
-    all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn,
-                                        score_fn=score_fn, step=step)
-    flat = evaluation.flatten_metrics(all_metrics.result())
-    if member is None:
-      results.update({f"ensemble/{k}": v for k, v in flat.items()})
+def _member_fns(outputs, member: Optional[int], num_prompts: int):
+  """seqio predict/score fns for prompt `member`, or for the ensemble when None; `outputs(ds,
+  kind)` gives every prompt's (indices, [N, n] outputs)."""
+  def predict_fn(ds, model_params=None):
+    del model_params
+    indices, tokens = outputs(ds, "predict")
+    if member is not None:
+      chosen = tokens[member]
     else:
-      per_prompt_scores.append(flat)
-      results.update({f"prompt_{member}/{k}": v for k, v in flat.items()})
-  for name in per_prompt_scores[0]:
-    values = [scores[name] for scores in per_prompt_scores]
-    results[f"mean_prompt/{name}"] = float(np.mean(values))
-    results[f"best_prompt/{name}"] = float(np.max(values))
-  if jax.process_index() == 0:
-    print(format_ensemble_table(results), flush=True)
-  return results
+      chosen = majority_vote([[tuple(int(t) for t in row) for row in tokens[i]]
+                              for i in range(num_prompts)])
+    return [(i, [int(t) for t in row]) for i, row in zip(indices, chosen)]
+
+  def score_fn(ds, model_params=None):
+    del model_params
+    indices, scores = outputs(ds, "score")
+    chosen = scores[member] if member is not None else average_scores(scores)
+    return list(zip(indices, np.asarray(chosen, np.float64).tolist()))
+  return predict_fn, score_fn
 
 
 def format_ensemble_table(scores: Mapping[str, float]) -> str:
-  """`evaluate_ensemble`'s keys as a table: one row per metric, one column per prompt, then
+  """`EnsembleEvaluator`'s keys as a table: one row per metric, one column per prompt, then
   mean, best single prompt and ensemble."""
   kinds, metrics = [], []
   for key in scores:

@@ -24,7 +24,7 @@ from prompt_jax.data import pipeline
 from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
-from prompt_jax.serving import evaluation
+from prompt_jax.serving import loading
 from prompt_jax.storage import output_paths, prompt_files
 
 log = logging.getLogger(__name__)
@@ -240,10 +240,10 @@ def infer(*, model: EncoderDecoderModel, output_path: str,
     records = read_jsonl(inputs_path)
   if prompt_path:  # fail on a bad prompt file before the model is built
     prompt_files.read_prompt(prompt_path, allow_bank=True)
-  programs, frozen = evaluation.build_programs(
+  programs, frozen = loading.build_programs(
       model, initial_checkpoint_path, partitioner, trainable_pattern, seed, model_dir=model_dir,
       random_frozen_model=random_frozen_model, allow_config_change=allow_config_change)
-  prompt, step = evaluation.load_prompt_params(programs, frozen, model_dir=model_dir,
+  prompt, step = loading.load_prompt_params(programs, frozen, model_dir=model_dir,
                                                prompt_path=prompt_path, step=step, seed=seed)
   decodes = predict_decodes(programs, prompt, frozen, [r["inputs"] for r in records],
                             vocabulary, input_length, max_decode_length, batch_size=batch_size,

@@ -35,7 +35,7 @@ from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import base
 from prompt_jax.prompts.bank import PromptBank
-from prompt_jax.serving import evaluation, inference
+from prompt_jax.serving import inference, loading
 from prompt_jax.storage import frozen_models, output_paths, prompt_files, run_dir
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def decode_multitask(model: EncoderDecoderModel, records: Sequence[Mapping[str, 
       else:
         log.warning("no frozen checkpoint given: the frozen model is randomly initialised")
         frozen = programs.random_frozen_params(jax.random.key(seed))
-    prompt_params = evaluation.prompt_params_from_array(
+    prompt_params = loading.prompt_params_from_array(
         programs, np.stack([prompts[t] for t in tasks]))
     rows = [i for i, r in enumerate(records) if r["task"] in tasks]
     if not rows:

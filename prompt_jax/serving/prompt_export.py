@@ -24,8 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from prompt_jax import params as params_lib
+from prompt_jax.interop import peft
 from prompt_jax.programs import PromptPrograms
-from prompt_jax.storage import checkpoints, frozen_models
+from prompt_jax.prompts import base as prompts_base
+from prompt_jax.serving import loading
+from prompt_jax.storage import checkpoints, prompt_files
 
 
 def load_trained_prompt(model_dir: str, step: Optional[int] = None):
@@ -59,8 +62,6 @@ def fold_prompt(model, prompt_params: Mapping, frozen_params: Mapping) -> np.nda
   """The prompt as the encoder sees it, [length, embed] float32 (via
   `prompt_jax.prompts.base.export_prompt`). Only `token_embedder/embedding` of the frozen
   parameters is read."""
-  from prompt_jax.prompts import base as prompts_base  # pylint: disable=g-import-not-at-top
-
   frozen = {"token_embedder": {"embedding": frozen_params["token_embedder"]["embedding"]}}
   params = params_lib.merge_params(prompt_params, frozen)
   hook = model.module.prompt
@@ -79,19 +80,15 @@ def export_prompt(model, model_dir: str, step: Optional[int] = None,
                   random_frozen_model: bool = False) -> tuple[np.ndarray, int]:
   """Fold the prompt saved in `model_dir` at `step` (default latest). -> (prompt, step).
 
-  `model` must be the run's (its record is checked: `evaluation.check_model_against_run`); the
+  `model` must be the run's (its record is checked: `loading.check_model_against_run`); the
   frozen checkpoint is the run's unless `initial_checkpoint_path` is given (the same file)."""
-  from prompt_jax.serving import evaluation  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(model_dir):
     raise ValueError(f"--model_dir {model_dir!r} does not exist (or is not a directory)")
-  evaluation.check_model_against_run(model, model_dir)
+  loading.check_model_against_run(model, model_dir)
   prompt_params, _, step = load_trained_prompt(model_dir, step)
-  path = evaluation.frozen_checkpoint_of(model_dir, initial_checkpoint_path,
-                                         random_frozen_model=random_frozen_model)
-  if path:
-    frozen = frozen_models.load_frozen_params(path, model.config)
-  else:
-    frozen = PromptPrograms(model).random_frozen_params(jax.random.key(0))
+  path = loading.frozen_checkpoint_of(model_dir, initial_checkpoint_path,
+                                      random_frozen_model=random_frozen_model)
+  frozen = PromptPrograms(model).frozen_params(path, jax.random.key(0), random_ok=True)
   return fold_prompt(model, prompt_params, frozen), step
 
 
@@ -99,12 +96,10 @@ def save_npy(prompt: np.ndarray, path: str) -> str:
   """`prompt` as float32 .npy at `path` ('.npy' added if missing, as np.save does), written
   atomically; a new file only: an existing one, or a path under a file, is a ValueError naming
   it. -> the path written."""
-  from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
   return prompt_files.write_npy(prompt, path, what="--output")
 
 
 def save_peft(prompt: np.ndarray, directory: str, base_model_name_or_path: Optional[str]) -> Any:
-  from prompt_jax.interop import peft  # pylint: disable=g-import-not-at-top
   kwargs = {} if base_model_name_or_path is None else {
       "base_model_name_or_path": base_model_name_or_path}
   return peft.save_prompt(prompt, directory, **kwargs)

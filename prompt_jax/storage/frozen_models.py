@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from prompt_jax.interop import hf, t5x
 from prompt_jax.models import layer_stack
 from prompt_jax.storage import run_dir
 
@@ -158,10 +159,8 @@ def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = N
       on_disk = layer_stack.as_layout_of(abstract_params, _orbax_tree(path))
     params = load_params_orbax(path, on_disk)
   elif fmt == "t5x":
-    from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
     params = t5x.load_params(path, per_layer_config, partitioner)
   else:
-    from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
     hf_config, params = hf.load_t5(path)
     if hf_config != per_layer_config:
       log.warning("Hugging Face config %s differs from the configured %s", hf_config, config)

@@ -6,7 +6,7 @@ ensemble) is [num_prompts, length, embed]. A *prompt source* is one of:
   FILE.npy             a .npy file holding [length, embed] (or a bank, where a bank is taken)
   FILE.npy#ROW         row ROW of a bank file [N, length, embed], 0 <= ROW < N
   ADAPTER_DIR          a PEFT prompt-tuning adapter directory (adapter_config.json + safetensors;
-                       `read_peft_adapter`, written by `interop.peft.save_prompt`)
+                       read by `interop.peft.load_prompt`, written by `interop.peft.save_prompt`)
   MODEL_DIR            a run directory: its latest export MODEL_DIR/prompts/prompt_<step>.npy
   MODEL_DIR@STEP       a run directory's export at step STEP (refused, naming the exported
                        steps, when STEP was not exported)
@@ -16,8 +16,9 @@ A source that exists as written is always a path, so file names holding '#' or '
 Every bad source is a one-line ValueError or FileNotFoundError naming it: missing, not a
 prompt, wrong rank, non-finite values, row out of range, step not exported.
 
-Layout names come from `run_dir`; writes are atomic (`run_dir.write_npy`). Nothing heavier than
-NumPy is imported at module level (`interop.hf`'s JSON and safetensors readers load lazily).
+Layout names come from `run_dir`; writes are atomic (`run_dir.write_npy`). The PEFT format is
+`interop.peft`'s (which reads it with `interop.hf`'s JSON and safetensors readers, so importing
+this module imports jax and flax through `models.t5`).
 """
 
 from __future__ import annotations
@@ -27,16 +28,15 @@ import os
 import re
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from prompt_jax.interop import peft
+from prompt_jax.prompts.initializers import PromptInit
 from prompt_jax.storage import output_paths, run_dir
 
 _EXPORT_NAME = re.compile(r"prompt_(\d+)\.npy")
 _MAX_DIGITS = 18  # an int64 step or row
-# A PEFT prompt-tuning adapter directory (`interop.peft` writes one).
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_TENSOR_KEY = "prompt_embeddings"
 
 
 class UnknownSourceError(ValueError):
@@ -112,72 +112,6 @@ def read_npy(path: str) -> np.ndarray:
     raise ValueError(f"prompt file {path!r} is not a readable .npy array ({reason})") from e
 
 
-# ------------------------------------------------------------------------------- PEFT adapters
-
-
-def peft_num_transformer_submodules(task_type: str) -> int:
-  """PEFT's default: 2 for encoder-decoder models (`SEQ_2_SEQ_LM`), else 1."""
-  return 2 if task_type == "SEQ_2_SEQ_LM" else 1
-
-
-def read_peft_config(path: str) -> dict:
-  """`adapter_config.json` of an adapter directory; a corrupt file raises naming it."""
-  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(path, PEFT_CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {PEFT_CONFIG_FILE}")
-  return hf.read_json(config_path, "a JSON object of PEFT settings")
-
-
-def _positive_int(config: dict, key: str, source: str):
-  value = config.get(key)
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
-  return value
-
-
-def read_peft_adapter(path: str) -> np.ndarray:
-  """A PEFT PROMPT_TUNING adapter directory -> float32 prompt [num_virtual_tokens, token_dim]:
-  the first num_virtual_tokens rows of its `prompt_embeddings` [num_virtual_tokens *
-  num_transformer_submodules, token_dim], checked by `check_prompt_array`."""
-  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
-  config = read_peft_config(path)
-  config_path = os.path.join(path, PEFT_CONFIG_FILE)
-  if config.get("peft_type") != "PROMPT_TUNING":
-    raise ValueError(f"{path}/{PEFT_CONFIG_FILE}: peft_type must be 'PROMPT_TUNING', got "
-                     f"{config.get('peft_type')!r}")
-  weights_path = os.path.join(path, PEFT_WEIGHTS_FILE)
-  if not os.path.exists(weights_path):
-    hint = " (adapter_model.bin needs torch)" if os.path.exists(
-        os.path.join(path, "adapter_model.bin")) else ""
-    raise FileNotFoundError(f"{path!r} has no {PEFT_WEIGHTS_FILE}{hint}")
-  tensors = hf.load_safetensors(weights_path)
-  if PEFT_TENSOR_KEY not in tensors:
-    raise ValueError(f"{weights_path}: expected the tensor {PEFT_TENSOR_KEY!r}, found "
-                     f"{sorted(tensors)}")
-  table = tensors[PEFT_TENSOR_KEY]
-  if not np.issubdtype(table.dtype, np.floating):
-    raise ValueError(f"{weights_path}: {PEFT_TENSOR_KEY} has dtype {table.dtype}; a prompt must "
-                     "be floating point")
-  table = np.asarray(table, dtype=np.float32)
-  length = _positive_int(config, "num_virtual_tokens", config_path)
-  if length is None:
-    raise ValueError(f"{config_path}: lacks num_virtual_tokens (the prompt length)")
-  submodules = _positive_int(config, "num_transformer_submodules", config_path) or (
-      peft_num_transformer_submodules(config.get("task_type", "")))
-  if table.ndim != 2 or table.shape[0] != length * submodules:
-    raise ValueError(f"{weights_path}: {PEFT_TENSOR_KEY} has shape {table.shape}; with "
-                     f"num_virtual_tokens={length} and num_transformer_submodules={submodules} "
-                     f"expected {length * submodules} rows")
-  token_dim = config.get("token_dim")
-  if token_dim is not None and table.shape[1] != token_dim:
-    raise ValueError(f"{weights_path}: {PEFT_TENSOR_KEY} has {table.shape[1]} columns, "
-                     f"{PEFT_CONFIG_FILE} says token_dim={token_dim}")
-  return np.ascontiguousarray(check_prompt_array(table[:length], weights_path))
-
-
 # ------------------------------------------------------------------------------- sources
 
 
@@ -236,7 +170,7 @@ def _resolve(source: str) -> _Source:
       raise ValueError(f"prompt source {source!r}: '@<step>' selects an export of a run "
                        f"directory, and {path!r} is a file")
     return _Source("npy", path, row)
-  if os.path.exists(os.path.join(path, PEFT_CONFIG_FILE)):
+  if peft.is_adapter_dir(path):
     if step_text or row:
       raise ValueError(f"prompt source {source!r}: '@<step>' and '#<row>' do not apply to a PEFT "
                        "adapter directory")
@@ -247,7 +181,7 @@ def _resolve(source: str) -> _Source:
   if not is_run:
     raise UnknownSourceError(
         f"cannot tell the prompt format of {source!r}: it is a directory, but neither a PEFT "
-        f"adapter directory ({PEFT_CONFIG_FILE}) nor a run directory with "
+        f"adapter directory ({peft.CONFIG_FILE}) nor a run directory with "
         f"{run_dir.PROMPTS_DIR}/prompt_<step>.npy")
   if not steps:
     raise FileNotFoundError(f"prompt source {source!r}: the run directory has no "
@@ -273,7 +207,7 @@ def read_prompt(source: str, *, allow_bank: bool = False) -> np.ndarray:
   line naming `source`."""
   resolved = _resolve(source)
   if resolved.kind == "peft":
-    return read_peft_adapter(resolved.path)
+    return peft.load_prompt(resolved.path)
   array = read_npy(resolved.path)
   row = resolved.row
   if row:
@@ -351,3 +285,25 @@ def write_npy(prompt, path: str, *, overwrite: bool = False, what: str = "--outp
     raise ValueError(f"{what} {path!r}: a prompt is [length, embed] (a bank [num_prompts, "
                      f"length, embed]), got shape {array.shape}")
   return run_dir.write_npy(path, array)
+
+
+def from_array(path: str, bank_mean: bool = False) -> PromptInit:
+  """A prompt initialiser (`initializers.PromptInit`) starting from the prompt saved at `path`,
+  e.g. a released prompt: any prompt source of this module (`FILE.npy`, `FILE.npy#ROW`, a PEFT
+  adapter directory, a run directory `MODEL_DIR[@STEP]`); its shape must match exactly.
+
+  `bank_mean=True` reads a bank `[num_prompts, length, embed]` (e.g. a multi-task run's
+  prompts/prompt_<step>.npy) and starts from the mean of its prompts (SPoT's transfer from
+  several source tasks)."""
+  array = read_prompt(path, allow_bank=bank_mean)
+  if bank_mean:
+    if array.ndim != 3:
+      raise ValueError(f"{path}: bank_mean needs a bank [num_prompts, length, embed], got shape "
+                       f"{array.shape}")
+    array = array.mean(axis=0)
+
+  def init(rng, shape, embedding_table=None):
+    del rng, embedding_table
+    return jnp.asarray(check_prompt_array(array, path, shape))
+
+  return init

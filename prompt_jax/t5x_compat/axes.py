@@ -25,17 +25,19 @@ def prompt_axis_rules() -> tuple[tuple[str, Any], ...]:
   return prompts.logical_axis_rules()
 
 
-# Axes that only prompt parameters use; T5X's standard rules cover every other axis of ours.
-PROMPT_AXES = tuple(name for name, _ in prompt_axis_rules())
+def prompt_axes() -> tuple[str, ...]:
+  """Axes that only prompt parameters use; T5X's standard rules cover every other axis of ours."""
+  return tuple(name for name, _ in prompt_axis_rules())
 
 
 def adafactor_factor_rules():
   """T5X Adafactor `logical_factor_rules`: the standard ones plus NONE (unfactored second
   moments) for the prompt axes, as google-research/prompt-tuning does."""
+  # t5x is optional (not on PyPI): the rest of this module works without it.
   from t5x import adafactor  # pylint: disable=g-import-not-at-top
 
   rules = flax.core.unfreeze(adafactor.standard_logical_factor_rules())
-  for name in PROMPT_AXES:
+  for name in prompt_axes():
     rules[name] = adafactor.FactorDim.NONE
   return flax.core.freeze(rules)
 

@@ -16,7 +16,6 @@ Requires t5x.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Optional
 
 import jax
@@ -26,18 +25,17 @@ from flax import core as flax_core
 from flax import linen as nn
 from t5x import models as t5x_models
 
+from prompt_jax.interop import t5x as t5x_interop
+from prompt_jax.storage import frozen_models
 from prompt_jax.t5x_compat import axes
 
 EMBEDDING = "token_embedder/embedding"
 
 
-@functools.lru_cache(maxsize=2)
 def read_embedding(path: str) -> np.ndarray:
-  """The [vocab, embed] token embedding of a T5X checkpoint (only that array is read), or of any
-  parameters `prompt_jax.storage.frozen_models.load_frozen_params` reads."""
-  from prompt_jax.interop import t5x as t5x_interop
-  from prompt_jax.storage import frozen_models  # pylint: disable=g-import-not-at-top
-
+  """The [vocab, embed] token embedding of a T5X checkpoint (only that array is read) or of a
+  `.npz` of parameters (`frozen_models.save_params_npz`'s names); `builtin:<name>` is resolved.
+  Read on every call: `PromptEncoderDecoderModel` keeps the table it read."""
   resolved = frozen_models.resolve_path(path)
   if t5x_interop.is_t5x_checkpoint(resolved):
     return np.asarray(t5x_interop.load_prompt(resolved, EMBEDDING), np.float32)
@@ -62,6 +60,17 @@ class PromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
   def __init__(self, *args, prompt_init_checkpoint: Optional[str] = None, **kwargs):
     super().__init__(*args, **kwargs)
     self.prompt_init_checkpoint = prompt_init_checkpoint
+    # (path, table) of the last embedding read: T5X calls get_initial_variables more than once
+    # (for shapes, then for values), and the table is read from disk only the first time.
+    self._embedding: Optional[tuple[str, np.ndarray]] = None
+
+  def prompt_init_embedding(self) -> np.ndarray:
+    """The token embedding of `prompt_init_checkpoint` (`read_embedding`), read once per path
+    and kept by this model."""
+    path = self.prompt_init_checkpoint
+    if self._embedding is None or self._embedding[0] != path:
+      self._embedding = (path, read_embedding(path))
+    return self._embedding[1]
 
   def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, tuple],
                             input_types: Optional[Mapping[str, jnp.dtype]] = None
@@ -80,7 +89,7 @@ class PromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
   def _prompt_from_checkpoint_embedding(self, rng: jax.Array, input_shapes: Mapping[str, tuple],
                                         expected_shape: tuple) -> dict:
     """Prompt parameters initialised with the checkpoint's embedding table visible."""
-    table = read_embedding(self.prompt_init_checkpoint)
+    table = self.prompt_init_embedding()
     if tuple(table.shape) != tuple(expected_shape):
       raise ValueError(f"prompt_init_checkpoint {self.prompt_init_checkpoint!r}: "
                        f"{EMBEDDING} has shape {table.shape}, the model expects {expected_shape}")

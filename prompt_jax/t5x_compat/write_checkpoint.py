@@ -21,9 +21,14 @@ import jax
 import jax.numpy as jnp
 import seqio
 from flax import traverse_util
+from t5x import adafactor
+from t5x import checkpoints as t5x_checkpoints
+from t5x import partitioning as t5x_partitioning
+from t5x import utils as t5x_utils
 
 from prompt_jax.models import t5
-from prompt_jax.storage import checkpoints as checkpoints_lib
+from prompt_jax.storage import frozen_models
+from prompt_jax.t5x_compat import models
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +44,6 @@ def write_t5x_checkpoint(params: Mapping, config: t5.T5Config, output_dir: str,
                          step: int = 0) -> str:
   """Saves `params` (nested or '/'-flat, no prompt) as `<output_dir>/checkpoint_<step>` with
   T5X's Checkpointer and returns that directory. Shapes must match `config`."""
-  from t5x import adafactor  # pylint: disable=g-import-not-at-top
-  from t5x import checkpoints as t5x_checkpoints
-  from t5x import partitioning as t5x_partitioning
-  from t5x import utils as t5x_utils
-
-  from prompt_jax.t5x_compat import models  # pylint: disable=g-import-not-at-top
-
   vocabulary = seqio.PassThroughVocabulary(size=config.vocab_size)
   model = models.PromptEncoderDecoderModel(
       module=t5.Transformer(config), input_vocabulary=vocabulary, output_vocabulary=vocabulary,
@@ -81,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--step", type=int, default=0)
   args = parser.parse_args(argv)
   config = t5.preset(args.preset)
-  params = checkpoints_lib.load_frozen_params(args.params, config)
+  params = frozen_models.load_frozen_params(args.params, config)
   path = write_t5x_checkpoint(params, config, args.output_dir, args.step)
   print(f"wrote {path}")
   return 0

@@ -18,7 +18,12 @@ import dataclasses
 import os
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+
+from prompt_jax.interop import hf, peft, t5x
+from prompt_jax.models import t5
+from prompt_jax.storage import frozen_models, output_paths, prompt_files
 
 PROMPT_FORMATS = ("npy", "peft", "t5x")
 
@@ -38,7 +43,6 @@ def _parse_value(text: str):
 
 def config_from_flags(preset: str, settings: Sequence[str]):
   """A T5Config from a preset name and `field=value` overrides."""
-  from prompt_jax.models import t5  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(t5.T5Config)}
   overrides = {}
   for setting in settings:
@@ -54,31 +58,26 @@ def config_from_flags(preset: str, settings: Sequence[str]):
 
 
 def _describe(config) -> str:
-  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
   preset = hf.matching_preset(config)
   return f"{config}" + (f"\n(the architecture of preset {preset!r})" if preset else "")
 
 
 def _count(params) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
   return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
 def _refuse_existing_orbax(out: str) -> None:
-  from prompt_jax.storage import output_paths  # pylint: disable=g-import-not-at-top
   output_paths.check_parent(out, "output")
   if os.path.lexists(out):
     raise FileExistsError(f"output {out!r} already exists; choose a new directory")
 
 
 def _save_orbax(params, out: str) -> None:
-  from prompt_jax.storage import frozen_models  # pylint: disable=g-import-not-at-top
   _refuse_existing_orbax(out)
   frozen_models.save_params_orbax(params, out)
 
 
 def hf_to_orbax(args) -> int:
-  from prompt_jax.interop import hf  # pylint: disable=g-import-not-at-top
   _refuse_existing_orbax(args.out)  # before reading a possibly large model
   config, params = hf.load_t5(args.src)
   _save_orbax(params, args.out)
@@ -88,7 +87,6 @@ def hf_to_orbax(args) -> int:
 
 
 def t5x_to_orbax(args) -> int:
-  from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
   config = config_from_flags(args.config, args.set)
   _refuse_existing_orbax(args.out)
   params = t5x.load_params(args.src, config)
@@ -99,14 +97,12 @@ def t5x_to_orbax(args) -> int:
 
 
 def _t5x_checkpoint(path: str) -> bool:
-  from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
   return os.path.isdir(path) and t5x.is_t5x_checkpoint(path)
 
 
 def prompt_format(path: str) -> str:
   """The format of a prompt source: 't5x' for a T5X checkpoint, else `prompt_files.source_format`
   ('npy' for a file or `FILE.npy#ROW`, 'peft', 'run' for `MODEL_DIR[@STEP]`)."""
-  from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
   if _t5x_checkpoint(path):
     return "t5x"
   try:
@@ -122,9 +118,7 @@ def read_prompt(path: str) -> np.ndarray:
   """A [length, embed] float32 prompt from a T5X checkpoint or any prompt source of
   `prompt_files` (`FILE.npy`, `FILE.npy#ROW`, PEFT adapter directory, `MODEL_DIR[@STEP]`), checked
   by `prompt_files.check_prompt_array` (floating point, finite, two-dimensional)."""
-  from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
   if _t5x_checkpoint(path):
-    from prompt_jax.interop import t5x  # pylint: disable=g-import-not-at-top
     return prompt_files.check_prompt_array(t5x.load_prompt(path), path)
   prompt_format(path)  # an unknown directory: the message lists every format
   return prompt_files.read_prompt(path)
@@ -138,7 +132,6 @@ def output_path(path: str, fmt: str) -> str:
 def refuse_existing(path: str) -> None:
   """Raise ValueError if `path` exists (an empty directory is fine): outputs are never
   overwritten; or if it lies under a file."""
-  from prompt_jax.storage import output_paths  # pylint: disable=g-import-not-at-top
   output_paths.check_parent(path, "output")
   if os.path.isdir(path) and not os.listdir(path):
     return
@@ -152,12 +145,10 @@ def write_prompt(prompt: np.ndarray, path: str, fmt: str, *,
                  base_model_name_or_path: Optional[str] = None, step: int = 0) -> str:
   """Write `prompt` in `fmt` to a new `path` (an existing one is refused); returns the path
   written."""
-  from prompt_jax.interop import peft, t5x  # pylint: disable=g-import-not-at-top
   if fmt not in PROMPT_FORMATS:
     raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {fmt!r}")
   refuse_existing(output_path(path, fmt))
   if fmt == "npy":
-    from prompt_jax.storage import prompt_files  # pylint: disable=g-import-not-at-top
     return prompt_files.write_npy(prompt, output_path(path, fmt), what="output")
   if fmt == "peft":
     return peft.save_prompt(prompt, path, base_model_name_or_path)

@@ -58,6 +58,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from prompt_jax.storage import run_dir
+from prompt_jax.tools import sweep_plots
 from prompt_jax.training import preemption
 
 log = logging.getLogger(__name__)
@@ -482,6 +483,8 @@ def _write_json(path: str, value: Any) -> None:
 
 def _gfile():
   """tf.io.gfile: local paths and gs:// alike (the sweep dir of a TPU sweep is a bucket)."""
+  # Heavy (seconds): imported when a file is first read or written, so that the sweep's own
+  # process, and gin_utils' checks that import this module, stay light.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile
 
@@ -666,7 +669,6 @@ def run(cfg: SweepConfig, mode: str = "local", search_paths: Sequence[str] = (),
   elif mode == "local":
     run_local(cfg, cells, search_paths, stop_on_error, max_cells, count_parameters)
   rows = collect(cfg, cells)
-  from prompt_jax.tools import sweep_plots  # pylint: disable=g-import-not-at-top
   paths = sweep_plots.plot(cfg, rows)
   finished = sum(r["status"] == "finished" for r in rows)
   print(f"sweep {cfg.name}: {finished}/{len(rows)} cells finished; wrote "

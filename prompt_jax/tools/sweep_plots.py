@@ -53,6 +53,8 @@ def parameter_label(count: float) -> str:
 
 def plot(cfg, rows: Sequence[dict]) -> list[str]:
   """Write the three PNGs (skipping a plot with no finished cells); returns their paths."""
+  # Heavy (seconds), so imported only to plot (`sweep` imports this module at its top): pyplot
+  # after selecting the display-free Agg backend.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -21,15 +21,14 @@ its gin entry point (`prompt-jax multitask`). MODEL_DIR/tasks.json records the t
 prompt index; the run exports each task's prompt as MODEL_DIR/prompts/<task>.npy (a plain
 [length, embed] array that `prompt-jax infer-multitask --prompt=task=...` serves unchanged) and
 as a PEFT adapter MODEL_DIR/prompts/peft/<task>/ (the loop's prompts/prompt_<step>.npy are the
-whole bank), and evaluates every task with its own prompt, plus the mixture average (the mean
-over tasks of each task's mean metric, as T5's GLUE average).
+whole bank), and evaluates every task with its own prompt, plus the mixture average
+(`serving.multitask_evaluation`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 import flax
 import jax
@@ -44,29 +43,12 @@ from prompt_jax.models import losses
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
 from prompt_jax.programs import PromptPrograms, TrainState
-from prompt_jax.prompts.base import InputPrompt
-from prompt_jax.prompts.plain import Prompt
-from prompt_jax.serving import evaluation
+from prompt_jax.serving import multitask_evaluation
 from prompt_jax.storage import run_dir
 from prompt_jax.training import optimizers, trainer
 
 Array = jax.Array
 TASKS_FILE = "tasks.json"
-
-
-def check_bank(model: EncoderDecoderModel, tasks):
-  """The model's multi-task hook: it must read `prompt_ids` and hold one prompt per task."""
-  hook = model.module.prompt
-  if (hook is None or mixtures.TASK_FEATURE not in getattr(hook, "input_features", ())
-      or not hasattr(hook, "num_prompts")):
-    raise ValueError("multi-task prompt tuning needs a prompt hook that reads prompt_ids and "
-                     "holds one prompt per task (a bank.PromptBank, prompts/ensemble.gin; "
-                     "prompts/multitask_shared.gin; prompts/mpt.gin), got "
-                     f"{type(hook).__name__}")
-  if hook.num_prompts != len(tasks):
-    raise ValueError(f"the mixture has {len(tasks)} tasks ({', '.join(tasks)}) but the prompt "
-                     f"hook holds {hook.num_prompts} prompts; set NUM_TASKS = {len(tasks)}")
-  return hook
 
 
 TASK_AXIS = "prompts"  # the logical axis of a per-task leaf's rows (a bank's prompt axis)
@@ -167,73 +149,13 @@ class MultiTaskTuning:
 # ------------------------------------------------------------------------- evaluation, export
 
 
-def single_prompt_programs(programs: PromptPrograms) -> PromptPrograms:
-  """The programs of the bank's model with one plain prompt of the bank's length and placement
-  (task t is evaluated and served with the bank's row t, exactly as an exported prompt is)."""
-  model = programs.model
-  bank = model.module.prompt
-  hook = InputPrompt(Prompt(bank.length), bank.placement)
-  single = dataclasses.replace(model, module=model.module.clone(prompt=hook))
-  batch = programs.dummy_batch
-  return PromptPrograms(single, programs.partitioner,
-                        batch_size=batch["encoder_input_tokens"].shape[0],
-                        input_length=batch["encoder_input_tokens"].shape[1],
-                        target_length=batch["decoder_target_tokens"].shape[1])
-
-
-def task_prompts(programs: PromptPrograms, prompt_params, frozen_params, tasks
-                 ) -> dict[str, np.ndarray]:
-  """{task: its plain [length, embed] prompt} from the bank."""
-  bank = np.asarray(programs.export_prompt(prompt_params, frozen_params))
-  return {task: bank[t] for t, task in enumerate(tasks)}
-
-
-def mixture_average(per_task: Mapping[str, Mapping[str, float]]) -> float:
-  """T5's GLUE-style average: each task's metrics averaged first, then the mean over tasks."""
-  return float(np.mean([np.mean(list(scores.values())) for scores in per_task.values()]))
-
-
-def make_evaluate_fn(tasks, single: PromptPrograms,
-                     evaluate_fn: Optional[Callable] = None) -> Callable:
-  """A `trainer.run` evaluate_fn: every task of the mixture with its own prompt ->
-  {'<task>/<metric>': value, ..., 'average': mixture average}."""
-  evaluate_fn = evaluate_fn or evaluation.evaluate
-
-  def evaluate(programs, prompt_params, frozen_params, dataset_cfg, max_decode_length):
-    per_task = {}
-    for task, prompt in task_prompts(programs, prompt_params, frozen_params, tasks).items():
-      params = evaluation.prompt_params_from_array(single, prompt)
-      per_task[task] = evaluate_fn(single, params, frozen_params,
-                                   mixtures.task_config(dataset_cfg, task),
-                                   max_decode_length=max_decode_length)
-    scores = {f"{task}/{name}": value for task, metrics in per_task.items()
-              for name, value in metrics.items()}
-    scores["average"] = mixture_average(per_task)
-    return scores
-  return evaluate
-
-
-def evaluate_per_task(programs: PromptPrograms, prompt_params, frozen_params,
-                      dataset_cfg: pipeline.DatasetConfig, max_decode_length: int,
-                      log_dir: Optional[str] = None, step: Optional[int] = None
-                      ) -> dict[str, float]:
-  """`evaluation.run_evaluation`'s evaluate_fn for a multi-task run (a bank of one prompt per
-  task of `dataset_cfg`'s mixture): the scores the run itself reports, every task with its
-  own prompt -> {'<task>/<metric>': value, ..., 'average': mixture average}. `log_dir` and
-  `step` are accepted for the interface; predictions are not logged per task."""
-  del log_dir, step
-  tasks = mixtures.task_names(dataset_cfg)
-  check_bank(programs.model, tasks)
-  evaluate = make_evaluate_fn(tasks, single_prompt_programs(programs))
-  return evaluate(programs, prompt_params, frozen_params, dataset_cfg, max_decode_length)
-
-
 def export_task_prompts(programs: PromptPrograms, prompt_params, frozen_params, tasks,
                         model_dir: str) -> dict[str, str]:
   """MODEL_DIR/prompts/<task>.npy and the PEFT adapter MODEL_DIR/prompts/peft/<task>/ of every
   task (the loop's prompts/prompt_<step>.npy exports are the whole bank)."""
   paths = {}
-  for task, prompt in task_prompts(programs, prompt_params, frozen_params, tasks).items():
+  prompts = multitask_evaluation.task_prompts(programs, prompt_params, frozen_params, tasks)
+  for task, prompt in prompts.items():
     paths[task] = run_dir.write_npy(
         os.path.join(model_dir, run_dir.PROMPTS_DIR, f"{task}.npy"), prompt)
     peft.save_prompt(prompt, os.path.join(model_dir, run_dir.PROMPTS_DIR, "peft", task))
@@ -262,21 +184,20 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
   model_dir = run_dir.check_model_dir(model_dir)
   mixtures.check_trainable_mixture(train_dataset_cfg)
   tasks = mixtures.task_names(train_dataset_cfg)
-  check_bank(model, tasks)
+  multitask_evaluation.check_bank(model, tasks)
   pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
   lengths = train_dataset_cfg.task_feature_lengths
   task_paths = task_leaf_paths(model)
-  programs = trainer.PromptTrainer(
+  programs = PromptPrograms.for_training(
       model, optimizers.per_task(optimizer or optimizers.adafactor(), task_paths),
-      partitioner or Partitioner(), lengths["inputs"], lengths["targets"],
-      train_dataset_cfg.batch_size, frozen_dtype=frozen_dtype)
+      partitioner, lengths["inputs"], lengths["targets"], train_dataset_cfg.batch_size,
+      frozen_dtype=frozen_dtype)
   saved = run_dir.read_json(os.path.join(model_dir, TASKS_FILE))
   if saved is not None and saved["tasks"] != tasks:
     raise ValueError(f"{model_dir} was trained on the tasks {saved['tasks']}, the mixture "
                      f"{train_dataset_cfg.mixture_or_task_name!r} has {tasks}; use a new MODEL_DIR")
   print(f"multi-task prompt tuning: {len(tasks)} tasks, one prompt each: {', '.join(tasks)}",
         flush=True)
-  single = single_prompt_programs(programs) if eval_dataset_cfg else None
   result = trainer.run(
       MultiTaskTuning(programs, train_dataset_cfg, tasks, task_paths), model_dir=model_dir,
       train_steps=train_steps, eval_dataset_cfg=eval_dataset_cfg,
@@ -285,7 +206,7 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
       eval_every_steps=eval_every_steps, eval_at_start=eval_at_start,
       log_every_steps=log_every_steps,
       max_decode_length=max_decode_length or lengths["targets"], seed=seed,
-      evaluate_fn=make_evaluate_fn(tasks, single) if single is not None else None,
+      evaluator="multitask",
       allow_config_change=allow_config_change, label="multi-task", config_text=config_text)
   paths = {}
   if jax.process_index() == 0:
@@ -298,5 +219,5 @@ def train_multitask(*, model: EncoderDecoderModel, model_dir: Optional[str], tra
                                 tasks, model_dir)
   summary = dict(result.summary, tasks=tasks, prompts=paths)
   if jax.process_index() == 0:
-    run_dir.write_json(os.path.join(model_dir, trainer.SUMMARY_FILE), summary)
+    run_dir.write_json(os.path.join(model_dir, run_dir.SUMMARY_FILE), summary)
   return summary

@@ -2,14 +2,19 @@
 
 `adafactor` (Lester et al.'s prompt-tuning defaults), `adamw` with a weight-decay mask,
 `per_prompt` (one optimizer state per prompt of a bank), `per_task` (multi-task prompts: per-task
-rows and shared leaves), `spt_optimizer` / `gate_adam` (SPT's
-weights and gates) and `warmup_cosine_adamw` (pretraining the small frozen models).
+rows and shared leaves), `split_by_path` (one optimizer for the leaves a regex selects, another
+for the rest), `spt_optimizer` / `gate_adam` (SPT's weights and gates) and `warmup_cosine_adamw`
+(pretraining the small frozen models).
+
+No optimizer here spells a prompt method's parameter names: the method file exports the path
+patterns of its parameters (`superpos.WEIGHT_DECAY_PATTERN`, `spt.GENERATOR_PATTERN`), which gin
+files (`@superpos.weight_decay_pattern()`) or builders (`spt_optimizer`) pass in.
 
 `adamw` is decoupled-weight-decay Adam (Loshchilov & Hutter) whose weight decay can be limited to
 the parameters whose '/'-joined path matches a regex, e.g. SuperPos-Prompt decays its
 coefficients p' and not its embedding copies E:
 
-    optimizers.adamw.weight_decay_pattern = r'(^|/)coefficients$'
+    optimizers.adamw.weight_decay_pattern = @superpos.weight_decay_pattern()
 
 Paths are relative to the trainable tree, e.g. `encoder/prompt/prompt/coefficients`.
 """
@@ -24,8 +29,7 @@ import jax
 import numpy as np
 import optax
 
-# SuperPos-Prompt: weight decay on the coefficients p' only (arXiv 2406.05279).
-SUPERPOS_DECAY_PATTERN = r"(^|/)coefficients$"
+from prompt_jax.prompts import spt
 
 
 def _key_name(key) -> str:
@@ -41,6 +45,13 @@ def leaf_paths(tree: Any) -> Any:
       lambda path, _: "/".join(_key_name(k) for k in path), tree)
 
 
+def _compile(pattern: str, what: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from e
+
+
 def path_mask(pattern: Optional[str]):
   """-> mask(params) -> tree of bools, True where the leaf's path matches `pattern`.
 
@@ -49,10 +60,7 @@ def path_mask(pattern: Optional[str]):
   """
   if pattern is None:
     return lambda params: jax.tree_util.tree_map(lambda _: True, params)
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"weight_decay_pattern {pattern!r} is not a valid regex: {e}") from e
+  regex = _compile(pattern, "weight_decay_pattern")
 
   def mask(params):
     paths = leaf_paths(params)
@@ -202,23 +210,36 @@ def per_task(inner: optax.GradientTransformation, task_paths) -> optax.GradientT
                    inner=description(inner))
 
 
+def split_by_path(pattern: str, matched: optax.GradientTransformation,
+                  rest: optax.GradientTransformation,
+                  names: tuple[str, str] = ("matched", "rest")) -> optax.GradientTransformation:
+  """`matched` for the trainable leaves whose '/'-joined path matches `pattern`, `rest` for the
+  others, each with its own state (`optax.multi_transform`, whose state is keyed by `names`).
+  Either side may be empty."""
+  regex = _compile(pattern, "split_by_path pattern")
+  first, second = names
+
+  def labels(params):
+    return jax.tree_util.tree_map(lambda p: first if regex.search(p) else second,
+                                  leaf_paths(params))
+
+  return optax.multi_transform({first: matched, second: rest}, labels)
+
+
 def gate_adam(learning_rate: float = 0.05, b1: float = 0.5, b2: float = 0.999
               ) -> optax.GradientTransformation:
-  """The gate optimizer: Adam with DARTS's betas (0.5, 0.999)."""
+  """Adam with DARTS's betas (0.5, 0.999): the optimizer of architecture weights (SPT's gate
+  logits, `spt.GATE_PATTERN`)."""
   return described(optax.adam(learning_rate, b1=b1, b2=b2), "gate_adam",
                    learning_rate=learning_rate, b1=b1, b2=b2)
 
 
 def spt_optimizer(prompt_learning_rate: float = 0.3, generator_learning_rate: float = 3e-3
                   ) -> optax.GradientTransformation:
-  """Weights optimizer: prompt tuning's Adafactor for free prompts, Adam for the generators."""
-  def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "generator" if any(getattr(k, "key", None) == "generator" for k in path)
-        else "prompt", params)
-  return described(optax.multi_transform({"prompt": adafactor(prompt_learning_rate),
-                                          "generator": optax.adam(generator_learning_rate)},
-                                         labels),
+  """SPT's weights optimizer: Adam for the prompt generators (`spt.GENERATOR_PATTERN`), prompt
+  tuning's Adafactor for the rest (the free input prompt)."""
+  return described(split_by_path(spt.GENERATOR_PATTERN, optax.adam(generator_learning_rate),
+                                 adafactor(prompt_learning_rate), names=("generator", "prompt")),
                    "spt_optimizer", prompt_learning_rate=prompt_learning_rate,
                    generator_learning_rate=generator_learning_rate)
 

@@ -53,9 +53,11 @@ from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
+from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import spt
+from prompt_jax.serving import evaluation
 from prompt_jax.storage import run_dir
-from prompt_jax.training import optimizers, trainer
+from prompt_jax.training import guards, optimizers, trainer
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +150,8 @@ class SptSearch:
     self.search_mode = search_mode
     self.held_out_fraction = held_out_fraction
     self.settings = {"search_mode": search_mode, "held_out_fraction": held_out_fraction}
-    self.programs = trainer.PromptTrainer(model, weight_optimizer, partitioner, input_length,
-                                          target_length, batch_size)
+    self.programs = PromptPrograms.for_training(model, weight_optimizer, partitioner,
+                                                input_length, target_length, batch_size)
     gates, _ = params_lib.split_params(self.programs.abstract_prompt, spt.GATE_PATTERN)
     if not gates:
       raise ValueError("the SelectivePrompt model has no gated layer (check "
@@ -288,6 +290,43 @@ def check_retrain_selection(retrain_dir: str, stored, stored_k, selected, k: int
                      "MODEL_DIR")
 
 
+def _search_or_reuse(model: EncoderDecoderModel, search_dir: str, retrain_dir: str,
+                     search_settings: dict, k: int, make_search, loop_settings: dict
+                     ) -> tuple[tuple[int, ...], dict]:
+  """-> (the K selected layers, the gate values a_l): from MODEL_DIR/search's finished search
+  (its selection.json; K may differ from the search's, unless re-training started), else by
+  running the search (`make_search()`, a `SptSearch`, through the loop with `loop_settings`)."""
+  selection_path = os.path.join(search_dir, "selection.json")
+  selection = run_dir.read_json(selection_path)
+  if selection is not None:
+    check_search_settings(selection, search_settings, search_dir, retrain_dir)
+    gates = {int(key): v for key, v in selection["gates"].items()}
+    selected = spt.select_layers(gates, k)  # K is not a setting of the search
+    stored = tuple(selection["selected_layers"])
+    print(f"SPT search already finished ({selection_path}); "
+          + ("" if selected == stored else f"selecting K={k} layers from its gates; ")
+          + "re-training", flush=True)
+  else:
+    search = make_search()
+    print(f"SPT search ({search.search_mode}): trainable parameters are the input prompt, the "
+          "generators and the gates", flush=True)
+    result = trainer.run(search, model_dir=search_dir, **loop_settings)
+    gates = spt.gate_values(result.state.gates)
+    selected = spt.select_layers(gates, k)
+    if jax.process_index() == 0:
+      run_dir.write_json(selection_path, {"gates": gates, "selected_layers": list(selected),
+                                          "k": k, **search_settings})
+    del result, search
+  print("SPT gate values a_l: " + ", ".join(f"layer {key}: {v:.3f}" for key, v in gates.items()),
+        flush=True)
+  print(f"SPT selected layers (K={k}): {list(selected)}", flush=True)
+  if selection is not None and selected != stored:
+    check_retrain_selection(retrain_dir, stored, selection.get("k"), selected, k)
+    if jax.process_index() == 0:
+      run_dir.write_json(selection_path, dict(selection, selected_layers=list(selected), k=k))
+  return selected, gates
+
+
 def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_steps: int,
               train_steps: int, num_layers_to_keep: int,
               train_dataset_cfg: pipeline.DatasetConfig,
@@ -300,7 +339,7 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
               keep_checkpoints: Optional[int] = 3, eval_every_steps: int = 0,
               eval_at_start: bool = True, log_every_steps: int = 10,
               max_decode_length: Optional[int] = None, seed: int = 0,
-              evaluate_fn: Optional[Callable] = None,
+              evaluator: evaluation.EvaluatorChoice = "task",
               config_text: Optional[str] = None) -> dict[str, Any]:
   """Search (MODEL_DIR/search), select the top-K layers, re-train them (MODEL_DIR/retrain).
 
@@ -310,58 +349,28 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
   `config_text` (the CLI's gin config) is written to each phase's config.gin.
   """
   model_dir = run_dir.check_model_dir(model_dir)
-  search_steps = trainer.check_count("SPT search_steps", search_steps, 1)
+  search_steps = guards.check_count("SPT search_steps", search_steps, 1)
   optimizer = optimizer or optimizers.spt_optimizer()
   gate_optimizer = gate_optimizer or optimizers.gate_adam()
   partitioner = partitioner or Partitioner()
+  pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
   lengths = train_dataset_cfg.task_feature_lengths
   search_dir = os.path.join(model_dir, "search")
-  selection_path = os.path.join(search_dir, "selection.json")
 
   retrain_dir = os.path.join(model_dir, "retrain")
   search_settings = {"search_mode": search_mode, "search_steps": search_steps,
                      "held_out_fraction": held_out_fraction}
 
-  selection = run_dir.read_json(selection_path)
-  if selection is not None:
-    check_search_settings(selection, search_settings, search_dir, retrain_dir)
-    gates = {int(k): v for k, v in selection["gates"].items()}
-    selected = spt.select_layers(gates, num_layers_to_keep)  # K is not a setting of the search
-    stored = tuple(selection["selected_layers"])
-    print(f"SPT search already finished ({selection_path}); "
-          + ("" if selected == stored else
-             f"selecting K={num_layers_to_keep} layers from its gates; ") + "re-training",
-          flush=True)
-  else:
-    pipeline.check_vocabulary(train_dataset_cfg, model.config.vocab_size)
-    search = SptSearch(model, optimizer, gate_optimizer, partitioner, lengths["inputs"],
-                       lengths["targets"], train_dataset_cfg.batch_size,
-                       dataset_cfg=train_dataset_cfg, search_mode=search_mode,
-                       held_out_fraction=held_out_fraction)
-    print(f"SPT search ({search_mode}): trainable parameters are the input prompt, the "
-          "generators and the gates", flush=True)
-    result = trainer.run(search, model_dir=search_dir, train_steps=search_steps,
-                         initial_checkpoint_path=initial_checkpoint_path,
-                         checkpoint_every_steps=checkpoint_every_steps,
-                         keep_checkpoints=2, log_every_steps=log_every_steps, seed=seed,
-                         label="SPT search", config_text=config_text)
-    gates = spt.gate_values(result.state.gates)
-    selected = spt.select_layers(gates, num_layers_to_keep)
-    if jax.process_index() == 0:
-      run_dir.write_json(selection_path, {
-          "gates": gates, "selected_layers": list(selected), "k": num_layers_to_keep,
-          **search_settings})
-    del result, search
-  print("SPT gate values a_l: " + ", ".join(f"layer {k}: {v:.3f}" for k, v in gates.items()),
-        flush=True)
-  print(f"SPT selected layers (K={num_layers_to_keep}): {list(selected)}", flush=True)
-  if selection is not None and selected != stored:
-    check_retrain_selection(retrain_dir, stored, selection.get("k"), selected,
-                            num_layers_to_keep)
-    if jax.process_index() == 0:
-      run_dir.write_json(selection_path, dict(selection, selected_layers=list(selected),
-                                              k=num_layers_to_keep))
-
+  selected, gates = _search_or_reuse(
+      model, search_dir, retrain_dir, search_settings, num_layers_to_keep,
+      lambda: SptSearch(model, optimizer, gate_optimizer, partitioner, lengths["inputs"],
+                        lengths["targets"], train_dataset_cfg.batch_size,
+                        dataset_cfg=train_dataset_cfg, search_mode=search_mode,
+                        held_out_fraction=held_out_fraction),
+      dict(train_steps=search_steps, initial_checkpoint_path=initial_checkpoint_path,
+           checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=2,
+           log_every_steps=log_every_steps, seed=seed, label="SPT search",
+           config_text=config_text))
   summary = trainer.train(
       model=retrain_model(model, selected), model_dir=retrain_dir,
       train_steps=train_steps, train_dataset_cfg=train_dataset_cfg,
@@ -370,7 +379,7 @@ def train_spt(*, model: EncoderDecoderModel, model_dir: Optional[str], search_st
       checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
       eval_every_steps=eval_every_steps, eval_at_start=eval_at_start,
       log_every_steps=log_every_steps, max_decode_length=max_decode_length, seed=seed,
-      evaluate_fn=evaluate_fn, config_text=config_text)
+      evaluator=evaluator, config_text=config_text)
   summary = dict(summary, gates=gates, selected_layers=list(selected),
                  model_dir=os.path.abspath(model_dir))
   if jax.process_index() == 0:

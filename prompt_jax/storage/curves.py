@@ -14,8 +14,7 @@ import math
 import os
 from typing import Optional, Sequence
 
-from prompt_jax.storage import output_paths, run_dir
-from prompt_jax.training import metric_writer
+from prompt_jax.storage import metric_writer, output_paths, run_dir
 
 CURVES_FILE = run_dir.CURVES_FILE
 TRAIN_SPLIT = "train"

@@ -7,7 +7,7 @@ returning: what was written before a kill is on disk. Only the first host writes
 
 Each `write` also appends one JSON line per metric to MODEL_DIR/metrics.jsonl (`METRICS_FILE`),
 {"step", "time", "split", "name", "value"} with `split` the writer's name ("train", "eval", ...),
-fsynced before it returns: the curves (`prompt_jax.training.curves`) without TensorBoard. A kill
+fsynced before it returns: the curves (`prompt_jax.storage.curves`) without TensorBoard. A kill
 can cut the last line short; `read_metrics` skips it and `truncate_metrics` (called on resume)
 removes it.
 """
