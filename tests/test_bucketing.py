@@ -91,7 +91,7 @@ def test_each_example_scores_the_same_at_any_bucket(placement):
 
 def test_iterate_bucketed_batches_from_a_seqio_task():
   cfg = pipeline.DatasetConfig("demo_sentiment", {"inputs": 64, "targets": 16}, batch_size=8)
-  batches = bucketing.iterate_bucketed_batches(cfg, (16, 32, 64))
+  batches = pipeline.iterate_bucketed_batches(cfg, (16, 32, 64))
   first = [next(batches) for _ in range(6)]
   for batch in first:
     width = batch["encoder_input_tokens"].shape[1]
@@ -100,8 +100,8 @@ def test_iterate_bucketed_batches_from_a_seqio_task():
     assert bucketing.real_lengths(batch["encoder_input_tokens"]).max() <= width
     assert batch["decoder_target_tokens"].shape == (8, 16)
   # Resuming skips exactly the consumed batches.
-  resumed = next(bucketing.iterate_bucketed_batches(cfg, (16, 32, 64), start_step=3))
+  resumed = next(pipeline.iterate_bucketed_batches(cfg, (16, 32, 64), start_step=3))
   for key in resumed:
     np.testing.assert_array_equal(resumed[key], first[3][key])
   with pytest.raises(ValueError, match="largest length bucket 128 exceeds the input length 64"):
-    next(bucketing.iterate_bucketed_batches(cfg, (32, 128)))
+    next(pipeline.iterate_bucketed_batches(cfg, (32, 128)))

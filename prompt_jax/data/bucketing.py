@@ -9,17 +9,15 @@ Padding is trailing zeros, which the encoder masks out of attention, so each exa
 the same at any bucket (up to float summation order): prefix and suffix prompts sit at the same
 relative positions, the relative position biases of real tokens do not change.
 
-    batches = bucketing.iterate_bucketed_batches(cfg, buckets=(32, 64, 128))
+    batches = pipeline.iterate_bucketed_batches(cfg, buckets=(32, 64, 128))  # a seqio task's
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-
-from prompt_jax.data import pipeline
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 ENCODER_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
@@ -97,24 +95,3 @@ def bucket_by_length(examples: Iterable[Mapping[str, np.ndarray]], batch_size: i
     for bucket in sorted(queues):
       if queues[bucket]:
         yield emit(bucket, queues[bucket])
-
-
-def iterate_bucketed_batches(cfg, buckets: Sequence[int], *, start_step: int = 0,
-                             shard_id: int = 0, num_shards: int = 1,
-                             keys: Optional[Sequence[str]] = None
-                             ) -> Iterator[dict[str, np.ndarray]]:
-  """Endless bucketed training batches from a `pipeline.DatasetConfig` (skips `start_step`).
-
-  The largest bucket should be the task's input length (longer inputs are truncated to it)."""
-  if max(buckets) > cfg.task_feature_lengths["inputs"]:
-    raise ValueError(f"largest length bucket {max(buckets)} exceeds the input length "
-                     f"{cfg.task_feature_lengths['inputs']}")
-  if cfg.batch_size % num_shards:
-    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts")
-  ds = pipeline.get_dataset(cfg, shard_id=shard_id, num_shards=num_shards, num_epochs=None)
-  examples = ds.unbatch().as_numpy_iterator()
-  batches = bucket_by_length(examples, cfg.batch_size // num_shards, buckets,
-                             keys=ENCODER_KEYS if keys is None else keys)
-  for step, batch in enumerate(batches):
-    if step >= start_step:
-      yield {k: v.astype(np.int32) for k, v in batch.items()}

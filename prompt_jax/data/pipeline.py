@@ -12,10 +12,12 @@ import difflib
 import importlib
 import logging
 import warnings
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
+
+from prompt_jax.data import bucketing
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +218,25 @@ def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int):
     return dict(batch), n
   return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
           for k, v in batch.items()}, n
+
+
+def iterate_bucketed_batches(cfg: DatasetConfig, buckets: Sequence[int], *, start_step: int = 0,
+                             shard_id: int = 0, num_shards: int = 1,
+                             keys: Optional[Sequence[str]] = None
+                             ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless training batches of `cfg`, each padded to the smallest of `buckets` that holds its
+  longest example (`bucketing.bucket_by_length`); skips `start_step` batches.
+
+  The largest bucket should be the task's input length (longer inputs are truncated to it)."""
+  if max(buckets) > cfg.task_feature_lengths["inputs"]:
+    raise ValueError(f"largest length bucket {max(buckets)} exceeds the input length "
+                     f"{cfg.task_feature_lengths['inputs']}")
+  if cfg.batch_size % num_shards:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {num_shards} hosts")
+  ds = get_dataset(cfg, shard_id=shard_id, num_shards=num_shards, num_epochs=None)
+  examples = ds.unbatch().as_numpy_iterator()
+  batches = bucketing.bucket_by_length(examples, cfg.batch_size // num_shards, buckets,
+                             keys=bucketing.ENCODER_KEYS if keys is None else keys)
+  for step, batch in enumerate(batches):
+    if step >= start_step:
+      yield {k: v.astype(np.int32) for k, v in batch.items()}

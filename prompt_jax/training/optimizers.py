@@ -26,9 +26,9 @@ from typing import Any, Optional
 
 import flax
 import jax
-import numpy as np
 import optax
 
+from prompt_jax import params as params_lib
 from prompt_jax.prompts import spt
 
 
@@ -129,17 +129,6 @@ def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
       multiply_by_parameter_scale=multiply_by_parameter_scale)
 
 
-def leading_size(tree, what: str) -> int:
-  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None
-           for leaf in jax.tree_util.tree_leaves(tree)}
-  if len(sizes) != 1 or None in sizes:
-    paths = {jax.tree_util.keystr(p): np.shape(x)
-             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    raise ValueError(f"per_prompt needs every {what} leaf to have the same leading prompt axis "
-                     f"[num_prompts, ...]; got shapes {paths}")
-  return sizes.pop()
-
-
 def per_prompt(inner: optax.GradientTransformation,
                rescale_gradients: bool = True) -> optax.GradientTransformation:
   """`inner` applied to each prompt of a bank separately (vmapped over the leading axis).
@@ -154,11 +143,11 @@ def per_prompt(inner: optax.GradientTransformation,
   """
 
   def init(params):
-    leading_size(params, "trainable parameter")
+    params_lib.leading_size(params, "trainable parameter")
     return jax.vmap(inner.init)(params)
 
   def update(updates, state, params=None):
-    num_prompts = leading_size(updates, "gradient")
+    num_prompts = params_lib.leading_size(updates, "gradient")
     if rescale_gradients:
       updates = jax.tree_util.tree_map(lambda g: g * num_prompts, updates)
     if params is None:
