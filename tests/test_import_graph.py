@@ -319,8 +319,10 @@ def test_the_function_level_import_finder_finds_each_form():
 
 # ------------------------------------------------------------- no process state at import time
 
-# The package's __init__ (its documented TensorFlow log defaults) and the command line may set
-# process-wide state when imported; no other module may.
+# The package's __init__ and the command line may set process-wide state when imported; no other
+# module may. The __init__'s one setting is TensorFlow's log level default (kept if the user set
+# one): TensorFlow reads it only while it loads, so `import prompt_jax` in a notebook is quiet
+# only if it is set before any module of ours imports TensorFlow.
 PROCESS_STATE_MODULES = {"prompt_jax", "prompt_jax.cli"}
 # Calls that change the process for everyone, by dotted name (import aliases resolved).
 PROCESS_STATE_CALLS = frozenset({
