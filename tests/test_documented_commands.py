@@ -46,6 +46,7 @@ TINY_FROZEN = 246_784  # the demo model's frozen parameters (README)
 
 # Commands that cannot run on this machine: (regex searched in the command) -> reason.
 SKIPPED: list[tuple[str, str]] = [
+    (r"hf://", "downloads a model from the Hugging Face Hub: no internet here"),
     (r"^pip install", "installs packages: the environment under test is already installed"),
     (r"^(python -m )?pytest\b", "runs test files of the suite, which runs them itself"),
     (r"^python -m t5x\.train|^--gin\.partitioning\.PjitPartitioner",
@@ -372,8 +373,10 @@ def doc_states(tmp_path_factory):
 
 
 def map_paths(text: str, root: Path) -> str:
-  """The doc's paths -> this run's: /tmp/NAME, $(mktemp -d), the shared fixtures."""
+  """The doc's paths -> this run's: /tmp/NAME, $(mktemp -d), the shared fixtures, and the
+  checkout's examples/ (commands run in the tmp dir, docs name the files from the checkout)."""
   text = re.sub(r"(?<![\w.~/-])/tmp/", f"{root}/", text)  # before root (under /tmp) appears
+  text = re.sub(r"(?<![\w.~/-])examples/", f"{REPO_ROOT}/examples/", text)
   text = text.replace("$(mktemp -d)", f"{root}/tmp.XXXX")
   # One pass: a second replace would match "/work/shared/fixtures" inside the first's result
   # when the checkout lives under a directory named work (CI's /check/work/...).

@@ -2,8 +2,9 @@
 
 The GLUE/SuperGLUE metrics follow T5 (t5/evaluation/metrics.py) so that numbers are comparable
 with published ones: class ids come from the tasks' postprocessors, and a prediction that is no
-valid label (-1) counts as wrong. `rank_classification` turns a task's metrics into a score
-metric: the label whose string scores highest is the prediction.
+valid label (-1) counts as wrong. `macro_f1`, `exact_match`, `bleu` and `rouge` compare strings
+(the metrics of file tasks, `file_tasks.METRICS`). `rank_classification` turns a task's metrics
+into a score metric: the label whose string scores highest is the prediction.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def mean_multiclass_f1(num_classes: int) -> Metric:
   return metric
 
 
+def macro_f1(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """Unweighted mean, over the labels that occur among `targets`, of each label's F1 (one label
+  against the rest), in percent. A prediction that is none of those labels counts as wrong."""
+  _check_lengths("macro_f1", targets, predictions)
+  labels = sorted(set(targets))
+  if not labels:
+    return {"macro_f1": 0.0}
+  targets, predictions = np.asarray(targets, dtype=object), np.asarray(predictions, dtype=object)
+  per_label = [_binary_f1((targets == label).astype(int), (predictions == label).astype(int))
+               for label in labels]
+  return {"macro_f1": 100.0 * float(np.mean(per_label))}
+
+
 # ------------------------------------------------------------------------- grouped (SuperGLUE)
 
 
@@ -154,6 +168,57 @@ def record_max_over_answers(targets: Sequence[dict], predictions: Sequence[dict]
     answers.append(t["value"])
     predicted.append(p["value"])
   return squad(answers, predicted)
+
+
+# -------------------------------------------------------------------------------- free text
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """Percentage of predictions equal to their target after SQuAD's normalisation
+  (`normalize_squad`: lower case, no punctuation, articles or extra whitespace)."""
+  _check_lengths("exact_match", targets, predictions)
+  if not targets:
+    return {"exact_match": 0.0}
+  hits = [normalize_squad(t) == normalize_squad(p) for t, p in zip(targets, predictions)]
+  return {"exact_match": 100.0 * float(np.mean(hits))}
+
+
+def bleu(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """sacrebleu's corpus BLEU (0-100) with T5's settings: one reference per example, the 'intl'
+  tokenizer, exponential smoothing, case-sensitive."""
+  _check_lengths("bleu", targets, predictions)
+  if not targets:
+    return {"bleu": 0.0}
+  # Imported here: only text tasks need it.
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  result = sacrebleu.corpus_bleu(list(predictions), [list(targets)], smooth_method="exp",
+                                 tokenize="intl")
+  return {"bleu": float(result.score)}
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
+
+
+def _rouge_summary(text: str) -> str:
+  """rougeLsum reads one sentence per line: a line break after each ' . ' (T5's preparation)."""
+  return text.replace(" . ", " .\n")
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measure (rouge-score, Porter stemming), each the mean
+  over examples, in percent."""
+  _check_lengths("rouge", targets, predictions)
+  if not targets:
+    return {name: 0.0 for name in ROUGE_TYPES}
+  # rouge-score imports nltk (about a second): only text tasks pay for it.
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+  totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+  for target, prediction in zip(targets, predictions):
+    scores = scorer.score(_rouge_summary(target), _rouge_summary(prediction))
+    for name in ROUGE_TYPES:
+      totals[name] += scores[name].fmeasure
+  return {name: 100.0 * total / len(targets) for name, total in totals.items()}
 
 
 # ------------------------------------------------------------------------ rank classification

@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import numpy as np
 import seqio
 
-from prompt_jax.data import bucketing
+from prompt_jax.data import bucketing, file_tasks
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,21 @@ def get_task_or_mixture(name: str, module: Optional[str] = None):
   """The registered seqio Task or Mixture called `name`; unknown names list the closest ones.
 
   Every input pipeline (`get_dataset`, `count_truncated`, evaluation's and inference's datasets)
-  starts here, so this is where TensorFlow is kept off the accelerators (`host_only_tensorflow`).
+  starts here, so this is where TensorFlow is kept off the accelerators (`host_only_tensorflow`)
+  and where a `file:` spec (`file_tasks`; several joined by ';' make a mixture) registers the
+  task over the user's files.
   """
   host_only_tensorflow()
   import_task_module(module)
   if not isinstance(name, str) or not name:
     raise ValueError(f"MIXTURE_OR_TASK_NAME must be a task or mixture name, got {name!r}")
+  if file_tasks.is_file_spec(name):
+    return file_tasks.get_or_register(name)
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
-    known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    known = {k for k in (*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names())
+             if not file_tasks.is_file_spec(k)}  # not the specs entered as aliases
     if not known:
       raise ValueError(f"unknown seqio task or mixture {name!r}; none is registered (TASK_MODULE "
                        f"{module!r} should register it)") from None

@@ -1,6 +1,8 @@
 """The frozen model's parameters from every format: a `.npz`, an Orbax directory, a T5X
-checkpoint, a Hugging Face directory, or `builtin:<name>` (a model shipped in the package);
-checked against the configured model's shapes and stacked for scanned layers.
+checkpoint, a Hugging Face directory, a Hugging Face Hub name (`hf://OWNER/NAME[@REVISION]`,
+`hub`) or `builtin:<name>` (a model shipped in the package); checked against the configured
+model's shapes and stacked for scanned layers. A Hugging Face checkpoint also carries its
+architecture (config.json) and vocabulary (spiece.model): `checkpoint_model`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ import logging
 import os
 import zipfile
 import zlib
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import sentencepiece
+import seqio
+from safetensors import SafetensorError, safe_open
 
 from prompt_jax.interop import hf, t5x
-from prompt_jax.models import layer_stack
-from prompt_jax.storage import run_dir
+from prompt_jax.models import layer_stack, t5
+from prompt_jax.storage import hub, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +32,15 @@ BUILTIN_PREFIX = "builtin:"
 
 
 def resolve_path(path: str) -> str:
-  """`builtin:<name>` names a model shipped in the package (`prompt_jax/assets/<name>`)."""
+  """The local path of a frozen checkpoint: `builtin:<name>` names a model shipped in the
+  package (`prompt_jax/assets/<name>`), `hf://OWNER/NAME[@REVISION]` a Hugging Face Hub model
+  (its snapshot directory in the Hub cache, downloaded if needed: `hub.snapshot_dir`); other
+  paths are returned as given."""
   if not isinstance(path, (str, os.PathLike)) or not str(path):
     raise ValueError(f"INITIAL_CHECKPOINT_PATH must be a path, got {path!r}")
   path = os.fspath(path)
+  if hub.is_hub_name(path):
+    return hub.snapshot_dir(path)
   if path.startswith(BUILTIN_PREFIX):
     name = path[len(BUILTIN_PREFIX):]
     resolved = importlib.resources.files("prompt_jax") / "assets" / name
@@ -41,6 +51,134 @@ def resolve_path(path: str) -> str:
                        f"{', '.join(shipped) or 'none'}")
     return str(resolved)
   return path
+
+
+def recorded_path(path: Optional[str]) -> Optional[str]:
+  """How a run records its frozen checkpoint: a Hub name pinned to the commit it resolves to
+  (`hf://OWNER/NAME@<commit>`: a resume or `eval --model_dir` finds the same files however the
+  branch moves); any other path as given."""
+  return hub.pinned_name(path) if hub.is_hub_name(path) else path
+
+
+class CheckpointModel(NamedTuple):
+  """What a frozen checkpoint says about itself (`checkpoint_model`)."""
+
+  config: Optional[t5.T5Config]  # from config.json (its dropout_rate included)
+  vocabulary: Optional[seqio.Vocabulary]  # its spiece.model
+  path: str  # the local path (`resolve_path`)
+
+
+def checkpoint_model(path: str) -> CheckpointModel:
+  """(T5Config, vocabulary, local path) of a frozen checkpoint. A Hugging Face directory or Hub
+  name carries its architecture (config.json, as `interop.hf.load_t5` derives it, without
+  reading the weights) and, when it holds one, its SentencePiece vocabulary (spiece.model, with
+  T5's 100 sentinel ids when the embedding has room for them); other formats (`.npz`, Orbax,
+  T5X, `builtin:`) give (None, None, local path)."""
+  local = resolve_path(path)
+  if _format_of(local) != "hf":
+    return CheckpointModel(None, None, local)
+  config = _config_json_t5(local, path)
+  return CheckpointModel(config, _spiece_vocabulary(local, config, path), local)
+
+
+def checkpoint_t5_config(path: Optional[str], dropout_rate: Optional[float] = None,
+                         dtype: str = "float32", remat_policy: str = "none",
+                         scan_layers: bool = False) -> t5.T5Config:
+  """The T5Config of the Hugging Face checkpoint `path` (a directory or `hf://` name: its
+  config.json) with the run's settings; `dropout_rate` None keeps config.json's. The
+  `t5.Transformer.config` of gin_configs/models/hf/from_checkpoint.gin."""
+  if not path:
+    raise ValueError("models/hf/from_checkpoint.gin takes the architecture from the frozen "
+                     "checkpoint's config.json: set INITIAL_CHECKPOINT_PATH to hf://OWNER/NAME "
+                     "or a Hugging Face model directory")
+  local = resolve_path(path)
+  if _format_of(local) != "hf":
+    raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} has no config.json to take the "
+                     "architecture from (not a Hugging Face model); use a model gin file from "
+                     "models/ (e.g. models/t5_1_1_base.gin) instead")
+  changes: dict[str, Any] = {"dtype": dtype, "remat_policy": remat_policy,
+                             "scan_layers": scan_layers}
+  if dropout_rate is not None:
+    changes["dropout_rate"] = dropout_rate
+  return _config_json_t5(local, path).replace(**changes)
+
+
+def checkpoint_vocabulary(path: Optional[str]) -> seqio.Vocabulary:
+  """The SentencePiece vocabulary (spiece.model) of the Hugging Face checkpoint `path`: the
+  `VOCABULARY` of gin_configs/models/hf/from_checkpoint.gin."""
+  vocabulary = checkpoint_model(path).vocabulary if path else None
+  if vocabulary is None:
+    raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} has no spiece.model to be VOCABULARY; "
+                     "bind VOCABULARY yourself (e.g. --gin.VOCABULARY=@seqio.ByteVocabulary())")
+  return vocabulary
+
+
+def _config_json_t5(directory: str, source: str) -> t5.T5Config:
+  """`interop.hf.load_t5`'s T5Config of a Hugging Face directory, from config.json and the
+  names (rarely the values) of the output-layer tensors."""
+  values = hf.read_json(os.path.join(directory, "config.json"), "a JSON object of T5 settings")
+  try:
+    return hf.t5_config(values, _logits_via_embedding(directory, values))
+  except ValueError as e:
+    raise ValueError(f"{source!r}: {e}") from e
+
+
+def _logits_via_embedding(directory: str, values: Mapping) -> bool:
+  """`load_t5`'s rule: the output is scaled (`scale_decoder_outputs`) and `lm_head.weight` is
+  absent or equal to `shared.weight`. Only those two tensors are read, and only when needed."""
+  if not hf.scales_decoder_outputs(dict(values)):
+    return False
+  files = _tensor_files(directory)
+  if "lm_head.weight" not in files:
+    return True
+  if "shared.weight" not in files:
+    return False
+  return bool(np.array_equal(_read_tensor(files["lm_head.weight"], "lm_head.weight"),
+                             _read_tensor(files["shared.weight"], "shared.weight")))
+
+
+def _tensor_files(directory: str) -> dict[str, str]:
+  """Tensor name -> the safetensors file holding it (from the shard index or the file's
+  header); empty when the directory has no safetensors weights."""
+  index = os.path.join(directory, "model.safetensors.index.json")
+  single = os.path.join(directory, "model.safetensors")
+  if os.path.exists(index):
+    weight_map = hf.read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
+    return {name: os.path.join(directory, str(file)) for name, file in weight_map.items()}
+  if not os.path.exists(single):
+    return {}
+  try:
+    with safe_open(single, framework="numpy") as f:
+      return dict.fromkeys(f.keys(), single)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ValueError(f"{single}: not a readable safetensors file, truncated or corrupt "
+                     f"({_reason(e)})") from e
+
+
+def _read_tensor(file: str, name: str) -> np.ndarray:
+  try:
+    with safe_open(file, framework="numpy") as f:
+      return f.get_tensor(name)
+  except (SafetensorError, OSError, ValueError, TypeError) as e:
+    raise ValueError(f"{file}: cannot read tensor {name!r} ({_reason(e)})") from e
+
+
+T5_SENTINELS = 100  # the extra ids T5's tokenizers add after the SentencePiece pieces
+
+
+def _spiece_vocabulary(directory: str, config: t5.T5Config,
+                       source: str) -> Optional[seqio.SentencePieceVocabulary]:
+  path = os.path.join(directory, "spiece.model")
+  if not os.path.isfile(path):
+    return None
+  try:
+    pieces = sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
+  except (RuntimeError, OSError, ValueError) as e:
+    raise ValueError(f"{source!r}: {path} is not a SentencePiece model ({_reason(e)})") from e
+  extra_ids = T5_SENTINELS if pieces + T5_SENTINELS <= config.vocab_size else 0
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
 def save_params_npz(params: Mapping, path: str) -> None:
@@ -162,7 +300,7 @@ def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = N
     params = t5x.load_params(path, per_layer_config, partitioner)
   else:
     hf_config, params = hf.load_t5(path)
-    if hf_config != per_layer_config:
+    if config is not None and _architecture(hf_config) != _architecture(config):
       log.warning("Hugging Face config %s differs from the configured %s", hf_config, config)
   if abstract_params is not None:
     params = layer_stack.as_layout_of(params, abstract_params)
@@ -170,6 +308,12 @@ def load_frozen_params(path: str, config, abstract_params: Optional[Mapping] = N
   elif config is not None and config.scan_layers:
     params = layer_stack.stack_layers(params)
   return params
+
+
+def _architecture(config: t5.T5Config) -> t5.T5Config:
+  """`config` without the run's settings (dropout, activation dtype, remat, layer layout)."""
+  return config.replace(dropout_rate=0.0, dtype="float32", remat_policy="none",
+                        scan_layers=False)
 
 
 def _orbax_tree(path: str) -> Mapping:

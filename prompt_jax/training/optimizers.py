@@ -204,7 +204,8 @@ def split_by_path(pattern: str, matched: optax.GradientTransformation,
                   names: tuple[str, str] = ("matched", "rest")) -> optax.GradientTransformation:
   """`matched` for the trainable leaves whose '/'-joined path matches `pattern`, `rest` for the
   others, each with its own state (`optax.multi_transform`, whose state is keyed by `names`).
-  Either side may be empty."""
+  Either side may be empty. The description (run record) holds both sides' descriptions, e.g.
+  DePT's two learning rates (`prompts/dept.gin`)."""
   regex = _compile(pattern, "split_by_path pattern")
   first, second = names
 
@@ -212,7 +213,9 @@ def split_by_path(pattern: str, matched: optax.GradientTransformation,
     return jax.tree_util.tree_map(lambda p: first if regex.search(p) else second,
                                   leaf_paths(params))
 
-  return optax.multi_transform({first: matched, second: rest}, labels)
+  return described(optax.multi_transform({first: matched, second: rest}, labels),
+                   "split_by_path", pattern=pattern, names=[first, second],
+                   matched=description(matched), rest=description(rest))
 
 
 def gate_adam(learning_rate: float = 0.05, b1: float = 0.5, b2: float = 0.999

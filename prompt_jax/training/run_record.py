@@ -50,7 +50,8 @@ def check_settings(meta: Mapping[str, Any], current: Mapping[str, Any], director
 def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int) -> dict:
   """What defines a run of `regime` (MODEL_DIR/run.json): the model config (how it executes,
   `run_dir.EXECUTION_FIELDS`, apart: it may change on resume), the prompt hook and its
-  settings, the frozen checkpoint (path and `run_dir.fingerprint`), the data, the optimizer
+  settings, the frozen checkpoint (path, a Hub name pinned to its commit, and
+  `run_dir.fingerprint`), the data, the optimizer
   (its state's types and, when built by `optimizers`, its hyperparameters: a resume with
   another learning rate is a difference), the trainable parameters' shapes, the regime's
   settings, the seed, and the package version (informative only)."""
@@ -60,7 +61,8 @@ def run_record(regime: Regime, initial_checkpoint_path: Optional[str], seed: int
   resolved = frozen_models.resolve_path(frozen_path) if frozen_path else None
   return {
       **run_dir.model_entries(programs.model),
-      "frozen_checkpoint": {"path": frozen_path, "fingerprint": run_dir.fingerprint(resolved)},
+      "frozen_checkpoint": {"path": frozen_models.recorded_path(frozen_path),
+                            "fingerprint": run_dir.fingerprint(resolved)},
       "data": None if data is None else {
           "task": data.mixture_or_task_name, "split": data.split,
           "feature_lengths": dict(data.task_feature_lengths), "batch_size": data.batch_size},

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 import optax
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from prompt_jax import params as params_lib
 from prompt_jax.data import pipeline
