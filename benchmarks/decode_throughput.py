@@ -15,7 +15,9 @@ speed does not depend on them). The first and last lines give the machine and th
 (`bench_common`): only figures labelled "quiet machine" belong in README or docs.
 
 Imports only jax, numpy and prompt_jax (torch and transformers only without `--no_hf`), so it
-runs where TensorFlow, seqio and tensorflow-datasets are not installed.
+runs where TensorFlow, seqio and tensorflow-datasets are not installed. HF runs on
+`--torch_device` (default cpu; cuda on a GPU machine); `benchmarks/gpu_check.py` runs this and
+train_throughput.py on the base and large models in both dtypes and prints one table.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def _beam_widths(text: str) -> list[int]:
   return widths
 
 
-def _hf_model(config: t5.T5Config, dtype: str):
-  """A random HF T5ForConditionalGeneration of the same shape as `config`."""
+def _hf_model(config: t5.T5Config, dtype: str, device: str = "cpu"):
+  """A random HF T5ForConditionalGeneration of the same shape as `config`, on torch `device`."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import T5Config, T5ForConditionalGeneration  # pylint: disable=g-import-not-at-top
   gated = len(config.mlp_activations) > 1
@@ -70,11 +72,14 @@ def _hf_model(config: t5.T5Config, dtype: str):
       relative_attention_max_distance=config.relative_attention_max_distance,
       feed_forward_proj=f"gated-{act}" if gated else act,
       tie_word_embeddings=config.logits_via_embedding, dropout_rate=0.0,
-      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval().to(device)
   return model.to(torch.bfloat16) if dtype == "bfloat16" else model
 
 
-def main(argv=None) -> int:
+def measure(argv=None) -> dict:
+  """Runs the benchmark of `main(argv)` (printing the same) and returns its medians: for every
+  beam width n, `n: {'ours': tokens/s, 'hf': tokens/s (nan with --no_hf), 'ratio': ...}`, and
+  `'quiet'` (`bench_common.finish`)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--num_beams", type=_beam_widths, default=[1, 4],
                       help="beam widths to time, comma-separated; 1 = greedy (default 1,4)")
@@ -89,6 +94,8 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch threads for HF")
   parser.add_argument("--no_hf", action="store_true", help="time ours only")
+  parser.add_argument("--torch_device", default="cpu",
+                      help="torch device of the HF side ('cuda' on a GPU machine)")
   args = parser.parse_args(argv)
   for name in ("rounds", "batch", "inputs", "new_tokens", "threads"):
     if getattr(args, name) < 1:
@@ -123,8 +130,9 @@ def main(argv=None) -> int:
   if not args.no_hf:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
-    hf_model = _hf_model(config, args.dtype)
-    input_ids = torch.as_tensor(tokens, dtype=torch.long)
+    hf_model = _hf_model(config, args.dtype, args.torch_device)
+    input_ids = torch.as_tensor(tokens, dtype=torch.long, device=args.torch_device)
+    on_cuda = input_ids.device.type == "cuda"
 
   def hf_fn(beams: int):
     if hf_model is None:
@@ -139,13 +147,15 @@ def main(argv=None) -> int:
       with torch.inference_mode():
         out = hf_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 **kwargs)
+      if on_cuda:
+        torch.cuda.synchronize(input_ids.device)
       assert out.shape == (args.batch, length + 1), out.shape
       return time.perf_counter() - start
     run()  # warm-up
     return run
 
   generated = args.batch * length
-  medians = []
+  medians, results = [], {}
   for beams in args.num_beams:
     what = "greedy" if beams == 1 else f"{beams}-beam search"
     print(f"\n{what}: {args.preset}, batch {args.batch}, encoder length {args.inputs}, "
@@ -160,11 +170,17 @@ def main(argv=None) -> int:
       print(f"{r:6d} {ours_tps:14.1f} {hf_tps:12.1f} {ours_tps / hf_tps:6.2f}", flush=True)
     med = [statistics.median(col) for col in zip(*rows)]
     medians.append((what, med))
+    results[beams] = {"ours": med[0], "hf": med[1], "ratio": med[2]}
     print(f"{'median':>6} {med[0]:14.1f} {med[1]:12.1f} {med[2]:6.2f}")
   print()
   for what, med in medians:
     print(f"{what}: ours {med[0]:.1f} tokens/s, HF {med[1]:.1f} tokens/s, ratio {med[2]:.2f}")
-  bench_common.finish(start_load)
+  results["quiet"] = bench_common.finish(start_load)
+  return results
+
+
+def main(argv=None) -> int:
+  measure(argv)
   return 0
 
 

@@ -7,7 +7,7 @@ Default shape: T5 1.1 small (random weights: speed does not depend on their valu
 inputs 128, a 100-token prompt, targets 8, fp32, dropout 0.1, Adafactor. `--preset` takes any
 name in `prompt_jax.models.t5.PRESETS`. `--dtype bfloat16` runs ours with bf16 activations and
 bf16 frozen weights (the prompt, its optimizer state and the loss stay fp32) and PEFT under
-`torch.autocast('cpu', dtype=torch.bfloat16)` around forward and loss (fp32 weights, as a PEFT
+`torch.autocast(<dev>, dtype=torch.bfloat16)` around forward and loss (fp32 weights, as a PEFT
 user runs it); the matmul peak is then that of bf16 `jnp.dot` inputs. The two frameworks and a large
 `jnp.dot` (this machine's measured matmul peak) are timed in alternating rounds inside one
 process, so that load from other processes hits all of them alike; the table reports per-round
@@ -17,9 +17,10 @@ ratios and their median, framed by the load averages at the start and end
 decoder tokens) (`prompt_jax.tools.plan`).
 
 Imports only jax/flax/optax/orbax/numpy from prompt_jax's dependencies (no TensorFlow, seqio or
-tensorflow-datasets), so it runs as is on a GPU or TPU machine (ours on the accelerator; PEFT
-stays on the CPU: use --no_peft there). The PEFT side needs the `bench` extra:
-pip install -e '.[bench]'.
+tensorflow-datasets), so it runs as is on a GPU or TPU machine (ours on the accelerator; PEFT on
+`--torch_device` <dev>, default cpu: pass cuda on a GPU machine, or --no_peft). The PEFT side needs
+the `bench` extra: pip install -e '.[bench]'. `benchmarks/gpu_check.py` runs this and
+decode_throughput.py on the base and large models in both dtypes and prints one table.
 """
 
 from __future__ import annotations
@@ -151,12 +152,12 @@ def hf_t5_config(c: t5.T5Config, dropout: float):
 class PeftPromptTuning:
   """transformers' T5ForConditionalGeneration of the same shape + PEFT prompt tuning.
 
-  `dtype` 'bfloat16': forward and loss under `torch.autocast('cpu', dtype=torch.bfloat16)`,
-  weights and optimizer fp32 (what a PEFT user does).
+  `dtype` 'bfloat16': forward and loss under `torch.autocast(device, dtype=torch.bfloat16)`,
+  weights and optimizer fp32 (what a PEFT user does). `device`: a torch device ('cpu', 'cuda').
   """
 
   def __init__(self, prompt_length: int, dropout: float, threads: int, preset: str = PRESET,
-               dtype: str = "float32"):
+               dtype: str = "float32", device: str = "cpu"):
     import torch  # pylint: disable=g-import-not-at-top
     from peft import PromptTuningConfig, TaskType, get_peft_model  # pylint: disable=g-import-not-at-top
     from transformers import T5ForConditionalGeneration  # pylint: disable=g-import-not-at-top
@@ -165,9 +166,10 @@ class PeftPromptTuning:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     self.torch = torch
+    self.device = torch.device(device)
     base = T5ForConditionalGeneration(hf_t5_config(t5.preset(preset), dropout))
-    self.model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
-                                                         num_virtual_tokens=prompt_length))
+    self.model = get_peft_model(base, PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_length)).to(self.device)
     self.model.train()
     params = [p for p in self.model.parameters() if p.requires_grad]
     self.optimizer = Adafactor(params, lr=0.3, relative_step=False, scale_parameter=False,
@@ -180,20 +182,21 @@ class PeftPromptTuning:
     enc = batch["encoder_input_tokens"]
     if trim:
       enc = enc[:, :max(int((enc > 0).sum(1).max()), 1)]
-    t = self.torch.as_tensor
-    return {"input_ids": t(enc, dtype=self.torch.long),
-            "attention_mask": t((enc > 0).astype(np.int64)),
-            "labels": t(batch["decoder_target_tokens"], dtype=self.torch.long)}
+    t = lambda x: self.torch.as_tensor(x, dtype=self.torch.long, device=self.device)
+    return {"input_ids": t(enc), "attention_mask": t((enc > 0).astype(np.int64)),
+            "labels": t(batch["decoder_target_tokens"])}
 
   def run(self, batches: list[dict]) -> float:
     """Train on `batches` (from `torch_batch`); returns seconds."""
     start = time.perf_counter()
     for batch in batches:
-      with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16):
+      with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16):
         loss = self.model(**batch).loss
       loss.backward()
       self.optimizer.step()
       self.optimizer.zero_grad(set_to_none=True)
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize(self.device)
     elapsed = time.perf_counter() - start
     self.last_loss = float(loss.detach().float())
     return elapsed
@@ -258,7 +261,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no_peft", action="store_true", help="time ours only")
 
 
-def main(argv=None) -> int:
+def measure(argv=None) -> dict:
+  """Runs the benchmark of `main(argv)` (printing the same) and returns its medians: `ours` and
+  `peft` steps/s (nan with --no_peft), `ratio`, and `quiet` (`bench_common.finish`)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=4, help="train steps per round and side")
@@ -266,6 +271,8 @@ def main(argv=None) -> int:
   parser.add_argument("--peak_size", type=int, default=None,
                       help="n of the n x n matmul peak (default 2048 on CPU, 8192 otherwise)")
   add_common_flags(parser)
+  parser.add_argument("--torch_device", default="cpu",
+                      help="torch device of the PEFT side ('cuda' on a GPU machine)")
   args = parser.parse_args(argv)
   for name in ("rounds", "steps", "warmup", "batch"):
     if getattr(args, name) < 1:
@@ -282,7 +289,8 @@ def main(argv=None) -> int:
   ours.run(ours_batches[:1] * args.warmup)  # compile + warm-up
   peft = None
   if not args.no_peft:
-    peft = PeftPromptTuning(args.prompt, args.dropout, args.threads, args.preset, args.dtype)
+    peft = PeftPromptTuning(args.prompt, args.dropout, args.threads, args.preset, args.dtype,
+                            args.torch_device)
     peft_batches = [peft.torch_batch(b) for b in host]
     peft.run(peft_batches[:1] * args.warmup)
   print(f"shape: {args.preset}, batch {args.batch}, inputs {args.inputs} + prompt {args.prompt}, "
@@ -307,7 +315,12 @@ def main(argv=None) -> int:
         f"{100 * med[4]:11.1f}% {100 * med[5]:11.1f}%")
   print(f"last training loss: ours {ours.last_loss:.4f}, PEFT "
         f"{peft.last_loss if peft else float('nan'):.4f}")
-  bench_common.finish(start_load)
+  quiet = bench_common.finish(start_load)
+  return {"ours": med[0], "peft": med[1], "ratio": med[2], "quiet": quiet}
+
+
+def main(argv=None) -> int:
+  measure(argv)
   return 0
 
 

@@ -56,6 +56,9 @@ Data = Union[str, Sequence[tuple[str, str]], Sequence[Mapping[str, str]]]
 Decoding = Union[None, str, decoding_lib.Greedy, decoding_lib.BeamSearch,
                  decoding_lib.TemperatureSampling]
 
+# What registers the task names `tune` accepts (the CLI's TASK_MODULE default): GLUE,
+# SuperGLUE and the demo's synthetic tasks.
+TASK_MODULE = "prompt_jax.tasks"
 # The shipped checkpoints: which architecture and vocabulary each one is.
 BUILTIN_MODELS = {"demo_t5_tiny.npz": ("tiny", "byte")}
 
@@ -245,7 +248,7 @@ class FrozenT5:
       if options:
         raise ValueError(f"{sorted(options)} are options of files and lists, not of the task "
                          f"{data!r}")
-      pipeline.get_task_or_mixture(data)
+      pipeline.get_task_or_mixture(data, TASK_MODULE)
       return data, data, (512, 8)
     if isinstance(data, str) and data.startswith("file:"):
       if validation is not None or options:
@@ -364,7 +367,7 @@ class TunedPrompt:
         raise ValueError("tune() had no validation data: pass evaluate(data=...)")
       name = self.eval_cfg.mixture_or_task_name
     else:
-      name = pipeline.get_task_or_mixture(data).name
+      name = pipeline.get_task_or_mixture(data, TASK_MODULE).name
     cfg = pipeline.DatasetConfig(
         name, {"inputs": self.input_length, "targets": self.target_length}, split=split,
         batch_size=batch_size, shuffle=False)

@@ -13,9 +13,10 @@ import pytest
 
 from prompt_jax import api
 from prompt_jax import params as params_lib
+from prompt_jax.interop import hf
 from prompt_jax.models import t5
 from prompt_jax.prompts import base, plain
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, shared_fixture
 
 DOC = REPO_ROOT / "docs" / "python.md"
 
@@ -103,3 +104,19 @@ def test_load_frozen_names_what_it_cannot_tell():
     api.load_frozen(None, preset="tiny", config=t5.preset("tiny"))
   with pytest.raises(ValueError, match=r"cannot tell the architecture of None"):
     api.load_frozen(None)
+
+
+def test_readme_from_python_block_is_the_tested_one():
+  """README's "From Python" block is docs/python.md's first block, which the test above runs."""
+  readme = (REPO_ROOT / "README.md").read_text().split("## From Python", 1)[1]
+  block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+  assert block == python_blocks(DOC)[0]
+
+
+def test_a_hugging_face_directory_brings_its_architecture(tmp_path):
+  fixture = shared_fixture("hf_t5_tiny_v1_1")
+  frozen = api.load_frozen(str(fixture))
+  config, _ = hf.load_t5(str(fixture))
+  assert frozen.config == config and frozen.checkpoint == str(fixture)
+  # The fixture ships no spiece.model: T5's SentencePiece model is the default vocabulary.
+  assert frozen.vocabulary == "t5"

@@ -12,19 +12,20 @@ import logging
 import os
 import zipfile
 import zlib
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
 
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import sentencepiece
-import seqio
 from safetensors import SafetensorError, safe_open
 
 from prompt_jax.interop import hf, t5x
 from prompt_jax.models import layer_stack, t5
 from prompt_jax.storage import hub, run_dir
+
+if TYPE_CHECKING:  # annotations only: seqio is imported where a vocabulary is made
+  import seqio
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,11 @@ T5_SENTINELS = 100  # the extra ids T5's tokenizers add after the SentencePiece 
 
 def _spiece_vocabulary(directory: str, config: t5.T5Config,
                        source: str) -> Optional[seqio.SentencePieceVocabulary]:
+  # seqio (and TensorFlow with it) is imported here, not at the top: the speed benchmarks load
+  # this module through `programs` on machines without TensorFlow or seqio
+  # (tests/test_benchmark_imports.py), and only a Hugging Face checkpoint needs a vocabulary.
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, "spiece.model")
   if not os.path.isfile(path):
     return None
