@@ -19,6 +19,7 @@ read). Data is a registered seqio task name, a `file:` spec or a JSONL/CSV/TSV p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ import numpy as np
 import optax
 import seqio
 
-from prompt_jax.data import file_tasks, glue, pipeline
+from prompt_jax.data import file_tasks, pipeline
 from prompt_jax.models import decoding as decoding_lib
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -141,13 +142,6 @@ def prompt_hook(method: Union[str, nn.Module], length: int, input_length: int = 
                    "[batch, length, embed])")
 
 
-def _vocabulary(spec: Union[str, seqio.Vocabulary]) -> seqio.Vocabulary:
-  """'byte', 't5' (T5's SentencePiece), a SentencePiece model path, or a vocabulary."""
-  if isinstance(spec, seqio.Vocabulary):
-    return spec
-  return glue.default_vocabulary() if spec == "t5" else glue.vocabulary_from_spec(spec)
-
-
 @dataclasses.dataclass
 class FrozenT5:
   """A frozen T5: its architecture, its checkpoint and the vocabulary it reads.
@@ -168,8 +162,10 @@ class FrozenT5:
     """The encoder-decoder with `hook` as its prompt (T5X's z-loss and normalisation)."""
     return EncoderDecoderModel(module=t5.Transformer(config=self.config, prompt=hook))
 
+  @functools.cached_property
   def seqio_vocabulary(self) -> seqio.Vocabulary:
-    return _vocabulary(self.vocabulary)
+    """`vocabulary` as a seqio vocabulary (resolved as file tasks resolve `vocabulary=`)."""
+    return file_tasks.resolve_vocabulary(self.vocabulary)[0]
 
   def tune(self, data: Data, *, validation: Optional[Data] = None,
            method: Union[str, nn.Module] = "plain", prompt_length: int = 100,
@@ -327,7 +323,7 @@ class TunedPrompt:
     'temperature_sample(temperature=0.7, seed=1)' or a `models.decoding` object)."""
     return inference.predict_texts(
         self.programs, self.prompt_params, self.frozen_params, _texts(inputs, "inputs"),
-        self.frozen.seqio_vocabulary(), self.input_length,
+        self.frozen.seqio_vocabulary, self.input_length,
         max_decode_length or self.target_length, batch_size=batch_size,
         decoding=_decoding(decoding))
 
@@ -336,7 +332,7 @@ class TunedPrompt:
     """Every decode of `decoding` per input, best first, as (text, log-probability score)."""
     return inference.predict_decodes(
         self.programs, self.prompt_params, self.frozen_params, _texts(inputs, "inputs"),
-        self.frozen.seqio_vocabulary(), self.input_length, self.target_length,
+        self.frozen.seqio_vocabulary, self.input_length, self.target_length,
         batch_size=batch_size, decoding=_decoding(decoding))
 
   def score(self, inputs: Sequence[str], targets: Sequence[str], *,
@@ -345,7 +341,7 @@ class TunedPrompt:
     inputs, targets = _texts(inputs, "inputs"), _texts(targets, "targets")
     if len(inputs) != len(targets):
       raise ValueError(f"score: {len(inputs)} inputs but {len(targets)} targets")
-    vocabulary = self.frozen.seqio_vocabulary()
+    vocabulary = self.frozen.seqio_vocabulary
     encoded = inference.encode_inputs(inputs, vocabulary, self.input_length)
     target_tokens = inference.encode_inputs(targets, vocabulary, self.target_length)
     scores = []

@@ -64,7 +64,7 @@ def test_score_is_the_sum_of_target_token_log_probabilities():
                       batch_size=8)
   inputs, targets = ["the soup was bland", "this film was superb"], ["negative", "fun"]
   scores = tuned.score(inputs, targets)
-  vocabulary = frozen.seqio_vocabulary()
+  vocabulary = frozen.seqio_vocabulary
   programs = tuned.programs
   merged = params_lib.merge_params(tuned.prompt_params, tuned.frozen_params)
   for text, target, score in zip(inputs, targets, scores):

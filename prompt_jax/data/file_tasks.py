@@ -347,11 +347,11 @@ def _options(input_: str, target: str, metric_names, labels, scoring,
     raise ValueError(f"unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
   if scoring == "rank" and not labels:
     raise ValueError("scoring=rank needs labels= (the candidates to rank, joined by '|')")
-  vocab, vocab_id = _vocabulary(vocabulary)
+  vocab, vocab_id = resolve_vocabulary(vocabulary)
   return Options(input_, target.strip(), metric_names, labels, scoring, vocab_id), vocab
 
 
-def _vocabulary(spec: Union[str, seqio.Vocabulary]) -> tuple[seqio.Vocabulary, str]:
+def resolve_vocabulary(spec: Union[str, seqio.Vocabulary]) -> tuple[seqio.Vocabulary, str]:
   """(vocabulary, a string identifying it) for 'byte', 't5', a .model path or a directory."""
   if isinstance(spec, seqio.Vocabulary):
     model = getattr(spec, "sentencepiece_model_file", "")

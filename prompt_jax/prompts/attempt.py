@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax.prompts import base, hook
+from prompt_jax.prompts import base
 
 Array = jax.Array
 
@@ -161,7 +161,7 @@ class AttentionModule(nn.Module):
                         bias_init=boxed(nn.initializers.zeros_init(), ("prompt_embed",)))(hidden)
 
 
-class AttemptPrompt(hook.InputLevelOnly, nn.Module):
+class AttemptPrompt(base.PerExamplePrompt, nn.Module):
   """Encoder hook: target prompt(s) plus an input-dependent attention mixture of frozen source
   prompts (see the module docstring).
 
@@ -218,10 +218,7 @@ class AttemptPrompt(hook.InputLevelOnly, nn.Module):
     if not isinstance(self.layer_norm_affine, bool):
       raise ValueError(f"AttemptPrompt.layer_norm_affine must be True or False, got "
                        f"{self.layer_norm_affine!r}")
-    if self.placement not in base.PLACEMENTS:
-      raise ValueError(f"AttemptPrompt.placement must be one of {base.PLACEMENTS}, got "
-                       f"{self.placement!r}")
-    base.check_prompt_length(self.max_encoder_length, "AttemptPrompt.max_encoder_length")
+    base.check_placement(self)
     super().__post_init__()
 
   @property
@@ -268,14 +265,4 @@ class AttemptPrompt(hook.InputLevelOnly, nn.Module):
     weights = jax.nn.softmax(scores, axis=-1)
     prompt = (jnp.einsum("bt,tmd->bmd", weights[:, :-1], sources)
               + (1.0 + weights[:, -1:, None]) * target)
-    prompt = prompt.astype(embedded_inputs.dtype)
-    embedded = base.insert_prompt(prompt, embedded_inputs, input_tokens, self.placement)
-    return embedded, base.prompt_mask(input_tokens, self.length, self.placement)
-
-  def input_mask(self, input_tokens: Array) -> Array:
-    return base.prompt_mask(input_tokens, self.length, self.placement)
-
-  def export(self, embedding_table: Array) -> None:
-    """None: the prompt (the attention weights) depends on the input."""
-    del embedding_table
-    return None
+    return self.place(prompt, embedded_inputs, input_tokens)

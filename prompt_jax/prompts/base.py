@@ -234,6 +234,37 @@ def export_prompt(hook: Optional[nn.Module], params: Mapping) -> Optional[Array]
   return hook.apply({"params": params["encoder"]["prompt"]}, table, method=hook.export)
 
 
+def check_placement(hook: nn.Module) -> None:
+  """Raise ValueError unless `hook.placement` is one of `PLACEMENTS` and
+  `hook.max_encoder_length` an integer >= 1 (the fields every input-level hook has)."""
+  name = type(hook).__name__
+  if hook.placement not in PLACEMENTS:
+    raise ValueError(f"{name}.placement must be one of {PLACEMENTS}, got {hook.placement!r}")
+  check_prompt_length(hook.max_encoder_length, f"{name}.max_encoder_length")
+
+
+class PerExamplePrompt(InputLevelOnly):
+  """Defaults of a hook that computes its own prompt for every example (SMoP, ATTEMPT): it has
+  the fields `length`, `placement` and `max_encoder_length`, places a [b, length, d] prompt as
+  `InputPrompt` does, and has no plain form to export (a mixin; it has no fields)."""
+
+  def place(self, prompt: Array, embedded_inputs: Array, input_tokens: Array
+            ) -> tuple[Array, Array]:
+    """prompt [b, length, d], embedded inputs [b, l, d] -> (embedded [b, length + l, d],
+    mask [b, length + l])."""
+    embedded = insert_prompt(prompt.astype(embedded_inputs.dtype), embedded_inputs,
+                             input_tokens, self.placement)
+    return embedded, self.input_mask(input_tokens)
+
+  def input_mask(self, input_tokens: Array) -> Array:
+    return prompt_mask(input_tokens, self.length, self.placement)
+
+  def export(self, embedding_table: Array) -> None:
+    """None: the prompt depends on the input."""
+    del embedding_table
+    return None
+
+
 class InputPrompt(InputLevelOnly, nn.Module):
   """Encoder hook for input-level prompts (Lester et al. and its reparameterisations).
 
@@ -253,10 +284,7 @@ class InputPrompt(InputLevelOnly, nn.Module):
   max_encoder_length: int = dataclasses.field(default=MAX_ENCODER_LENGTH, kw_only=True)
 
   def __post_init__(self):
-    if self.placement not in PLACEMENTS:
-      raise ValueError(f"{type(self).__name__}.placement must be one of {PLACEMENTS}, "
-                       f"got {self.placement!r}")
-    check_prompt_length(self.max_encoder_length, f"{type(self).__name__}.max_encoder_length")
+    check_placement(self)
     super().__post_init__()
 
   @property

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax.prompts import base, hook, initializers
+from prompt_jax.prompts import base, initializers
 
 Array = jax.Array
 
@@ -80,7 +80,7 @@ def mean_pool(embedded: Array, input_tokens: Array) -> Array:
   return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-class SMoPPrompt(hook.InputLevelOnly, nn.Module):
+class SMoPPrompt(base.PerExamplePrompt, nn.Module):
   """Encoder hook: `num_prompts` prompts of `length` tokens, one routed to each example.
 
   Attributes:
@@ -117,10 +117,7 @@ class SMoPPrompt(hook.InputLevelOnly, nn.Module):
     noise = self.router_noise
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < np.inf:
       raise ValueError(f"SMoPPrompt.router_noise must be a finite number >= 0, got {noise!r}")
-    if self.placement not in base.PLACEMENTS:
-      raise ValueError(f"SMoPPrompt.placement must be one of {base.PLACEMENTS}, got "
-                       f"{self.placement!r}")
-    base.check_prompt_length(self.max_encoder_length, "SMoPPrompt.max_encoder_length")
+    base.check_placement(self)
     super().__post_init__()
 
   def _prompts(self, embedding_table: Array) -> Array:
@@ -158,14 +155,4 @@ class SMoPPrompt(hook.InputLevelOnly, nn.Module):
     probs = self.route(input_tokens, embedded_inputs)  # [b, k]
     gates, chosen = jax.lax.top_k(probs, int(self.top_k))  # [b, K]
     prompt = jnp.einsum("bk,bkmd->bmd", gates, jnp.take(prompts, chosen, axis=0))
-    prompt = prompt.astype(embedded_inputs.dtype)
-    embedded = base.insert_prompt(prompt, embedded_inputs, input_tokens, self.placement)
-    return embedded, base.prompt_mask(input_tokens, self.length, self.placement)
-
-  def input_mask(self, input_tokens: Array) -> Array:
-    return base.prompt_mask(input_tokens, self.length, self.placement)
-
-  def export(self, embedding_table: Array) -> None:
-    """None: the prompt (which of the k, and its gate) depends on the input."""
-    del embedding_table
-    return None
+    return self.place(prompt, embedded_inputs, input_tokens)
