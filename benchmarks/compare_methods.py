@@ -2,17 +2,23 @@
 
     nice -n 10 python benchmarks/compare_methods.py          # ~20-30 min on 2 CPU cores
 
-Each method of `prompt_jax.api.METHODS` (plain, residual, superpos, p_tuning, dpt, dept, smop)
-and ATTEMPT is tuned on `demo_sentiment`, `demo_topic` and `demo_adjective` (2, 4 and 24 labels,
-`prompt_jax.data.synthetic`) on the shipped tiny T5 (`builtin:demo_t5_tiny.npz`), through
-`api.FrozenT5.tune` only: the one training loop, each method with the optimizer its paper trains
-it with. Every run has the same prompt length in *encoder tokens* (default 10), steps (150),
+Each method of `prompt_jax.api.METHODS` (plain, residual, superpos, p_tuning, dpt, dept, smop,
+prefix), ATTEMPT and three variants (`VARIANTS`: P-tuning's LSTM encoder, deep prompts, prefix
+tuning without its MLP) is tuned on `demo_sentiment`, `demo_topic` and `demo_adjective` (2, 4
+and 24 labels, `prompt_jax.data.synthetic`) on the shipped tiny T5 (`builtin:demo_t5_tiny.npz`),
+through `api.FrozenT5.tune` only: the one training loop, each method with the optimizer its paper
+trains it with. Every run has the same prompt length in *encoder tokens* (default 10), steps (150),
 batch (32), input/target lengths (the longest demo example) and evaluation schedule (every 10
 steps on the 400 validation sentences); what differs is what a method trains to produce those
 tokens, so the trainable parameter counts differ by method and are reported, not equalised
 (DePT: a prompt of 60% of the tokens plus a low-rank update of the input embeddings; SMoP: 4
 prompts of that length, one routed per example; ATTEMPT: a target prompt plus its attention
-module).
+module; prefix tuning: that many key/value positions in every attention layer of the encoder
+and the decoder, through its MLP, instead of encoder tokens).
+
+Learning rates: each method's paper optimizer, except where `--learning_rate` overrides it
+(default `prefix=3e-3`: prefix tuning's paper rate, 5e-5, is for thousands of steps on GPT-2 and
+BART and does not move the tiny model in 150 steps); the summary lists both.
 
 ATTEMPT needs source prompts trained beforehand. Here they are the plain prompts of the *other
 two* tasks, trained in this same run with the same seed (`TunedPrompt.prompt_array()`), handed to
@@ -36,8 +42,8 @@ every task and seed, as the lengths are equal, so compiled once per method).
 Run time (estimated from smoke runs on 2 shared CPU cores): 25-35 s per run of the defaults,
 of which ~17 s is fixed (loading, compiling the train and predict steps, the train-step memory
 compile once per method, the final evaluation and checkpoint), ~10 s the 150 steps (~15 steps/s)
-and ~16 s the 16 evaluations of 400 sentences (~1 s each); 8 methods x 3 tasks x 2 seeds = 48
-runs, so 25-40 min.
+and ~16 s the 16 evaluations of 400 sentences (~1 s each); 12 methods x 3 tasks x 2 seeds = 72
+runs, so 35-50 min.
 
 Writes <output>.csv (one row per run), <output>_summary.md (the table, the machine, the settings
 and what the tiny model can tell) and <output>.png (validation accuracy vs step, mean over seeds,
@@ -67,7 +73,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 from prompt_jax import api  # noqa: E402
 from prompt_jax.data import synthetic  # noqa: E402  (registers the demo tasks)
-from prompt_jax.prompts import attempt  # noqa: E402
+from prompt_jax.prompts import attempt, base, deep, p_tuning, plain, prefix  # noqa: E402
 from prompt_jax.storage import metric_writer  # noqa: E402
 from prompt_jax.tools import plan  # noqa: E402
 from prompt_jax.training import optimizers  # noqa: E402
@@ -75,7 +81,25 @@ from prompt_jax.training import optimizers  # noqa: E402
 FROZEN = "builtin:demo_t5_tiny.npz"
 TASKS = tuple(synthetic.MULTITASK_TASKS)  # demo_sentiment, demo_topic, demo_adjective
 ATTEMPT = "attempt"
-METHODS = (*api.METHODS, ATTEMPT)
+# Variants of api.METHODS' methods: name -> (hook of a prompt length, optimizer, description).
+VARIANTS = {
+    "p_tuning_lstm": (
+        lambda n: base.InputPrompt(prompt=p_tuning.PTuningPrompt(
+            length=n, reparameterization_type="LSTM")),
+        api.METHODS["p_tuning"].optimizer,
+        "P-tuning with PEFT's bidirectional-LSTM prompt encoder"),
+    "deep": (
+        lambda n: deep.DeepPrompt(prompt=plain.Prompt(length=n), layers=(1,)),
+        api.METHODS["plain"].optimizer,
+        "deep prompts (P-tuning v2 style): a prompt before every encoder layer (the tiny model's "
+        "layer 1; layer 0's is the input prompt)"),
+    "prefix_direct": (
+        lambda n: prefix.PrefixTuning(length=n, reparameterization="none"),
+        lambda: optimizers.adamw(learning_rate=3e-3, weight_decay=0.0),
+        "prefix tuning without the MLP (the prefixes are the parameters, N(0, 0.5) init; the "
+        "paper found this less stable), AdamW lr 3e-3 as `prefix` here"),
+}
+METHODS = (*api.METHODS, ATTEMPT, *VARIANTS)
 THRESHOLD = 95.0  # validation accuracy, percent
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CSV_FIELDS = (
@@ -172,6 +196,23 @@ def train_step_memory(tuned: api.TunedPrompt, batch_size: int) -> dict[str, Opti
           "train_step_temporary_bytes": memory["temporaries"]}
 
 
+def parse_learning_rates(text: str) -> dict[str, float]:
+  """'prefix=3e-3,dpt=0.1' -> {'prefix': 0.003, 'dpt': 0.1} (methods of api.METHODS)."""
+  rates = {}
+  for item in (i.strip() for i in text.split(",") if i.strip()):
+    method, _, value = item.partition("=")
+    if method not in api.METHODS:
+      raise SystemExit(f"--learning_rate: unknown method {method!r} in {item!r}; known: "
+                       f"{', '.join(api.METHODS)}")
+    try:
+      rates[method] = float(value)
+    except ValueError:
+      raise SystemExit(f"--learning_rate: {item!r} is not METHOD=RATE") from None
+    if not rates[method] > 0:
+      raise SystemExit(f"--learning_rate: {item!r} must be > 0")
+  return rates
+
+
 def attempt_optimizer():
   """ATTEMPT's paper optimizer, as `gin_configs/prompts/attempt.gin` binds it."""
   return optimizers.adamw(learning_rate=0.3, weight_decay=0.0)
@@ -204,15 +245,19 @@ class Runner:
       hook = attempt.AttemptPrompt(source_prompts=sources)
       tune_method, optimizer = hook, attempt_optimizer()
       sources_note = " + ".join(f"plain {t} seed {seed}" for t in others) + " (this run)"
+    elif method in VARIANTS:
+      make_hook, make_optimizer, _ = VARIANTS[method]
+      tune_method, optimizer = make_hook(args.prompt_length), make_optimizer()
     else:
       tune_method, optimizer = method, None
+    learning_rate = args.learning_rates.get(method)
     model_dir = os.path.join(self.workdir, f"{method}_{task}_seed{seed}")
     start = time.perf_counter()
     tuned = self.frozen.tune(
         task, method=tune_method, optimizer=optimizer, prompt_length=args.prompt_length,
         steps=args.steps, eval_every=args.eval_every, seed=seed, model_dir=model_dir,
         batch_size=args.batch_size, input_length=self.lengths[0],
-        target_length=self.lengths[1])
+        target_length=self.lengths[1], learning_rate=learning_rate)
     seconds = time.perf_counter() - start
     if method == "plain":
       self.plain_prompts[(task, seed)] = np.asarray(tuned.prompt_array())
@@ -311,15 +356,22 @@ def markdown_table(body: list[list[str]]) -> str:
   return "\n".join(lines)
 
 
-def method_settings(methods: list[str]) -> list[str]:
+def method_settings(methods: list[str], learning_rates: dict[str, float]) -> list[str]:
   lines = []
   for method in methods:
     if method == ATTEMPT:
       optimizer = short_optimizer(optimizers.description(attempt_optimizer()))
       lines.append(f"- `{method}`: {optimizer}; sources: the plain prompts of the other two "
                    "tasks, trained in this same run with the same seed")
+    elif method in VARIANTS:
+      _, make_optimizer, description = VARIANTS[method]
+      optimizer = short_optimizer(optimizers.description(make_optimizer()))
+      lines.append(f"- `{method}`: {description}; {optimizer}")
     else:
       optimizer = short_optimizer(optimizers.description(api.METHODS[method].optimizer()))
+      if method in learning_rates:
+        optimizer = (f"{optimizer}, with lr {learning_rates[method]:g} here "
+                     "(`--learning_rate`)")
       lines.append(f"- `{method}`: {optimizer}")
   return lines
 
@@ -345,7 +397,7 @@ def write_markdown(path: str, body, args, machine: str, features: str, load_labe
       "",
       f"Settings: {settings}",
       "",
-      *method_settings(methods),
+      *method_settings(methods, args.learning_rates),
       "",
       f"Means over seeds; **all tasks** is the mean over every task and seed. "
       f"\"steps to >= {THRESHOLD:g}%\" is the first evaluated step at or above it (evaluations "
@@ -365,7 +417,11 @@ def write_markdown(path: str, body, args, machine: str, features: str, load_labe
       "column): residual and p_tuning train an MLP over the prompt, superpos coefficients over "
       "128 embeddings, dpt a low-rank factorisation, DePT a prompt of 60% of the tokens plus a "
       "low-rank update of the input embeddings, SMoP 4 prompts of which each example uses one, "
-      "ATTEMPT a target prompt plus an attention module over frozen source prompts.",
+      "ATTEMPT a target prompt plus an attention module over frozen source prompts. Prefix "
+      "tuning adds no encoder tokens: its length is the number of key/value positions in every "
+      "attention layer (encoder self-, decoder self- and cross-attention), produced by its "
+      "paper's 512-wide MLP, so it trains by far the most parameters here (the MLP folds away "
+      "after training: the folded prefixes are p x layers x 2 x heads x kv per attention kind).",
       "",
       "**ATTEMPT's sources** are the plain prompts of the other two demo tasks trained in this "
       "same run (same seed, same steps), not prompts from large source tasks as in the paper"
@@ -439,11 +495,14 @@ def main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--output", default=os.path.join(RESULTS, "compare_methods"),
                       help="path prefix of the .csv, _summary.md and .png")
+  parser.add_argument("--learning_rate", default="prefix=3e-3",
+                      help="METHOD=RATE,... overriding a method's paper learning rate")
   parser.add_argument("--keep", action="store_true",
                       help="keep the run directories (printed at the end)")
   args = parser.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   methods = parse_list(args.methods, METHODS, "methods")
+  args.learning_rates = parse_learning_rates(args.learning_rate)
   tasks = parse_list(args.tasks, TASKS, "tasks")
   try:
     args.seeds = [int(s) for s in parse_list(args.seeds, None, "seeds")]

@@ -38,16 +38,26 @@ def rel_bias(table, q_len, k_len, bidirectional, num_buckets, max_distance):
   return table[:, ids]
 
 
-def attention(p, xq, xkv, bias, mask, heads, head_dim):
-  """p: {'query','key','value','out'} kernels; mask [q, k] bool."""
+def attention(p, xq, xkv, bias, mask, heads, head_dim, prefix=None):
+  """p: {'query','key','value','out'} kernels; mask [q, k] bool; prefix: None or (keys,
+  values) [p, heads, head_dim], extra key/value positions in front of the projected ones with
+  bias 0 and never masked (prefix tuning)."""
   def split(x):
     return x.reshape(x.shape[0], heads, head_dim).transpose(1, 0, 2)
   q = split(xq @ p["query"]["kernel"])
   k = split(xkv @ p["key"]["kernel"])
   v = split(xkv @ p["value"]["kernel"])
+  if bias is None:
+    bias = np.zeros((heads, q.shape[1], k.shape[1]))
+  if prefix is not None:
+    pk, pv = (np.asarray(x, np.float64).transpose(1, 0, 2) for x in prefix)
+    k, v = np.concatenate([pk, k], axis=1), np.concatenate([pv, v], axis=1)
+    n = pk.shape[1]
+    bias = np.concatenate([np.zeros(bias.shape[:-1] + (n,)), np.broadcast_to(
+        bias, (heads, q.shape[1], bias.shape[-1]))], axis=-1)
+    mask = np.concatenate([np.ones((mask.shape[0], n), bool), mask], axis=1)
   logits = q @ k.transpose(0, 2, 1)
-  if bias is not None:
-    logits = logits + bias
+  logits = logits + bias
   logits = np.where(mask[None], logits, -1e10)
   logits = logits - logits.max(-1, keepdims=True)
   w = np.exp(logits)
@@ -69,10 +79,14 @@ def mlp(p, x, activations):
   return (h0 * h1) @ p["wo"]["kernel"]
 
 
-def forward(params, cfg, enc_embedded, enc_mask, dec_tokens, dec_valid):
+def forward(params, cfg, enc_embedded, enc_mask, dec_tokens, dec_valid, prefixes=None):
   """One example. enc_embedded [l, d] (prompt already inserted), enc_mask [l] bool,
   dec_tokens [t], dec_valid [t] bool -> logits [t, vocab]. T5X masking: padded queries and keys
-  are both masked."""
+  are both masked. prefixes: {"encoder" | "decoder_self" | "decoder_cross": (keys, values)
+  [layers, p, heads, head_dim]} attention prefixes (see `attention`)."""
+  prefixes = prefixes or {}
+  layer_prefix = lambda kind, i: None if kind not in prefixes else (
+      prefixes[kind][0][i], prefixes[kind][1][i])
   p = {k: v for k, v in params.items()}
   f64 = lambda t: {k: f64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
                    for k, v in t.items()}
@@ -87,7 +101,7 @@ def forward(params, cfg, enc_embedded, enc_mask, dec_tokens, dec_valid):
   for i in range(cfg.num_encoder_layers):
     lp = enc[f"layers_{i}"]
     y = rms_norm(x, lp["pre_attention_layer_norm"]["scale"])
-    x = x + attention(lp["attention"], y, y, bias, mask, H, D)
+    x = x + attention(lp["attention"], y, y, bias, mask, H, D, layer_prefix("encoder", i))
     y = rms_norm(x, lp["pre_mlp_layer_norm"]["scale"])
     x = x + mlp(lp["mlp"], y, cfg.mlp_activations)
   encoded = rms_norm(x, enc["encoder_norm"]["scale"])
@@ -102,9 +116,11 @@ def forward(params, cfg, enc_embedded, enc_mask, dec_tokens, dec_valid):
   for i in range(cfg.num_decoder_layers):
     lp = dec[f"layers_{i}"]
     z = rms_norm(y, lp["pre_self_attention_layer_norm"]["scale"])
-    y = y + attention(lp["self_attention"], z, z, dbias, causal, H, D)
+    y = y + attention(lp["self_attention"], z, z, dbias, causal, H, D,
+                      layer_prefix("decoder_self", i))
     z = rms_norm(y, lp["pre_cross_attention_layer_norm"]["scale"])
-    y = y + attention(lp["encoder_decoder_attention"], z, encoded, None, cross, H, D)
+    y = y + attention(lp["encoder_decoder_attention"], z, encoded, None, cross, H, D,
+                      layer_prefix("decoder_cross", i))
     z = rms_norm(y, lp["pre_mlp_layer_norm"]["scale"])
     y = y + mlp(lp["mlp"], z, cfg.mlp_activations)
   y = rms_norm(y, dec["decoder_norm"]["scale"])

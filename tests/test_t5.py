@@ -229,6 +229,9 @@ class TaskPrompt(nn.Module):
              self._task_ids(prompt_features, hidden.shape[0]))
     return hidden
 
+  def attention_prefixes(self, batch_size, layout, prompt_features):
+    return None
+
   def export(self, embedding_table):
     return self.prompts
 
@@ -249,7 +252,7 @@ def test_every_prompt_hook_defines_the_whole_contract():
               *(n for n, v in vars(hook.PromptHook).items()
                 if callable(v) and (n == "__call__" or not n.startswith("_")))}
   assert contract == {"input_features", "__call__", "input_mask", "layer_inputs",
-                      "scan_layer_inputs", "export"}
+                      "scan_layer_inputs", "attention_prefixes", "export"}
   classes = _prompt_hook_classes()
   assert {"InputPrompt", "PromptBank", "DeepPrompt", "SelectivePrompt", "SharedTaskPrompt",
           "MPTPrompt"} <= {c.__name__ for c in classes}

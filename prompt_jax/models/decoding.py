@@ -76,10 +76,11 @@ def _repeat_rows(x: Array, n: int) -> Array:
 
 
 # Decode-cache entries that depend only on the example (the cross-attention keys, values and
-# key bias of the encoder output). They stay at one row per example: the model's cross-attention
-# lets the n beams of an example attend to that row as n queries, so they are neither repeated
-# nor gathered.
-_PER_EXAMPLE_CACHE = ("cached_cross_key", "cached_cross_value", "cached_cross_bias")
+# key bias of the encoder output; a hook's self-attention prefix). They stay at one row per
+# example: the model's attention lets the n beams of an example attend to that row as n
+# queries, so they are neither repeated nor gathered.
+_PER_EXAMPLE_CACHE = ("cached_cross_key", "cached_cross_value", "cached_cross_bias",
+                      "cached_prefix_key", "cached_prefix_value")
 
 
 def _map_cache(fn: Callable[[Array], Array], cache, batch_size: int):
@@ -109,7 +110,8 @@ def _first_step(model, params, batch: Batch, max_decode_length: int, n: int):
   cache = model.init_decode_cache(batch_size, input_length, max_decode_length)
   start = jnp.zeros((batch_size, 1), jnp.int32)
   logits, cache = model.decode_step(params, cache, encoded, tokens, start, max_decode_length,
-                                    reuse_cross_cache=False)
+                                    reuse_cross_cache=False,
+                                    prompt_features=model.prompt_features(batch))
   cache = _map_cache(lambda x: _repeat_rows(x, n), cache, batch_size)
   return logits.astype(jnp.float32), cache, encoded, _repeat_rows(tokens, n)
 

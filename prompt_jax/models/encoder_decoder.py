@@ -130,7 +130,8 @@ class EncoderDecoderModel:
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
 
   def decode_step(self, params: Mapping, cache, encoded: Array, encoder_input_tokens: Array,
-                  token: Array, max_decode_length: int, reuse_cross_cache: bool = True):
+                  token: Array, max_decode_length: int, reuse_cross_cache: bool = True,
+                  prompt_features: Optional[Mapping[str, Array]] = None):
     """One cached decoder step: token [r, 1] -> (logits [r, vocab] float32, updated cache).
 
     The first step of a sequence must pass `reuse_cross_cache=False`: it computes the
@@ -138,11 +139,14 @@ class EncoderDecoderModel:
     later steps read them back and use neither `encoded` nor the encoder mask. Those cache
     entries (`cached_cross_*`) keep one row per example, so later steps may decode r = b * n
     rows (n beams or samples per example, example-major) with the self-attention cache and
-    `encoder_input_tokens` repeated to r rows and the cross-attention entries left at b."""
+    `encoder_input_tokens` repeated to r rows and the cross-attention entries left at b.
+    `prompt_features` (the first step: the hook's per-example inputs, `prompt_features(batch)`)
+    reach the hook's attention prefixes, which the cache then holds."""
     logits, variables = self.module.apply(
         {"params": params, "cache": cache}, encoded, encoder_input_tokens, token, token,
         enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-        reuse_cross_cache=reuse_cross_cache, mutable=["cache"], method=self.module.decode)
+        reuse_cross_cache=reuse_cross_cache, prompt_features=prompt_features,
+        mutable=["cache"], method=self.module.decode)
     return logits[:, -1].astype(jnp.float32), variables["cache"]
 
   def predict_batch(self, params: Mapping, batch: Batch, max_decode_length: int) -> Array:
@@ -157,8 +161,9 @@ class EncoderDecoderModel:
 
     def step(carry, _, reuse_cross_cache=True):
       cache, token, done = carry
+      features = None if reuse_cross_cache else self.prompt_features(batch)
       logits, cache = self.decode_step(params, cache, encoded, tokens, token, max_decode_length,
-                                       reuse_cross_cache)
+                                       reuse_cross_cache, features)
       next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
       next_token = jnp.where(done, 0, next_token)
       done = done | (next_token == self.eos_id)

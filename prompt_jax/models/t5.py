@@ -36,6 +36,28 @@ hook). The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuni
       Scanned layers (`T5Config.scan_layers`): called once before the scan instead of
       `layer_inputs`; `update(layer_values_l, hidden, context) -> hidden` runs before each
       block. A hook whose `scan_layer_inputs` is None is refused under scan.
+  attention_prefixes(batch_size, layout, prompt_features) -> None | {kind: (keys, values)}
+      Attention prefixes (below); `layout` is `prefix_layout(config)`.
+
+Attention prefixes (the channel prefix tuning uses; it names no method): a hook may give any of
+the attentions in `ATTENTION_KINDS` ("encoder" self-attention, "decoder_self",
+"decoder_cross") p extra key/value positions per layer, (keys, values) each [layers, b, p,
+heads, kv], post-projection (the frozen key/value kernels never see them). Every query attends
+to them in front of the sequence's own keys, in one softmax:
+
+    scores = [q . K_prefix | q . K + bias],   out = softmax(scores) . [V_prefix | V]
+
+The prefix positions get **no relative-position bias and no mask**: T5's bias depends on
+`key_position - query_position`, and a prefix is not part of the sequence (in the paper's
+GPT-2 and BART, whose positions are added to the input embeddings, the prefix activations carry
+no position either), so every query sees the prefix the same way and the sequence's own
+biases are exactly those of the unprefixed model. Padding queries see the prefix too (their
+outputs are masked downstream as before). Computed once per batch: per encoder call, per
+teacher-forced decoder call, and at the first decoding step, which stores the decoder
+self-attention prefix in the cache (`cached_prefix_key`/`_value` [b, p, heads, kv], one row
+per example) and the cross-attention prefix in front of the cached cross keys/values; later
+steps read them (beams attend to their example's row). Scanned layers slice the [layers, ...]
+arrays per layer; remat recomputes nothing of them (they enter each block as inputs).
 
 A model without a hook refuses non-empty `prompt_features`. Folding a trained prompt into a plain
 array for serving is not the model's business: `prompt_jax.prompts.base.export_prompt(hook,
@@ -69,6 +91,7 @@ from prompt_jax.models import matmul
 
 Array = jax.Array
 PromptFeatures = Mapping[str, Array]  # the hook's per-example inputs, name -> [batch, ...]
+KeyValuePrefix = tuple[Array, Array]  # (keys, values), each [b, p, heads, kv]
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": nn.relu,
@@ -293,6 +316,38 @@ def make_segment_mask(query_segments: Array, key_segments: Array) -> Array:
   return (query_segments[:, None, :, None] == key_segments[:, None, None, :]).astype(jnp.float32)
 
 
+def _rows_per_example(rows: int, examples: int) -> int:
+  if rows % examples:
+    raise ValueError(f"an attention prefix for {examples} examples cannot serve {rows} rows "
+                     f"(rows must be a multiple: n beams or samples per example)")
+  return rows // examples
+
+
+def prefix_scores(q: Array, prefix_keys: Array) -> Array:
+  """q [r, q, heads, kv], prefix_keys [b, p, heads, kv] (r = n * b rows, example-major) ->
+  float32 scores [r, heads, q, p]: every row's queries against its example's prefix keys."""
+  (rows, length, heads, _), (examples, p) = q.shape, prefix_keys.shape[:2]
+  n = _rows_per_example(rows, examples)
+  per_example = q.reshape((examples, n * length) + q.shape[2:])
+  scores = jnp.einsum("bqhd,bphd->bhqp", per_example, prefix_keys,
+                      preferred_element_type=jnp.float32)
+  scores = scores.reshape(examples, heads, n, length, p).transpose(0, 2, 1, 3, 4)
+  return scores.reshape(rows, heads, length, p)
+
+
+def prefix_mix(weights: Array, prefix_values: Array) -> Array:
+  """weights [r, heads, q, p], prefix_values [b, p, heads, kv] -> float32 [r, heads, q, kv]:
+  the weighted sum of each row's example's prefix values."""
+  (rows, heads, length, p), examples = weights.shape, prefix_values.shape[0]
+  n = _rows_per_example(rows, examples)
+  per_example = weights.reshape(examples, n, heads, length, p).transpose(0, 2, 1, 3, 4)
+  per_example = per_example.reshape(examples, heads, n * length, p)
+  out = jnp.einsum("bhqp,bphd->bhqd", per_example.astype(prefix_values.dtype), prefix_values,
+                   preferred_element_type=jnp.float32)
+  out = out.reshape(examples, heads, n, length, -1).transpose(0, 2, 1, 3, 4)
+  return out.reshape(rows, heads, length, -1)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """T5 attention: no 1/sqrt(d) scaling at run time (folded into the query init), 2-D kernels."""
 
@@ -301,8 +356,16 @@ class MultiHeadDotProductAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
                enable_dropout: bool, decode: bool = False,
-               cross_cache: Optional[str] = None, decode_index: Optional[Array] = None) -> Array:
+               cross_cache: Optional[str] = None, decode_index: Optional[Array] = None,
+               prefix: Optional[KeyValuePrefix] = None) -> Array:
     """inputs_q [b, q, embed], inputs_kv [b, k, embed], bias [b|1, heads, q, k] -> [b, q, embed].
+
+    `prefix` (keys, values), each [b', p, heads, kv] with b = n * b' rows (n per example,
+    example-major): p extra key/value positions every query attends to, in front of the k
+    computed ones, with no relative-position bias and no mask (see "Attention prefixes" in the
+    module docstring). While decoding, self-attention stores them once in the cache
+    (`cached_prefix_key`/`_value` [b', p, heads, kv]) and reads them back on later steps;
+    cross-attention writes them into its cached keys/values.
 
     `cross_cache` (cross-attention while decoding): 'write' computes the keys/values of
     `inputs_kv` and stores them, with the key bias, in the `cache` collection
@@ -320,6 +383,8 @@ class MultiHeadDotProductAttention(nn.Module):
     constrain = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
     if cross_cache == "read" and self.has_variable("cache", "cached_cross_key"):
       return self._attend_to_cross_cache(inputs_q, enable_dropout)
+    if prefix is not None:
+      prefix = tuple(x.astype(dtype) for x in prefix)
     q = Dense(joined, ("embed", "joined_kv"), query_init, dtype, name="query")(inputs_q)
     q = constrain(split(q))
     k = Dense(joined, ("embed", "joined_kv"), kv_init, dtype, name="key")(inputs_kv)
@@ -327,15 +392,23 @@ class MultiHeadDotProductAttention(nn.Module):
     k, v = constrain(split(k)), constrain(split(v))
     if cross_cache is not None:
       # Stored keys-last, [b, heads, kv, k], the layout the per-step matmuls read in place (XLA
-      # on CPU copies a [b, k, heads, kv] cache into it at every step otherwise).
-      self.put_variable("cache", "cached_cross_key", k.transpose(0, 2, 3, 1))
-      self.put_variable("cache", "cached_cross_value", v.transpose(0, 2, 3, 1))
+      # on CPU copies a [b, k, heads, kv] cache into it at every step otherwise). A prefix is
+      # stored in front of the keys, with a zero bias: later steps read one key set.
       key_bias = jnp.zeros((1, 1, 1, k.shape[1]), jnp.float32) if bias is None else \
           bias[:, :1, :1].astype(jnp.float32)  # decoding's encoder mask is the same per query
-      self.put_variable("cache", "cached_cross_bias",
-                        jnp.broadcast_to(key_bias, (k.shape[0], 1, 1, k.shape[1])))
+      key_bias = jnp.broadcast_to(key_bias, (k.shape[0], 1, 1, k.shape[1]))
+      cached_k, cached_v = k, v
+      if prefix is not None:
+        cached_k = jnp.concatenate([prefix[0], k], axis=1)
+        cached_v = jnp.concatenate([prefix[1], v], axis=1)
+        key_bias = jnp.concatenate(
+            [jnp.zeros(key_bias.shape[:-1] + (prefix[0].shape[1],), jnp.float32), key_bias], -1)
+      self.put_variable("cache", "cached_cross_key", cached_k.transpose(0, 2, 3, 1))
+      self.put_variable("cache", "cached_cross_value", cached_v.transpose(0, 2, 3, 1))
+      self.put_variable("cache", "cached_cross_bias", key_bias)
 
     if decode:
+      prefix = self._cached_prefix(prefix)
       k, v, bias = self._update_cache(k, v, bias, decode_index)
 
     # Heads-major operands ([b, h, q, d] x [b, h, d, k]): the layout XLA's CPU dot runs fast
@@ -344,15 +417,35 @@ class MultiHeadDotProductAttention(nn.Module):
                            dtype, out_dtype=jnp.float32)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
+    if prefix is not None:  # the prefix's scores first, one softmax over both
+      logits = jnp.concatenate([prefix_scores(q, prefix[0]), logits], axis=-1)
     weights = jax.nn.softmax(logits, axis=-1)
     # T5X's (flaxformer's) `broadcast_dropout`: one keep mask per key, shared by every query
     # position ([b, heads, 1, k]), as Mesh TF T5 drops along the length dimension.
     weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=not enable_dropout)
-    out = matmul.einsum("bhqk,bhkd->bhqd", weights, v.transpose(0, 2, 1, 3),
-                        dtype).transpose(0, 2, 1, 3)
+    if prefix is not None:
+      prefix_length = prefix[0].shape[1]
+      prefix_out = prefix_mix(weights[..., :prefix_length], prefix[1])
+      weights = weights[..., prefix_length:]
+    out = matmul.einsum("bhqk,bhkd->bhqd", weights, v.transpose(0, 2, 1, 3), dtype)
+    if prefix is not None:
+      out = out + prefix_out.astype(out.dtype)
+    out = out.transpose(0, 2, 1, 3)
     out = out.reshape(out.shape[:2] + (joined,))
     return Dense(cfg.emb_dim, ("joined_kv", "embed"), out_init, dtype, name="out")(out)
+
+  def _cached_prefix(self, prefix: Optional[KeyValuePrefix]) -> Optional[KeyValuePrefix]:
+    """Decoding self-attention: store a given prefix in the cache (init and a sequence's first
+    step), or read the stored one back (later steps, which pass none)."""
+    if prefix is not None:
+      for name, value in zip(("key", "value"), prefix):
+        self.put_variable("cache", f"cached_prefix_{name}", value)
+      return prefix
+    if self.has_variable("cache", "cached_prefix_key"):
+      return tuple(self.get_variable("cache", f"cached_prefix_{name}")
+                   for name in ("key", "value"))
+    return None
 
   def _attend_to_cross_cache(self, inputs_q: Array, enable_dropout: bool) -> Array:
     """Cross-attention of inputs_q [r, q, embed] to the cached keys/values of b = r / n examples
@@ -438,14 +531,17 @@ class MlpBlock(nn.Module):
     return Dense(cfg.emb_dim, ("mlp", "embed"), wo_init, dtype, name="wo")(hidden)
 
 
-def _encoder_layer(cfg: T5Config, x: Array, bias: Array, enable_dropout: bool) -> Array:
+def _encoder_layer(cfg: T5Config, x: Array, bias: Array, enable_dropout: bool,
+                   prefix: Optional[KeyValuePrefix] = None) -> Array:
   """One encoder block, x [b, l, embed] -> [b, l, embed]. Its submodules are created in the
-  calling module (`EncoderLayer`, or the scanned step), so both hold T5X's names."""
+  calling module (`EncoderLayer`, or the scanned step), so both hold T5X's names. `prefix`:
+  this layer's self-attention prefix (or None)."""
   dtype = cfg.activation_dtype
   drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
   y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
   y = MultiHeadDotProductAttention(cfg, name="attention")(y, y, bias,
-                                                          enable_dropout=enable_dropout)
+                                                          enable_dropout=enable_dropout,
+                                                          prefix=prefix)
   x = x + drop(y, deterministic=not enable_dropout)
   y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
   y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
@@ -455,18 +551,23 @@ def _encoder_layer(cfg: T5Config, x: Array, bias: Array, enable_dropout: bool) -
 
 def _decoder_layer(cfg: T5Config, x: Array, encoded: Array, self_bias: Optional[Array],
                    cross_bias: Optional[Array], enable_dropout: bool, decode: bool,
-                   reuse_cross_cache: bool, decode_index: Optional[Array]) -> Array:
-  """One decoder block, x [b, t, embed] -> [b, t, embed] (submodules as `_encoder_layer`)."""
+                   reuse_cross_cache: bool, decode_index: Optional[Array],
+                   self_prefix: Optional[KeyValuePrefix] = None,
+                   cross_prefix: Optional[KeyValuePrefix] = None) -> Array:
+  """One decoder block, x [b, t, embed] -> [b, t, embed] (submodules as `_encoder_layer`);
+  the prefixes of its self- and cross-attention (or None)."""
   dtype = cfg.activation_dtype
   drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
   y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
   y = MultiHeadDotProductAttention(cfg, name="self_attention")(
-      y, y, self_bias, enable_dropout=enable_dropout, decode=decode, decode_index=decode_index)
+      y, y, self_bias, enable_dropout=enable_dropout, decode=decode, decode_index=decode_index,
+      prefix=self_prefix)
   x = x + drop(y, deterministic=not enable_dropout)
   y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
   cross_cache = ("read" if reuse_cross_cache else "write") if decode else None
   y = MultiHeadDotProductAttention(cfg, name="encoder_decoder_attention")(
-      y, encoded, cross_bias, enable_dropout=enable_dropout, cross_cache=cross_cache)
+      y, encoded, cross_bias, enable_dropout=enable_dropout, cross_cache=cross_cache,
+      prefix=cross_prefix)
   x = x + drop(y, deterministic=not enable_dropout)
   y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
   y = MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
@@ -478,8 +579,9 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
-    return _encoder_layer(self.config, x, bias, enable_dropout)
+  def __call__(self, x: Array, bias: Array, enable_dropout: bool,
+               prefix: Optional[KeyValuePrefix] = None) -> Array:
+    return _encoder_layer(self.config, x, bias, enable_dropout, prefix)
 
 
 class DecoderLayer(nn.Module):
@@ -488,9 +590,11 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Optional[Array],
                cross_bias: Optional[Array], enable_dropout: bool, decode: bool,
-               reuse_cross_cache: bool = False, decode_index: Optional[Array] = None) -> Array:
+               reuse_cross_cache: bool = False, decode_index: Optional[Array] = None,
+               self_prefix: Optional[KeyValuePrefix] = None,
+               cross_prefix: Optional[KeyValuePrefix] = None) -> Array:
     return _decoder_layer(self.config, x, encoded, self_bias, cross_bias, enable_dropout,
-                          decode, reuse_cross_cache, decode_index)
+                          decode, reuse_cross_cache, decode_index, self_prefix, cross_prefix)
 
 
 # jax's dots policies plus the named matmul outputs: the bf16 matmuls are a custom VJP whose
@@ -538,10 +642,11 @@ class _EncoderScanStep(nn.Module):
   layer_update: Optional[Callable] = None
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, context: Any, layer_values: Any):
+  def __call__(self, x: Array, bias: Array, context: Any, layer_values: Any,
+               prefix: Optional[KeyValuePrefix]):
     if self.layer_update is not None:
       x = self.layer_update(layer_values, x, context)
-    return _encoder_layer(self.config, x, bias, self.enable_dropout), None
+    return _encoder_layer(self.config, x, bias, self.enable_dropout, prefix), None
 
 
 class _DecoderScanStep(nn.Module):
@@ -554,22 +659,69 @@ class _DecoderScanStep(nn.Module):
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_bias: Optional[Array],
-               cross_bias: Optional[Array], decode_index: Optional[Array]):
+               cross_bias: Optional[Array], decode_index: Optional[Array],
+               self_prefix: Optional[KeyValuePrefix], cross_prefix: Optional[KeyValuePrefix]):
     return _decoder_layer(self.config, y, encoded, self_bias, cross_bias, self.enable_dropout,
-                          self.decode, self.reuse_cross_cache, decode_index), None
+                          self.decode, self.reuse_cross_cache, decode_index, self_prefix,
+                          cross_prefix), None
 
 
-def _scanned(step_cls, cfg: T5Config, num_layers: int, num_broadcast: int):
+def _scanned(step_cls, cfg: T5Config, num_layers: int, num_broadcast: int, num_sliced: int):
   """nn.scan of `step_cls` (rematerialised per layer by cfg.remat_policy) over num_layers:
   params and cache stacked (params on axis 0, cache on axis 1 behind the batch), independent
-  dropout and init randomness per layer, the first `num_broadcast` inputs shared by all."""
+  dropout and init randomness per layer, the first `num_broadcast` inputs shared by all, the
+  next `num_sliced` ([layers, ...] trees, e.g. attention prefixes) sliced per layer."""
   step = _maybe_remat(step_cls, cfg.remat_policy, in_scan=True)
-  in_axes = (nn.broadcast,) * num_broadcast
-  if step_cls is _EncoderScanStep:
-    in_axes = in_axes + (0,)
+  in_axes = (nn.broadcast,) * num_broadcast + (0,) * num_sliced
   return nn.scan(step, variable_axes={"params": 0, "cache": 1},
                  split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
                  length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+# --------------------------------------------------------------------------- attention prefixes
+
+# The attentions a hook may give prefixes to, and which stack's layer count each has.
+ATTENTION_KINDS = ("encoder", "decoder_self", "decoder_cross")
+AttentionPrefixes = Mapping[str, KeyValuePrefix]  # kind -> [layers, b, p, heads, kv] pairs
+
+
+def prefix_layout(cfg: T5Config) -> dict[str, tuple[int, int, int]]:
+  """kind -> (layers, heads, kv): the shape of one example's prefix per position."""
+  return {"encoder": (cfg.num_encoder_layers, cfg.num_heads, cfg.head_dim),
+          "decoder_self": (cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim),
+          "decoder_cross": (cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim)}
+
+
+def check_attention_prefixes(prefixes: Optional[AttentionPrefixes],
+                             layout: Mapping[str, tuple[int, int, int]], batch_size: int,
+                             hook_name: str) -> dict:
+  """The hook's prefixes as a dict, each kind's (keys, values) [layers, batch_size, p, heads,
+  kv]; ValueError naming the kind and shape otherwise."""
+  if prefixes is None:
+    return {}
+  unknown = sorted(set(prefixes) - set(ATTENTION_KINDS))
+  if unknown:
+    raise ValueError(f"{hook_name}.attention_prefixes returned unknown kinds {unknown}; "
+                     f"known: {', '.join(ATTENTION_KINDS)}")
+  for kind, pair in prefixes.items():
+    layers, heads, kv = layout[kind]
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"{hook_name}.attention_prefixes[{kind!r}] must be (keys, values)")
+    for name, x in zip(("keys", "values"), pair):
+      shape = tuple(x.shape)
+      if len(shape) != 5 or shape[:2] != (layers, batch_size) or shape[3:] != (heads, kv):
+        raise ValueError(f"{hook_name}.attention_prefixes[{kind!r}] {name} have shape {shape}; "
+                         f"expected [layers={layers}, batch={batch_size}, p, heads={heads}, "
+                         f"kv={kv}]")
+    if tuple(pair[0].shape) != tuple(pair[1].shape):
+      raise ValueError(f"{hook_name}.attention_prefixes[{kind!r}]: keys {tuple(pair[0].shape)} "
+                       f"and values {tuple(pair[1].shape)} differ")
+  return dict(prefixes)
+
+
+def _layer(prefix: Optional[KeyValuePrefix], i: int) -> Optional[KeyValuePrefix]:
+  """Layer i's (keys, values) [b, p, heads, kv] of a stacked prefix (None stays None)."""
+  return None if prefix is None else (prefix[0][i], prefix[1][i])
 
 
 class Encoder(nn.Module):
@@ -584,6 +736,16 @@ class Encoder(nn.Module):
     if self.prompt is None:
       return encoder_input_tokens > 0
     return self.prompt.input_mask(encoder_input_tokens)
+
+  def attention_prefixes(self, batch_size: int,
+                         prompt_features: Optional[PromptFeatures] = None) -> AttentionPrefixes:
+    """The hook's attention prefixes for `batch_size` examples, checked against this model's
+    shapes: {kind: (keys, values) [layers, b, p, heads, kv]} ({} without a hook)."""
+    if self.prompt is None:
+      return {}
+    layout = prefix_layout(self.config)
+    prefixes = self.prompt.attention_prefixes(batch_size, layout, prompt_features)
+    return check_attention_prefixes(prefixes, layout, batch_size, type(self.prompt).__name__)
 
   @nn.compact
   def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
@@ -624,19 +786,21 @@ class Encoder(nn.Module):
                                   name="relpos_bias")(positions, positions, bidirectional=True)
     bias = bias + combine_masks_to_bias(attention_mask, dtype)
 
+    prefix = self.attention_prefixes(x.shape[0], features).get("encoder")
     if cfg.scan_layers:
-      x = self._scanned_layers(x, bias, encoder_input_tokens, features, enable_dropout)
+      x = self._scanned_layers(x, bias, encoder_input_tokens, features, enable_dropout, prefix)
     else:
       layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy, static_argnums=(3,))
       for i in range(cfg.num_encoder_layers):
         if self.prompt is not None:
           x = self.prompt.layer_inputs(i, x, encoder_input_tokens, features)
-        x = layer_cls(cfg, name=f"layers_{i}")(x, bias, enable_dropout)
+        x = layer_cls(cfg, name=f"layers_{i}")(x, bias, enable_dropout, _layer(prefix, i))
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
 
   def _scanned_layers(self, x: Array, bias: Array, encoder_input_tokens: Array,
-                      features: dict, enable_dropout: bool) -> Array:
+                      features: dict, enable_dropout: bool,
+                      prefix: Optional[KeyValuePrefix]) -> Array:
     """The encoder blocks as one scan; the hook's per-layer changes come from its
     `scan_layer_inputs` (None: it changes no layer)."""
     cfg = self.config
@@ -649,8 +813,10 @@ class Encoder(nn.Module):
       per_layer = scan_inputs(cfg.num_encoder_layers, x, encoder_input_tokens, features)
       if per_layer is not None:
         layer_values, context, update = per_layer
-    scan = _scanned(_EncoderScanStep, cfg, cfg.num_encoder_layers, num_broadcast=2)
-    x, _ = scan(cfg, enable_dropout, update, name="layers")(x, bias, context, layer_values)
+    scan = _scanned(_EncoderScanStep, cfg, cfg.num_encoder_layers, num_broadcast=2,
+                    num_sliced=2)
+    x, _ = scan(cfg, enable_dropout, update, name="layers")(x, bias, context, layer_values,
+                                                             prefix)
     return x
 
 
@@ -665,8 +831,13 @@ class Decoder(nn.Module):
                decoder_mask: Optional[Array], encoder_decoder_mask: Optional[Array], *,
                enable_dropout: bool = True, decode: bool = False,
                max_decode_length: Optional[int] = None,
-               reuse_cross_cache: bool = False) -> Array:
+               reuse_cross_cache: bool = False,
+               prefixes: Optional[AttentionPrefixes] = None) -> Array:
+    """`prefixes`: {"decoder_self" | "decoder_cross": (keys, values) [layers, b, p, heads, kv]}
+    (checked by `Encoder.attention_prefixes`); later decoding steps pass none (cached)."""
     cfg = self.config
+    prefixes = prefixes or {}
+    self_prefix, cross_prefix = prefixes.get("decoder_self"), prefixes.get("decoder_cross")
     dtype = cfg.activation_dtype
     y = self.shared_embedding(decoder_input_tokens)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
@@ -692,15 +863,17 @@ class Decoder(nn.Module):
     cross_bias = combine_masks_to_bias(encoder_decoder_mask, dtype)
 
     if cfg.scan_layers:
-      scan = _scanned(_DecoderScanStep, cfg, cfg.num_decoder_layers, num_broadcast=4)
+      scan = _scanned(_DecoderScanStep, cfg, cfg.num_decoder_layers, num_broadcast=4,
+                      num_sliced=2)
       y, _ = scan(cfg, enable_dropout, decode, reuse_cross_cache, name="layers")(
-          y, encoded, self_bias, cross_bias, decode_index)
+          y, encoded, self_bias, cross_bias, decode_index, self_prefix, cross_prefix)
     else:
       layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy, static_argnums=(5, 6, 7))
       for i in range(cfg.num_decoder_layers):
         y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_bias, cross_bias,
                                                enable_dropout, decode, reuse_cross_cache,
-                                               decode_index)
+                                               decode_index, _layer(self_prefix, i),
+                                               _layer(cross_prefix, i))
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=not enable_dropout)
     # Logits come out in float32 for the loss; their matmul runs in the activation dtype summed
@@ -761,12 +934,15 @@ class Transformer(nn.Module):
              decoder_segment_ids: Optional[Array] = None,
              decoder_positions: Optional[Array] = None, *, enable_dropout: bool = True,
              decode: bool = False, max_decode_length: Optional[int] = None,
-             reuse_cross_cache: bool = False) -> Array:
+             reuse_cross_cache: bool = False,
+             prompt_features: Optional[PromptFeatures] = None) -> Array:
     """Logits [b, t, vocab] for decoder inputs [b, t] given `encoded` [b, l', embed].
 
     With `decode=True` every step also stores the cross-attention keys/values of `encoded` in
     the cache; `reuse_cross_cache=True` (all steps after the first) reads them back instead of
-    recomputing them, which is most of a step's work for long inputs."""
+    recomputing them, which is most of a step's work for long inputs. The hook's decoder
+    attention prefixes (for `prompt_features`) are computed on every call except those steps,
+    which read them from the cache."""
     del decoder_positions  # relative attention derives positions itself
     if encoder_segment_ids is not None and self.prompt is not None:
       encoder_mask = encoder_segment_ids > 0  # packed rows hold their prompt slots already
@@ -782,10 +958,13 @@ class Transformer(nn.Module):
       if encoder_segment_ids is not None and decoder_segment_ids is not None:
         encoder_decoder_mask = encoder_decoder_mask * make_segment_mask(decoder_segment_ids,
                                                                         encoder_segment_ids)
+    prefixes = None
+    if not (decode and reuse_cross_cache):
+      prefixes = self.encoder.attention_prefixes(decoder_input_tokens.shape[0], prompt_features)
     return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                         enable_dropout=enable_dropout, decode=decode,
                         max_decode_length=max_decode_length,
-                        reuse_cross_cache=reuse_cross_cache)
+                        reuse_cross_cache=reuse_cross_cache, prefixes=prefixes)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
@@ -810,4 +989,5 @@ class Transformer(nn.Module):
                           enable_dropout=enable_dropout, prompt_features=prompt_features)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                       decoder_positions, enable_dropout=enable_dropout, decode=decode)
+                       decoder_positions, enable_dropout=enable_dropout, decode=decode,
+                       prompt_features=prompt_features)

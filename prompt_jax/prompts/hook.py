@@ -18,6 +18,8 @@ import jax
 
 Array = jax.Array
 PromptFeatures = Mapping[str, Array]  # per-example hook inputs: name -> [b, ...]
+# kind -> (keys, values) [layers, b, p, heads, kv]: see `PromptHook.attention_prefixes`.
+AttentionPrefixes = Mapping[str, tuple[Array, Array]]
 # (layer_values, context, update): see `PromptHook.scan_layer_inputs`.
 ScanLayerInputs = tuple[Any, Any, Callable[[Any, Array, Any], Array]]
 
@@ -68,6 +70,19 @@ class PromptHook(Protocol):
     scanned sets `scan_layer_inputs = None`, and the model refuses `scan_layers=True`."""
     ...
 
+  def attention_prefixes(self, batch_size: int, layout: Mapping[str, tuple[int, int, int]],
+                         prompt_features: Optional[PromptFeatures] = None
+                         ) -> Optional[AttentionPrefixes]:
+    """Keys/values every query of an attention sees in front of the sequence's own, or None.
+
+    `layout` {kind: (layers, heads, kv)} for kind in `models.t5.ATTENTION_KINDS` ("encoder"
+    self-attention, "decoder_self", "decoder_cross"). Returns {kind: (keys, values)}, each
+    [layers, batch_size, p, heads, kv], for the kinds the hook prefixes (others may be left
+    out). Prefix positions carry no relative-position bias and no mask; they are computed once
+    per batch (encoder call, training decoder call, first decoding step, whose cache keeps
+    them). The model checks the shapes."""
+    ...
+
   def export(self, embedding_table: Array) -> Optional[Array]:
     """The prompt folded into a plain array ([length, d]; [n, length, d] for n prompts), or
     None when it depends on the input. Called by `base.export_prompt`, never by the model."""
@@ -76,7 +91,8 @@ class PromptHook(Protocol):
 
 class InputLevelOnly:
   """Defaults of `PromptHook` for hooks that only touch the encoder's input: no batch features,
-  every layer's hidden states unchanged (a mixin for Linen hooks; it has no fields)."""
+  every layer's hidden states unchanged, no attention prefixes (a mixin for Linen hooks; it
+  has no fields)."""
 
   input_features: ClassVar[tuple[str, ...]] = ()
 
@@ -90,6 +106,12 @@ class InputLevelOnly:
                         prompt_features: Optional[PromptFeatures] = None) -> None:
     """Scanned layers: no layer changes (None)."""
     del num_layers, hidden, input_tokens, prompt_features
+    return None
+
+  def attention_prefixes(self, batch_size: int, layout: Mapping[str, tuple[int, int, int]],
+                         prompt_features: Optional[PromptFeatures] = None) -> None:
+    """No attention prefixes (None)."""
+    del batch_size, layout, prompt_features
     return None
 
 

@@ -70,7 +70,7 @@ def fold_prompt(model, prompt_params: Mapping, frozen_params: Mapping) -> np.nda
   folded = prompts_base.export_prompt(hook, params)
   if folded is None:
     raise ValueError(f"a {type(hook).__name__} prompt (one that depends on the input or lives "
-                     "inside the encoder's layers) has no plain [length, embed] form to export; "
+                     "inside the model's layers) has no plain [length, embed] form to export; "
                      "serve it from its run directory (prompt-jax eval/infer --model_dir=...)")
   return np.asarray(folded, dtype=np.float32)
 
