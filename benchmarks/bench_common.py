@@ -21,6 +21,7 @@ benchmarks run on an accelerator machine with only jax/flax/optax/orbax/numpy in
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from typing import Optional
@@ -83,6 +84,23 @@ def _commit() -> str:
     return "unknown commit"
 
 
+# CPU flags worth naming: the vector and matrix units XLA's CPU compiler can use (x86 SSE4, AVX,
+# AVX-512, FMA, F16C, AMX, VNNI, BF16; Arm NEON/ASIMD, SVE, SME, I8MM, BF16).
+_FEATURES = re.compile(r"^(sse4|avx|fma|f16c|amx|asimd|neon|sve|sme(\d|_|$)|i8mm|bf16)|vnni|bf16")
+
+
+def cpu_features() -> str:
+  """The vector/matrix instruction-set flags of the first CPU in /proc/cpuinfo (x86 `flags`, Arm
+  `Features`), or 'unknown' where there is no such file."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      line = next(line for line in f if line.split(":")[0].strip() in ("flags", "Features"))
+  except (OSError, StopIteration):
+    return "unknown"
+  flags = [f for f in line.split(":", 1)[1].split() if _FEATURES.search(f)]
+  return " ".join(flags) or "no vector extensions listed"
+
+
 def describe_machine() -> str:
   """CPU, cores, jax version and backend, commit, date: the first line of every benchmark."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -97,6 +115,7 @@ def start() -> float:
   global _start_snapshot
   load = load_average()
   print(describe_machine())
+  print(f"CPU vector/matrix features: {cpu_features()}")
   print(f"load average at start: {load:.2f}", flush=True)
   busy = _machine_busy_seconds()
   _start_snapshot = None if busy is None else (time.monotonic(), busy, _own_cpu_seconds())

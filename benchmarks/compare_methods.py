@@ -45,7 +45,8 @@ compile once per method, the final evaluation and checkpoint), ~10 s the 150 ste
 and ~16 s the 16 evaluations of 400 sentences (~1 s each); 12 methods x 3 tasks x 2 seeds = 72
 runs, so 35-50 min.
 
-Writes <output>.csv (one row per run), <output>_summary.md (the table, the machine, the settings
+Writes <output>.csv (one row per run), <output>_curves.csv (every validation curve; `--plot_only`
+redraws the plot from it), <output>_summary.md (the table, the machine, the settings
 and what the tiny model can tell) and <output>.png (validation accuracy vs step, mean over seeds,
 one panel per task); default output benchmarks/results/compare_methods. The run directories go
 to a temporary directory, deleted at the end unless --keep.
@@ -56,7 +57,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -108,23 +108,6 @@ CSV_FIELDS = (
     "steps_per_second", "steps_per_second_vs_plain", "train_step_bytes",
     "train_step_argument_bytes", "train_step_output_bytes", "train_step_aliased_bytes",
     "train_step_temporary_bytes", "run_seconds", "attempt_sources")
-# CPU flags worth naming: the vector and matrix units XLA's CPU compiler can use (x86 SSE4, AVX,
-# AVX-512, FMA, F16C, AMX, VNNI, BF16; Arm NEON/ASIMD, SVE, SME, I8MM, BF16).
-_FEATURES = re.compile(r"^(sse4|avx|fma|f16c|amx|asimd|neon|sve|sme(\d|_|$)|i8mm|bf16)|vnni|bf16")
-
-
-def cpu_features() -> str:
-  """The vector/matrix instruction-set flags of the first CPU in /proc/cpuinfo (x86 `flags`, Arm
-  `Features`), or 'unknown' where there is no such file."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      line = next(line for line in f if line.split(":")[0].strip() in ("flags", "Features"))
-  except (OSError, StopIteration):
-    return "unknown"
-  flags = [f for f in line.split(":", 1)[1].split() if _FEATURES.search(f)]
-  return " ".join(flags) or "no vector extensions listed"
-
-
 def parse_list(text: str, allowed: Optional[tuple[str, ...]], what: str) -> list[str]:
   values = [v.strip() for v in text.split(",") if v.strip()]
   if not values:
@@ -449,6 +432,27 @@ def write_markdown(path: str, body, args, machine: str, features: str, load_labe
     f.write("\n".join(text) + "\n")
 
 
+def write_curves(path: str, curves) -> None:
+  """Every run's validation curve, one row per (method, task, seed, step): what `plot` draws,
+  so `--plot_only` can redraw it without training."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["method", "task", "seed", "step", "validation_accuracy"])
+    for (method, task, seed), curve in curves.items():
+      for step, accuracy in curve:
+        writer.writerow([method, task, seed, step, accuracy])
+
+
+def read_curves(path: str):
+  """`write_curves`' file -> {(method, task, seed): [(step, accuracy)]}."""
+  curves: dict = {}
+  with open(path, newline="") as f:
+    for row in csv.DictReader(f):
+      key = (row["method"], row["task"], int(row["seed"]))
+      curves.setdefault(key, []).append((int(row["step"]), float(row["validation_accuracy"])))
+  return curves
+
+
 def plot(curves, methods: list[str], tasks: list[str], path: str, args) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -456,6 +460,7 @@ def plot(curves, methods: list[str], tasks: list[str], path: str, args) -> None:
   fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.0, 5.2 * len(tasks)), 4.6),
                            sharey=True, squeeze=False)
   colors = plt.get_cmap("tab10")
+  styles = ("-", "--", ":")  # ten colours, then the next line style: no two methods look alike
   for ax, task in zip(axes[0], tasks):
     for i, method in enumerate(methods):
       runs = [curves[(method, task, seed)] for seed in args.seeds
@@ -464,8 +469,8 @@ def plot(curves, methods: list[str], tasks: list[str], path: str, args) -> None:
         continue
       steps = sorted(set.intersection(*(set(s for s, _ in run) for run in runs)))
       mean = [np.mean([dict(run)[s] for run in runs]) for s in steps]
-      ax.plot(steps, mean, "o-", color=colors(i % 10), markersize=3, linewidth=1.2,
-              label=method)
+      ax.plot(steps, mean, marker="o", linestyle=styles[i // 10 % len(styles)],
+              color=colors(i % 10), markersize=3, linewidth=1.2, label=method)
     ax.axhline(THRESHOLD, color="black", linewidth=0.6, linestyle=":")
     ax.set_title(task)
     ax.set_xlabel("step")
@@ -497,6 +502,8 @@ def main(argv=None) -> int:
                       help="path prefix of the .csv, _summary.md and .png")
   parser.add_argument("--learning_rate", default="prefix=3e-3",
                       help="METHOD=RATE,... overriding a method's paper learning rate")
+  parser.add_argument("--plot_only", action="store_true",
+                      help="redraw <output>.png from <output>_curves.csv (no training)")
   parser.add_argument("--keep", action="store_true",
                       help="keep the run directories (printed at the end)")
   args = parser.parse_args(argv)
@@ -512,6 +519,13 @@ def main(argv=None) -> int:
     raise SystemExit("--steps must be >= 2 (the loop logs no steps/s for its first step)")
   if args.eval_every < 1:
     raise SystemExit("--eval_every must be >= 1")
+  if args.plot_only:
+    curves = read_curves(args.output + "_curves.csv")
+    present = {key[0] for key in curves}
+    plot(curves, [m for m in METHODS if m in present and m in methods],
+         [t for t in tasks if any(key[1] == t for key in curves)], args.output + ".png", args)
+    print(f"wrote {args.output}.png")
+    return 0
   if "plain" not in methods:
     methods.insert(0, "plain")
     print("plain prompt tuning added: it is the speed reference", flush=True)
@@ -519,8 +533,7 @@ def main(argv=None) -> int:
 
   start_load = bench_common.start()  # prints the machine first
   machine = bench_common.describe_machine()
-  features = cpu_features()
-  print(f"CPU vector/matrix features: {features}", flush=True)
+  features = bench_common.cpu_features()
   started = time.perf_counter()
   lengths = tuple(max(api.longest_example(t)[i] for t in TASKS) for i in (0, 1))
   print(f"methods {', '.join(methods)}; tasks {', '.join(tasks)}; seeds {args.seeds}; "
@@ -576,9 +589,10 @@ def main(argv=None) -> int:
       writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
   write_markdown(args.output + "_summary.md", body, args, machine, features, load_label,
                  lengths, methods, tasks, len(source_tasks) * len(args.seeds), minutes)
+  write_curves(args.output + "_curves.csv", runner.curves)
   plot(runner.curves, methods, tasks, args.output + ".png", args)
-  print(f"wrote {args.output}.csv, {args.output}_summary.md, {args.output}.png "
-        f"({minutes:.1f} min)")
+  print(f"wrote {args.output}.csv, {args.output}_curves.csv, {args.output}_summary.md, "
+        f"{args.output}.png ({minutes:.1f} min)")
   return 0
 
 

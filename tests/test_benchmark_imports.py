@@ -1,11 +1,12 @@
 """The speed benchmarks import and run with TensorFlow, seqio and tensorflow-datasets blocked.
 
 An accelerator machine may have only jax/flax/optax/orbax/numpy (and torch for the other side);
-`benchmarks/{train_throughput,length_bucketing,decode_throughput}.py` and every prompt_jax module
-they use must not need the seqio input pipeline. Each test starts a fresh interpreter whose
-`sys.meta_path` does not find those packages (nor their submodules: importing one raises
-ModuleNotFoundError), loads the benchmarks by path and runs one on a tiny configuration (our side
-only), then checks its exit status and that none of the packages is in `sys.modules`.
+`benchmarks/{train_throughput,length_bucketing,decode_throughput,host_devices}.py` and every
+prompt_jax module they use must not need the seqio input pipeline. Each test starts a fresh
+interpreter whose `sys.meta_path` does not find those packages (nor their submodules: importing
+one raises ModuleNotFoundError), loads the benchmarks by path and runs one on a tiny
+configuration (our side only), then checks its exit status and that none of the packages is in
+`sys.modules`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import types
 from tests.conftest import REPO_ROOT
 
 BLOCKED = ("tensorflow", "seqio", "tensorflow_datasets")
-BENCHMARKS = ("train_throughput", "length_bucketing", "decode_throughput")
+BENCHMARKS = ("train_throughput", "length_bucketing", "decode_throughput", "host_devices")
 
 # Run in the child: hide the blocked packages, load every benchmark module by path, run one
 # `main(argv)`, check. Every finder on `sys.meta_path` is wrapped so that it does not find them:
@@ -112,6 +113,18 @@ def test_decode_throughput_runs_without_tensorflow_or_seqio():
   _run_child(["decode_throughput", [
       "--preset", "tiny", "--no_hf", "--rounds", "1", "--batch", "2", "--inputs", "16",
       "--new_tokens", "4"]])
+
+
+def test_host_devices_runs_one_and_two_devices():
+  """Each worker process gets the device count it was asked for (the benchmark refuses a
+  mismatch) and the table lists both, one device at ratio 1."""
+  out = _run_child(["host_devices", [
+      "--preset", "tiny", "--devices", "1,2", "--rounds", "1", "--repeats", "1",
+      "--inputs", "16", "--prompt_length", "4", "--decode_length", "2"]])
+  rows = {line.split()[0]: line for line in out.splitlines()
+          if line.strip()[:1].isdigit() and "x)" in line}
+  assert set(rows) == {"1", "2"}, out
+  assert rows["1"].count("(1.00x)") == 4, rows["1"]
 
 
 def _bench_common():
