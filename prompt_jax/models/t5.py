@@ -37,7 +37,8 @@ hook). The hook's parameters live at `encoder/prompt/...`, as in T5X prompt tuni
       `layer_inputs`; `update(layer_values_l, hidden, context) -> hidden` runs before each
       block. A hook whose `scan_layer_inputs` is None is refused under scan.
   attention_prefixes(batch_size, layout, prompt_features) -> None | {kind: (keys, values)}
-      Attention prefixes (below); `layout` is `prefix_layout(config)`.
+      Attention prefixes (below); `layout` is `prefix_layout(config)` restricted to the kinds
+      the calling stack uses (the encoder asks for "encoder", the decoder for its two).
 
 Attention prefixes (the channel prefix tuning uses; it names no method): a hook may give any of
 the attentions in `ATTENTION_KINDS` ("encoder" self-attention, "decoder_self",
@@ -737,14 +738,17 @@ class Encoder(nn.Module):
       return encoder_input_tokens > 0
     return self.prompt.input_mask(encoder_input_tokens)
 
-  def attention_prefixes(self, batch_size: int,
-                         prompt_features: Optional[PromptFeatures] = None) -> AttentionPrefixes:
-    """The hook's attention prefixes for `batch_size` examples, checked against this model's
-    shapes: {kind: (keys, values) [layers, b, p, heads, kv]} ({} without a hook)."""
+  def attention_prefixes(self, batch_size: int, prompt_features: Optional[PromptFeatures],
+                         kinds: Sequence[str]) -> AttentionPrefixes:
+    """The hook's attention prefixes of `kinds` (the calling stack's) for `batch_size`
+    examples, checked against this model's shapes: {kind: (keys, values) [layers, b, p, heads,
+    kv]} ({} without a hook). The hook is asked for `kinds` only, so the encoder and the
+    decoder each compute just their own."""
     if self.prompt is None:
       return {}
     layout = prefix_layout(self.config)
-    prefixes = self.prompt.attention_prefixes(batch_size, layout, prompt_features)
+    asked = {kind: layout[kind] for kind in kinds}
+    prefixes = self.prompt.attention_prefixes(batch_size, asked, prompt_features)
     return check_attention_prefixes(prefixes, layout, batch_size, type(self.prompt).__name__)
 
   @nn.compact
@@ -786,7 +790,7 @@ class Encoder(nn.Module):
                                   name="relpos_bias")(positions, positions, bidirectional=True)
     bias = bias + combine_masks_to_bias(attention_mask, dtype)
 
-    prefix = self.attention_prefixes(x.shape[0], features).get("encoder")
+    prefix = self.attention_prefixes(x.shape[0], features, ("encoder",)).get("encoder")
     if cfg.scan_layers:
       x = self._scanned_layers(x, bias, encoder_input_tokens, features, enable_dropout, prefix)
     else:
@@ -960,7 +964,8 @@ class Transformer(nn.Module):
                                                                         encoder_segment_ids)
     prefixes = None
     if not (decode and reuse_cross_cache):
-      prefixes = self.encoder.attention_prefixes(decoder_input_tokens.shape[0], prompt_features)
+      prefixes = self.encoder.attention_prefixes(decoder_input_tokens.shape[0], prompt_features,
+                                                 ("decoder_self", "decoder_cross"))
     return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                         enable_dropout=enable_dropout, decode=decode,
                         max_decode_length=max_decode_length,

@@ -75,12 +75,14 @@ class PromptHook(Protocol):
                          ) -> Optional[AttentionPrefixes]:
     """Keys/values every query of an attention sees in front of the sequence's own, or None.
 
-    `layout` {kind: (layers, heads, kv)} for kind in `models.t5.ATTENTION_KINDS` ("encoder"
-    self-attention, "decoder_self", "decoder_cross"). Returns {kind: (keys, values)}, each
-    [layers, batch_size, p, heads, kv], for the kinds the hook prefixes (others may be left
-    out). Prefix positions carry no relative-position bias and no mask; they are computed once
-    per batch (encoder call, training decoder call, first decoding step, whose cache keeps
-    them). The model checks the shapes."""
+    `layout` {kind: (layers, heads, kv)} for the kinds of `models.t5.ATTENTION_KINDS`
+    ("encoder" self-attention, "decoder_self", "decoder_cross") this call uses: the encoder
+    asks for "encoder", the decoder for its two. Returns {kind: (keys, values)}, each
+    [layers, batch_size, p, heads, kv], for the asked kinds the hook prefixes (others may be
+    left out; extra ones are checked and not used). Prefix positions carry no
+    relative-position bias and no mask; they are computed once per batch (encoder call,
+    training decoder call, first decoding step, whose cache keeps them). The model checks the
+    shapes."""
     ...
 
   def export(self, embedding_table: Array) -> Optional[Array]:

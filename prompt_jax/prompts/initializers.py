@@ -6,8 +6,10 @@ Each returns `init(rng, shape, embedding_table) -> [length, embed] float32`, whe
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -126,3 +128,16 @@ def from_string(text: str, vocabulary, population_size: int = 5000,
     return _fill(rng, head, shape, embedding_table, population_size, first_id)
 
   return init
+
+
+def torch_linear(features: int, fan_in: int, axes: tuple[str, str], name: str) -> nn.Dense:
+  """A dense layer [fan_in, features] + [features] initialised as `torch.nn.Linear` (kernel and
+  bias both U(+-1/sqrt(fan_in))), its kernel on logical `axes` and its bias on `axes[1:]`."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(rng, shape, dtype=jnp.float32):
+    return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+  return nn.Dense(features, name=name, kernel_init=nn.with_logical_partitioning(init, axes),
+                  bias_init=nn.with_logical_partitioning(init, axes[1:]))
+

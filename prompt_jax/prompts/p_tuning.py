@@ -73,17 +73,6 @@ def _uniform(rng, shape, bound, dtype):
   return jax.random.uniform(rng, shape, dtype, -bound, bound)
 
 
-def _linear_kernel_init(rng, shape, dtype=jnp.float32):
-  """torch.nn.Linear's weight init for a [fan_in, fan_out] kernel: U(+-1/sqrt(fan_in))."""
-  return _uniform(rng, shape, 1.0 / np.sqrt(shape[0]), dtype)
-
-
-def _linear_bias_init(fan_in: int):
-  def init(rng, shape, dtype=jnp.float32):
-    return _uniform(rng, shape, 1.0 / np.sqrt(fan_in), dtype)
-  return init
-
-
 def _lstm_kernel_init(rng, shape, dtype=jnp.float32):
   """torch.nn.LSTM's init, U(+-1/sqrt(hidden)); the last axis of every flax LSTM kernel is h."""
   return _uniform(rng, shape, 1.0 / np.sqrt(shape[-1]), dtype)
@@ -151,11 +140,6 @@ class PTuningPrompt(nn.Module):
                       "prompt encoder has no dropout)", stacklevel=2)
     super().__post_init__()
 
-  def _dense(self, features: int, fan_in: int, axes: tuple[str, str], name: str) -> nn.Dense:
-    return nn.Dense(features, name=name,
-                    kernel_init=_boxed(_linear_kernel_init, axes),
-                    bias_init=_boxed(_linear_bias_init(fan_in), axes[1:]))
-
   @nn.compact
   def __call__(self, input_tokens: Array, embedded_inputs: Array, embedding_table: Array) -> Array:
     """-> [batch, length, embed] (float32)."""
@@ -166,14 +150,15 @@ class PTuningPrompt(nn.Module):
         "embedding", _boxed(lambda rng, shape: self.init_fn(rng, shape, embedding_table),
                             ("prompt", "prompt_embed")), (self.length, embed))
     x = embedding.astype(jnp.float32)
+    linear = initializers.torch_linear
     if self.reparameterization_type == "MLP":
-      x = nn.relu(self._dense(hidden, embed, ("prompt_embed", "prompt_mlp"), "mlp_head_0")(x))
-      x = nn.relu(self._dense(hidden, hidden, SQUARE_AXES, "mlp_head_1")(x))
-      out = self._dense(embed, hidden, ("prompt_mlp", "prompt_embed"), "mlp_head_2")(x)
+      x = nn.relu(linear(hidden, embed, ("prompt_embed", "prompt_mlp"), "mlp_head_0")(x))
+      x = nn.relu(linear(hidden, hidden, SQUARE_AXES, "mlp_head_1")(x))
+      out = linear(embed, hidden, ("prompt_mlp", "prompt_embed"), "mlp_head_2")(x)
     else:
       x = LSTMHead(self.num_layers, hidden, self.dropout, name="lstm_head")(x[None])[0]
-      x = nn.relu(self._dense(2 * hidden, 2 * hidden, SQUARE_AXES, "mlp_head_0")(x))
-      out = self._dense(embed, 2 * hidden, ("prompt_mlp", "prompt_embed"), "mlp_head_1")(x)
+      x = nn.relu(linear(2 * hidden, 2 * hidden, SQUARE_AXES, "mlp_head_0")(x))
+      out = linear(embed, 2 * hidden, ("prompt_mlp", "prompt_embed"), "mlp_head_1")(x)
     return jnp.broadcast_to(out, (input_tokens.shape[0],) + out.shape)
 
 

@@ -35,14 +35,13 @@ model's (see `prompt_jax.models.t5`).
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prompt_jax.prompts import base
+from prompt_jax.prompts import base, initializers
 from prompt_jax.prompts.hook import InputLevelOnly, PromptFeatures
 
 Array = jax.Array
@@ -53,13 +52,6 @@ REPARAMETERIZATIONS = ("mlp", "none")
 # like every prompt parameter.
 LOGICAL_AXIS_RULES = (("prefix_out", None), ("prefix_layers", None), ("prefix_heads", None),
                       ("prefix_kv", None))
-
-
-def torch_linear_init(fan_in: int):
-  """PyTorch's nn.Linear default for weights and biases alike: U(-1/sqrt(fan_in), +)."""
-  limit = 1.0 / math.sqrt(fan_in)
-  return lambda rng, shape, dtype=jnp.float32: jax.random.uniform(rng, shape, dtype, -limit,
-                                                                  limit)
 
 
 class PrefixStream(nn.Module):
@@ -87,16 +79,12 @@ class PrefixStream(nn.Module):
     tokens = self.param("tokens", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=1.0), ("prompt", "prompt_embed")),
         (self.length, token_dim))
-    hidden = self._linear("hidden", tokens, self.hidden_dim, ("prompt_embed", "prompt_mlp"))
-    out = self._linear("out", jnp.tanh(hidden), out_dim, ("prompt_mlp", "prefix_out"))
+    hidden = initializers.torch_linear(self.hidden_dim, token_dim, ("prompt_embed", "prompt_mlp"),
+                                       "hidden")(tokens)
+    out = initializers.torch_linear(out_dim, self.hidden_dim, ("prompt_mlp", "prefix_out"),
+                                    "out")(jnp.tanh(hidden))
     out = out.reshape(self.length, layers, 2, heads, kv).transpose(2, 1, 0, 3, 4)
     return out[0], out[1]
-
-  def _linear(self, name: str, x: Array, features: int, axes: tuple[str, str]) -> Array:
-    """x [p, fan_in] -> x W + b [p, features] (PyTorch's init), params `{name}/kernel|bias`."""
-    init = torch_linear_init(x.shape[-1])
-    return nn.Dense(features, kernel_init=nn.with_logical_partitioning(init, axes),
-                    bias_init=nn.with_logical_partitioning(init, axes[1:]), name=name)(x)
 
 
 class PrefixTuning(InputLevelOnly, nn.Module):
@@ -161,8 +149,9 @@ class PrefixTuning(InputLevelOnly, nn.Module):
     return input_tokens > 0
 
   def prefixes(self, layout: Mapping[str, tuple[int, int, int]]) -> dict:
-    """{kind: (keys, values) [layers, p, heads, kv]} float32, one set for every example."""
-    return {kind: getattr(self, kind)(*layout[kind]) for kind in self.kinds}
+    """{kind: (keys, values) [layers, p, heads, kv]} float32 of this hook's kinds that `layout`
+    asks for, one set for every example."""
+    return {kind: getattr(self, kind)(*layout[kind]) for kind in self.kinds if kind in layout}
 
   def attention_prefixes(self, batch_size: int, layout: Mapping[str, tuple[int, int, int]],
                          prompt_features: Optional[PromptFeatures] = None) -> dict:
