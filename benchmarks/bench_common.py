@@ -14,6 +14,11 @@ measured with the cores shared never reaches README or docs unlabelled. What dec
 - elsewhere, the load average: above `QUIET_LOAD` at the start (others ran in the minute
   before), or at the end above what the benchmark alone can add (`cpu_count` busy threads).
 
+Ours runs as `prompt-jax` runs it: imported before jax, this module asks XLA for one host
+device per core (`prompt_jax.host_devices`, the CLI's default; $PROMPT_JAX_HOST_DEVICES or a
+device count already in XLA_FLAGS wins), so the programs are data-parallel over the CPU's cores;
+`describe_machine` prints the device count. On a GPU or TPU host this changes nothing.
+
 Imports only the standard library and jax (no TensorFlow, seqio or tensorflow-datasets), so the
 benchmarks run on an accelerator machine with only jax/flax/optax/orbax/numpy installed.
 """
@@ -23,8 +28,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from typing import Optional
+
+from prompt_jax import host_devices
+
+if "jax" not in sys.modules:  # too late once jax is imported (e.g. a test importing the scripts)
+  _change = host_devices.xla_flags_with_host_devices(None, os.environ)
+  if _change is not None:
+    os.environ["XLA_FLAGS"] = _change[0]
 
 # A benchmark keeps about one core busy while it times one side; a 1-minute load average above
 # this at its start (before it has run long enough to raise the average itself) means others ran.

@@ -36,8 +36,9 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # bench_common, 
 
 import bench_common  # noqa: E402
 
+from prompt_jax import host_devices  # noqa: E402
+
 PROGRAMS = ("train", "eval", "greedy_b8", "greedy_b32")
-FLAG = "--xla_force_host_platform_device_count"
 
 
 def _device_counts(text: str) -> list[int]:
@@ -96,7 +97,7 @@ def worker(args) -> dict:
 
 def run_worker(count: int, args) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FLAG}={count}".strip()
+  env["XLA_FLAGS"] = host_devices.with_device_count(env.get("XLA_FLAGS", ""), count)
   command = [sys.executable, os.path.abspath(__file__), "--worker",
              f"--preset={args.preset}", f"--batch={args.batch}", f"--inputs={args.inputs}",
              f"--targets={args.targets}", f"--prompt_length={args.prompt_length}",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import prompt_jax
+from prompt_jax import host_devices
 from prompt_jax.training import preemption
 
 
@@ -321,6 +322,22 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
                            "TensorFlow's, libtpu's and gin's start-up messages")
 
 
+# Commands that run compiled programs on this host: they take --host_devices.
+RUNS_PROGRAMS = ("train", "eval", "infer", "spt", "multitask", "pretrain", "infer-multitask",
+                 "sweep")
+
+
+def _add_host_devices(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--host_devices", metavar="N", default=None,
+                      help="CPU only: split the CPU into N XLA devices on the mesh's data axis, "
+                           "so the batch's shards compute at the same time ('auto', the "
+                           "default: one per usable core, at most "
+                           f"{host_devices.MAX_AUTO_DEVICES}; $PROMPT_JAX_HOST_DEVICES). A "
+                           "device count already in XLA_FLAGS is kept unless this is given. A "
+                           "training batch that does not divide uses the most devices that "
+                           "divide it; serving batches are padded")
+
+
 def _add_gin_flags(parser: argparse.ArgumentParser, title: str = "gin configuration") -> None:
   group = parser.add_argument_group(title, GIN_HELP)
   group.add_argument("--gin_file", action="append", default=[], metavar="FILE",
@@ -421,6 +438,8 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     _add_convert_commands(parser)
     return parser
   _add_verbosity(parser)
+  if command in RUNS_PROGRAMS:
+    _add_host_devices(parser)
   return parser
 
 
@@ -727,6 +746,26 @@ def run_gin_command(function: Callable, argv: Sequence[str]):
   args = parse(commands[0], argv)
   configure_output(args.verbosity)
   return _run_gin(commands[0], args, function)
+
+
+def configure_host_devices(requested: Optional[str], command: str) -> Optional[int]:
+  """Before jax starts: XLA_FLAGS asking for the host devices of `host_devices` (--host_devices
+  `requested`, $PROMPT_JAX_HOST_DEVICES, else one per core), for commands that run programs.
+  The count set, or None when XLA_FLAGS stays (another command, the count it already asks for,
+  or jax already imported in this process, e.g. `cli.main` called from Python: its devices are
+  fixed, and a flag given then is an error)."""
+  if command not in RUNS_PROGRAMS:
+    return None
+  if "jax" in sys.modules:
+    if requested is not None:
+      raise ValueError(f"--host_devices={requested}: jax is already imported in this process, "
+                       "so its devices are fixed; set XLA_FLAGS before importing jax instead")
+    return None
+  change = host_devices.xla_flags_with_host_devices(requested, os.environ)
+  if change is None:
+    return None
+  os.environ["XLA_FLAGS"], count = change
+  return count
 
 
 def configure_compilation_cache() -> Optional[str]:
@@ -1037,6 +1076,7 @@ def _main(argv: list[str]) -> int:
   if hasattr(args, "gin_file") and not args.gin_file:
     name = prog or f"prompt-jax {command}"
     raise ValueError(f"no --gin_file given (see {name} --help)")
+  configure_host_devices(getattr(args, "host_devices", None), command)
   configure_output(args.verbosity)
   return _run(command, args)
 

@@ -82,6 +82,18 @@ class Partitioner:
     object.__setattr__(self, "devices", tuple(devices))
     object.__setattr__(self, "logical_axis_rules", tuple(tuple(r) for r in rules))
 
+  def fit_batch(self, batch_size: int) -> Partitioner:
+    """A partitioner whose data axis divides `batch_size`: this one when it does; on CPU host
+    devices (their number is a speed choice, `prompt-jax --host_devices`), one over the most of
+    them that divides it (at least one data shard); else a ValueError naming both numbers."""
+    if batch_size % self.data_parallel_size == 0:
+      return self
+    if any(d.platform != "cpu" for d in self.devices) or jax.process_count() > 1:
+      raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size "
+                       f"{self.data_parallel_size}")
+    data = max(d for d in range(1, self.data_parallel_size + 1) if batch_size % d == 0)
+    return dataclasses.replace(self, devices=self.devices[:data * self.num_partitions])
+
   @property
   def mesh(self) -> Mesh:
     data = len(self.devices) // self.num_partitions

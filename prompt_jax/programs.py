@@ -91,10 +91,10 @@ class PromptPrograms:
                frozen_dtype: Optional[str] = None, *, batch_size: int = 1, input_length: int = 8,
                target_length: int = 8):
     self.model = model
-    self.partitioner = partitioner = partitioner or Partitioner()
-    if optimizer is not None and batch_size % partitioner.data_parallel_size:
-      raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size "
-                       f"{partitioner.data_parallel_size}")
+    partitioner = partitioner or Partitioner()
+    if optimizer is not None:  # the training batch splits evenly over the data axis
+      partitioner = partitioner.fit_batch(batch_size)
+    self.partitioner = partitioner
     self.batch_size = batch_size
     self.optimizer = optimizer
     self.trainable_pattern = trainable_pattern
@@ -288,6 +288,19 @@ class PromptPrograms:
     return {k: jax.make_array_from_process_local_data(
         self.partitioner.data_sharding(np.ndim(v)), np.asarray(v)) for k, v in batch.items()}
 
+  def _pad_rows(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """(batch with all-zero rows appended up to a multiple of this host's data shards, its
+    real row count): serving computes every row on its own, so the padding rows' outputs are
+    dropped and change no other row."""
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    rows = len(next(iter(arrays.values())))
+    shards = max(1, self.partitioner.data_parallel_size // jax.process_count())
+    missing = -rows % shards
+    if missing:
+      arrays = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+                for k, v in arrays.items()}
+    return arrays, rows
+
   def train_step(self, state: TrainState, frozen_params, batch: Mapping[str, np.ndarray],
                  rng: Array):
     """One training step on a host batch -> (state, metrics on the device)."""
@@ -305,18 +318,18 @@ class PromptPrograms:
     [batch, max_decode_length]; with `return_scores`, (all decodes [batch, n, max_decode_length],
     their scores [batch, n]), best first."""
     keys = PREDICT_KEYS + self.model.prompt_feature_names
-    inputs = self.shard_batch({k: batch[k] for k in keys if k in batch})
-    tokens, scores = self.predict_fn(prompt_params, frozen_params, inputs,
+    rows, real = self._pad_rows({k: batch[k] for k in keys if k in batch})
+    tokens, scores = self.predict_fn(prompt_params, frozen_params, self.shard_batch(rows),
                                      int(max_decode_length), decoding_lib.resolve(decoding))
     if return_scores:
-      return np.asarray(tokens), np.asarray(scores)
-    return np.asarray(tokens[:, 0])
+      return np.asarray(tokens)[:real], np.asarray(scores)[:real]
+    return np.asarray(tokens[:, 0])[:real]
 
   def score(self, prompt_params, frozen_params, batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """Sum of target log-likelihoods of a host batch -> [batch]."""
     keys = SCORE_KEYS + self.model.prompt_feature_names
-    inputs = self.shard_batch({k: batch[k] for k in keys if k in batch})
-    return np.asarray(self.score_fn(prompt_params, frozen_params, inputs))
+    rows, real = self._pad_rows({k: batch[k] for k in keys if k in batch})
+    return np.asarray(self.score_fn(prompt_params, frozen_params, self.shard_batch(rows)))[:real]
 
   def export_prompt(self, prompt_params, frozen_params) -> Optional[np.ndarray]:
     """The prompt as a plain [length, embed] array (methods fold their reparameterisation)."""

@@ -387,6 +387,9 @@ def map_paths(text: str, root: Path) -> str:
 # What legitimately differs between runs, replaced in the output and in the sample alike.
 VOLATILE = [
     (re.compile(r"\b\d+(\.\d+)? ?(s|ms|steps?/s)\b"), "<time>"),  # wall-clock figures
+    # The data axis is the machine's host device count (`prompt-jax --host_devices`: one per
+    # core by default), so a doc written on 2 cores shows 2 and an 8-core machine prints 8.
+    (re.compile(r"mesh \{'data': \d+,"), "mesh {'data': <host devices>,"),
 ]
 
 

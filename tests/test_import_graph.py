@@ -164,7 +164,8 @@ def test_the_gin_parsing_finder_finds_each_form():
 # each); the graph is built from the files, these only check that it sees them.
 FOLDERS = ("models", "prompts", "data", "storage", "serving", "training", "interop", "t5x_compat",
            "tools")
-TOP_LEVEL_MODULES = ("cli", "gin_utils", "params", "partitioning", "programs", "tasks")
+TOP_LEVEL_MODULES = ("cli", "gin_utils", "host_devices", "params", "partitioning", "programs",
+                     "tasks")
 
 
 def folder_graph(sources=None) -> dict[str, dict[str, list[str]]]:

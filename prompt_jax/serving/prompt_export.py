@@ -21,7 +21,6 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from prompt_jax import params as params_lib
 from prompt_jax.interop import peft
@@ -34,8 +33,9 @@ from prompt_jax.storage import checkpoints, prompt_files
 def load_trained_prompt(model_dir: str, step: Optional[int] = None):
   """The trainable parameters saved in MODEL_DIR at `step` (default: latest).
 
-  -> (prompt_params, meta dict, step). Restored without a target, so the optimizer that
-  trained the prompt does not need to be configured.
+  -> (prompt_params, meta dict, step). Restored as the checkpoint's metadata describes it, on
+  one device, so neither the optimizer that trained the prompt nor the devices it was trained
+  on need to be configured.
   """
   manager = checkpoints.PromptCheckpointManager(model_dir, 1)
   try:
@@ -48,14 +48,11 @@ def load_trained_prompt(model_dir: str, step: Optional[int] = None):
     elif step not in steps:
       raise ValueError(f"--step={step} is not saved in {manager.directory}; saved steps are "
                        f"{sorted(steps)}")
-    restored = manager.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(None), meta=ocp.args.JsonRestore()))
+    state, meta = manager.restore_on_one_device(step)
   finally:
     manager.close()
-  state = restored["state"]
-  prompt_params = state["prompt_params"] if isinstance(state, Mapping) else state.prompt_params
   to_host = lambda x: np.asarray(x)
-  return jax.tree_util.tree_map(to_host, prompt_params), dict(restored["meta"]), step
+  return jax.tree_util.tree_map(to_host, state["prompt_params"]), meta, step
 
 
 def fold_prompt(model, prompt_params: Mapping, frozen_params: Mapping) -> np.ndarray:

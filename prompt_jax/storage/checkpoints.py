@@ -143,14 +143,27 @@ class PromptCheckpointManager:
     `prompt_structs`: ShapeDtypeStructs with shardings of the prompt parameters; a saved prompt
     of another shape is a ValueError naming both shapes."""
     self.check_shapes(step, {"prompt_params": prompt_structs})
-    saved = self.manager.item_metadata(step)["state"]
-    abstract = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-        dict(getattr(saved, "tree", saved)), is_leaf=lambda x: hasattr(x, "shape"))
+    abstract = self._saved_structs(step, replicated)
     abstract["prompt_params"] = prompt_structs
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     return restored["state"]["prompt_params"]
+
+  def restore_on_one_device(self, step: int) -> tuple[dict, dict]:
+    """(the saved state as a dict of its fields, meta) on this process's first device, however
+    many devices saved it (a run trained on 2 host devices is read by a 1-device process)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(self._saved_structs(step, device)),
+        meta=ocp.args.JsonRestore()))
+    return dict(restored["state"]), dict(restored["meta"])
+
+  def _saved_structs(self, step: int, sharding: Any) -> dict:
+    """ShapeDtypeStructs of the saved state's leaves (from its metadata), all in `sharding`."""
+    saved = self.manager.item_metadata(step)["state"]
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        dict(getattr(saved, "tree", saved)), is_leaf=lambda x: hasattr(x, "shape"))
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON metadata of `step` (data position, frozen checkpoint, config)."""

@@ -23,10 +23,10 @@ import numpy as np
 from jax.experimental import mesh_utils, topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from prompt_jax import host_devices as host_devices_lib
 from prompt_jax.tools.topology import TPU_GENERATIONS, Topology
 
 _CHILD_ENV = "PROMPT_JAX_PLAN_CHILD"
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _TRITON_GEMM_FLAG = "--xla_gpu_enable_triton_gemm"
 
 
@@ -194,11 +194,7 @@ def gpu_devices(target_config_path: str, count: int) -> list:
 # --------------------------------------------------------------------- fake CPU devices (no TPU)
 
 
-def fake_device_flags(xla_flags: str, count: int) -> str:
-  """`xla_flags` (an XLA_FLAGS value) asking for `count` fake CPU devices instead of any count it
-  asked for before; its other flags are kept."""
-  kept = [f for f in xla_flags.split() if not f.startswith(f"{_DEVICE_COUNT_FLAG}=")]
-  return " ".join([*kept, f"{_DEVICE_COUNT_FLAG}={count}"])
+fake_device_flags = host_devices_lib.with_device_count  # XLA_FLAGS asking for N CPU devices
 
 
 def host_devices(platform: str, needed: int, argv: Sequence[str]):

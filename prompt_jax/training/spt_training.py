@@ -145,13 +145,13 @@ class SptSearch:
     self.model = model
     self.weight_optimizer = weight_optimizer
     self.gate_optimizer = gate_optimizer
-    self.partitioner = partitioner
     self.dataset_cfg = dataset_cfg
     self.search_mode = search_mode
     self.held_out_fraction = held_out_fraction
     self.settings = {"search_mode": search_mode, "held_out_fraction": held_out_fraction}
     self.programs = PromptPrograms.for_training(model, weight_optimizer, partitioner,
                                                 input_length, target_length, batch_size)
+    self.partitioner = self.programs.partitioner  # fitted to the batch (`fit_batch`)
     gates, _ = params_lib.split_params(self.programs.abstract_prompt, spt.GATE_PATTERN)
     if not gates:
       raise ValueError("the SelectivePrompt model has no gated layer (check "
