@@ -34,10 +34,8 @@ from typing import Optional
 
 from prompt_jax import host_devices
 
-if "jax" not in sys.modules:  # too late once jax is imported (e.g. a test importing the scripts)
-  _change = host_devices.xla_flags_with_host_devices(None, os.environ)
-  if _change is not None:
-    os.environ["XLA_FLAGS"] = _change[0]
+# Too late once jax is imported (e.g. a test importing the scripts): then nothing changes.
+host_devices.apply(None, os.environ, jax_started="jax" in sys.modules)
 
 # A benchmark keeps about one core busy while it times one side; a 1-minute load average above
 # this at its start (before it has run long enough to raise the average itself) means others ran.

@@ -756,16 +756,7 @@ def configure_host_devices(requested: Optional[str], command: str) -> Optional[i
   fixed, and a flag given then is an error)."""
   if command not in RUNS_PROGRAMS:
     return None
-  if "jax" in sys.modules:
-    if requested is not None:
-      raise ValueError(f"--host_devices={requested}: jax is already imported in this process, "
-                       "so its devices are fixed; set XLA_FLAGS before importing jax instead")
-    return None
-  change = host_devices.xla_flags_with_host_devices(requested, os.environ)
-  if change is None:
-    return None
-  os.environ["XLA_FLAGS"], count = change
-  return count
+  return host_devices.apply(requested, os.environ, jax_started="jax" in sys.modules)
 
 
 def configure_compilation_cache() -> Optional[str]:

@@ -8,8 +8,9 @@ at the same time. `prompt-jax` asks for one device per usable core by default (`
 $PROMPT_JAX_HOST_DEVICES); docs/scale.md has the measurements behind that. The flag only shapes
 the CPU backend: on a GPU or TPU host, programs run on the accelerators as before.
 
-This module imports no jax (it must run before jax does) and sets nothing: `prompt_jax.cli` owns
-the process's environment and applies `xla_flags_with_host_devices`.
+This module imports no jax (it must run before jax does) and reads no process state itself:
+`apply` changes the environment mapping it is given (`prompt_jax.cli`, which owns the process,
+and the benchmarks pass `os.environ`).
 """
 
 from __future__ import annotations
@@ -79,10 +80,27 @@ def xla_flags_with_host_devices(requested: Optional[str], environ) -> Optional[t
   if requested is None and environ.get(ENV, "").strip():
     requested, source = environ[ENV], f"${ENV}"
   flags = environ.get("XLA_FLAGS", "")
-  if requested is None and requested_count(flags) is not None:
+  already = requested_count(flags)
+  if requested is None and already is not None:
     return None
   count = parse_count(requested, source) if requested is not None else None
   count = auto_count(usable_cores()) if count is None else count
-  if requested_count(flags) == count:
+  if already == count:
     return None
   return with_device_count(flags, count), count
+
+
+def apply(requested: Optional[str], environ, jax_started: bool) -> Optional[int]:
+  """Sets environ['XLA_FLAGS'] as `xla_flags_with_host_devices` says, before jax starts; the
+  count set, or None when XLA_FLAGS stays. Once jax has started (`jax_started`) its devices are
+  fixed: nothing changes, and an explicit `requested` is a ValueError saying so."""
+  if jax_started:
+    if requested is not None:
+      raise ValueError(f"--host_devices={requested}: jax is already imported in this process, "
+                       "so its devices are fixed; set XLA_FLAGS before importing jax instead")
+    return None
+  change = xla_flags_with_host_devices(requested, environ)
+  if change is None:
+    return None
+  environ["XLA_FLAGS"], count = change
+  return count

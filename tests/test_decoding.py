@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import seqio
 
+from prompt_jax.host_devices import with_device_count
 from prompt_jax.interop import hf
 from prompt_jax.models import decoding, t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
@@ -42,7 +43,6 @@ from prompt_jax.prompts.bank import PromptBank
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.serving import inference
-from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
 EOS = 1
@@ -522,7 +522,7 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_an_8_device_mesh_decodes_as_one_device():
-  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), 8),
+  env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 8),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=900)

@@ -77,6 +77,18 @@ def test_in_a_process_whose_jax_is_imported_the_flag_is_an_error_and_nothing_cha
   assert os.environ["XLA_FLAGS"] == "--xla_c=1"
 
 
+def test_apply_writes_the_count_into_the_environment_it_is_given_only_before_jax_starts():
+  environ = {"XLA_FLAGS": "--xla_d=1"}
+  assert host_devices.apply("3", environ, jax_started=False) == 3
+  assert environ["XLA_FLAGS"] == f"--xla_d=1 {FLAG}=3"
+  assert host_devices.apply("3", environ, jax_started=False) is None  # already asked for
+  untouched = {"XLA_FLAGS": "--xla_d=1"}
+  assert host_devices.apply(None, untouched, jax_started=True) is None
+  with pytest.raises(ValueError, match="--host_devices=3: jax is already imported"):
+    host_devices.apply("3", untouched, jax_started=True)
+  assert untouched == {"XLA_FLAGS": "--xla_d=1"}
+
+
 def _prompt_jax(argv, **env):
   environ = {k: v for k, v in os.environ.items()
              if k not in ("XLA_FLAGS", host_devices.ENV)}

@@ -22,10 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from prompt_jax.host_devices import with_device_count
 from prompt_jax.interop import t5x
 from prompt_jax.models import t5
 from prompt_jax.storage import frozen_models
-from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import REPO_ROOT, shared_fixture
 
 LEGACY = "t5x_t5_1_1_tiny_legacy/checkpoint_3"
@@ -256,7 +256,7 @@ def test_sharded_restore_reads_slices_into_named_shardings(tmp_path, random_para
   legacy = str(shared_fixture(LEGACY))
   _, params = random_params
   orbax_dir = write_t5x_orbax(str(tmp_path / "run"), params, step=1)
-  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), 8),
+  env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 8),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run([sys.executable, "-c", _SHARDED, legacy, orbax_dir], env=env,
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)

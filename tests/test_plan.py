@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from prompt_jax import cli
+from prompt_jax import cli, host_devices
 from prompt_jax.models import t5
 from prompt_jax.tools import plan, plan_devices, plan_report
 from prompt_jax.tools.topology import CHIPS, parse_topology
@@ -182,7 +182,7 @@ def test_fake_devices_are_asked_for_in_the_child_environment_only(monkeypatch):
                                          "--xla_force_host_platform_device_count=64")
   assert started["env"]["JAX_PLATFORMS"] == "cpu"
   assert started["command"][1:] == ["-m", "prompt_jax.cli", "plan", "--mesh=8x8"]
-  assert plan_devices.fake_device_flags("--xla_force_host_platform_device_count=2 --a", 8) == (
+  assert host_devices.with_device_count("--xla_force_host_platform_device_count=2 --a", 8) == (
       "--a --xla_force_host_platform_device_count=8")
 
 

@@ -23,10 +23,10 @@ from flax import linen as nn
 from flax import traverse_util
 
 from prompt_jax import partitioning, prompts
+from prompt_jax.host_devices import with_device_count
 from prompt_jax.models import t5
 from prompt_jax.programs import PromptPrograms
 from prompt_jax.prompts import bank, base, deep, p_tuning, plain, residual, spt, superpos
-from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import REPO_ROOT
 
 # Values compared against tolerances: CI runs these again under another CPU instruction set.
@@ -129,7 +129,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def result():
-  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), 8),
+  env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 8),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
@@ -322,7 +322,7 @@ def test_two_processes_train_like_one_device(tmp_path):
   script.write_text(TWO_HOST_WORKER)
   procs = []
   for i in range(2):
-    env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), 4),
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 4),
                JAX_PLATFORMS="cpu", PROMPT_JAX_COORDINATOR=f"localhost:{port}",
                PROMPT_JAX_NUM_PROCESSES="2", PROMPT_JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO_ROOT,

@@ -24,11 +24,11 @@ import pytest
 from flax import traverse_util
 from flax.core import meta
 
+from prompt_jax.host_devices import with_device_count
 from prompt_jax.models import t5
 from prompt_jax.prompts import base, initializers, plain, residual, superpos
 from prompt_jax.storage import frozen_models
 from prompt_jax.t5x_compat import axes, optim
-from prompt_jax.tools.plan_devices import fake_device_flags
 from tests.conftest import GIN_CONFIGS, REPO_ROOT, shared_fixture
 
 DEMO_PARAMS = REPO_ROOT / "prompt_jax" / "assets" / "demo_t5_tiny.npz"
@@ -312,7 +312,7 @@ def test_kv_cache_decoding_matches_teacher_forcing():
 
 def _run(args, log_path, devices: int = 1):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), devices))
+             XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), devices))
   with open(log_path, "w") as log:
     proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=log,
                           stderr=subprocess.STDOUT, timeout=900, check=False)

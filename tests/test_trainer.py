@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from prompt_jax.data import pipeline, synthetic  # noqa: F401  (registers demo tasks)
+from prompt_jax.host_devices import with_device_count
 from prompt_jax.models import t5
 from prompt_jax.models.encoder_decoder import EncoderDecoderModel
 from prompt_jax.partitioning import Partitioner
@@ -22,7 +23,6 @@ from prompt_jax.prompts import initializers
 from prompt_jax.prompts.base import InputPrompt
 from prompt_jax.prompts.plain import Prompt
 from prompt_jax.storage import checkpoints
-from prompt_jax.tools.plan_devices import fake_device_flags
 from prompt_jax.training import guards, trainer
 from tests.adafactor_tolerance import assert_adafactor_runs_agree
 from tests.conftest import REPO_ROOT
@@ -176,7 +176,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_same_loss_on_a_4x2_mesh_of_fake_devices():
-  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), 8),
+  env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 8),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600)

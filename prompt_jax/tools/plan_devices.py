@@ -194,9 +194,6 @@ def gpu_devices(target_config_path: str, count: int) -> list:
 # --------------------------------------------------------------------- fake CPU devices (no TPU)
 
 
-fake_device_flags = host_devices_lib.with_device_count  # XLA_FLAGS asking for N CPU devices
-
-
 def host_devices(platform: str, needed: int, argv: Sequence[str]):
   """Real devices of `platform` if there are enough, else fake CPU devices: when this process
   has too few, `prompt-jax plan <argv>` runs again in a child process whose environment (only)
@@ -213,8 +210,8 @@ def host_devices(platform: str, needed: int, argv: Sequence[str]):
     return cpus[:needed], platform != "cpu"
   if os.environ.get(_CHILD_ENV):
     raise RuntimeError(f"could not create {needed} fake CPU devices (have {len(cpus)})")
-  env = dict(os.environ, XLA_FLAGS=fake_device_flags(os.environ.get("XLA_FLAGS", ""), needed),
-             JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
+  flags = host_devices_lib.with_device_count(os.environ.get("XLA_FLAGS", ""), needed)
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
   proc = subprocess.run([sys.executable, "-m", "prompt_jax.cli", "plan", *argv], env=env,
                         check=False)
   raise SystemExit(proc.returncode)
