@@ -103,13 +103,11 @@ _FEATURES = re.compile(r"^(sse4|avx|fma|f16c|amx|asimd|neon|sve|sme(\d|_|$)|i8mm
 def cpu_features() -> str:
   """The vector/matrix instruction-set flags of the first CPU in /proc/cpuinfo (x86 `flags`, Arm
   `Features`), or 'unknown' where there is no such file."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      line = next(line for line in f if line.split(":")[0].strip() in ("flags", "Features"))
-  except (OSError, StopIteration):
+  from prompt_jax.models import activation_dtype  # pylint: disable=g-import-not-at-top
+  flags = activation_dtype.cpu_flags()
+  if not flags:
     return "unknown"
-  flags = [f for f in line.split(":", 1)[1].split() if _FEATURES.search(f)]
-  return " ".join(flags) or "no vector extensions listed"
+  return " ".join(f for f in flags if _FEATURES.search(f)) or "no vector extensions listed"
 
 
 def describe_machine() -> str:

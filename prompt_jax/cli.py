@@ -913,6 +913,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
         gin.parse_config(f"{macro} = {value}")
     with contextlib.suppress(ValueError, KeyError):  # only its axis rules are used: build it
       gin.bind_parameter("partitioning.Partitioner.num_partitions", 1)  # on any device count
+    _bind_planned_activation_dtype(gin, request.platform)
     from prompt_jax.training import trainer  # pylint: disable=g-import-not-at-top
     bound = gin.get_bindings(trainer.train)
     data_cfg = bound["train_dataset_cfg"]
@@ -930,6 +931,22 @@ def _run(command: str, args: argparse.Namespace) -> int:
     return _run_export(args)
   convert = _import(command, "prompt_jax.tools.convert")
   return int(convert.main(args) or 0)
+
+
+def _bind_planned_activation_dtype(gin, platform: str) -> None:
+  """ACTIVATION_DTYPE 'auto' (the real-model files) is the planned platform's dtype, not this
+  host's: bfloat16 for TPUs and for the planned GPUs (a100, h100: Ampere or later), the host
+  CPU's for --platform=cpu."""
+  from prompt_jax.models import activation_dtype  # pylint: disable=g-import-not-at-top
+  try:
+    requested = gin.query_parameter("%ACTIVATION_DTYPE")
+  except ValueError:  # a model file without the macro
+    return
+  if activation_dtype.is_auto(requested):
+    planned = activation_dtype.resolve(
+        requested, platform, activation_dtype.cpu_flags(),
+        gpu_compute_capability=activation_dtype.GPU_BF16_MIN_COMPUTE_CAPABILITY)
+    gin.parse_config(f"ACTIVATION_DTYPE = '{planned}'")
 
 
 def _plan_target(plan, request, reexec_argv: Sequence[str]):

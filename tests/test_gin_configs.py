@@ -24,10 +24,11 @@ def test_model_gin_matches_preset(stem):
       [], finalize_config=False)
   config = gin.get_configurable(t5.T5Config)()
   expected = t5.preset(_preset_name(stem))
-  # Dropout is a run setting (DROPOUT_RATE), the layer layout a compile setting (SCAN_LAYERS,
-  # on for the large presets); everything else is the architecture.
-  assert config.replace(dropout_rate=expected.dropout_rate,
-                        scan_layers=expected.scan_layers) == expected
+  # Dropout is a run setting (DROPOUT_RATE), the layer layout and the activation dtype compile
+  # settings (SCAN_LAYERS, on for the large presets; ACTIVATION_DTYPE, 'auto' in the real-model
+  # files: tests/test_activation_dtype.py); everything else is the architecture.
+  assert config.replace(dropout_rate=expected.dropout_rate, scan_layers=expected.scan_layers,
+                        dtype=expected.dtype) == expected
   assert config.scan_layers == any(size in stem for size in ("large", "xl"))
   gin.clear_config()
 

@@ -88,7 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_jax.models import matmul
+from prompt_jax.models import activation_dtype, matmul
 
 Array = jax.Array
 PromptFeatures = Mapping[str, Array]  # the hook's per-example inputs, name -> [batch, ...]
@@ -107,7 +107,9 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """Architecture hyperparameters. `dtype` is the activation dtype; parameters stay float32."""
+  """Architecture hyperparameters. `dtype` is the activation dtype ('auto': bfloat16 where the
+  platform has bf16 matrix units, else float32; see `activation_dtype`); parameters stay
+  float32."""
 
   vocab_size: int = 32128
   emb_dim: int = 512
@@ -140,10 +142,14 @@ class T5Config:
                          f"expected one of {sorted(_ACTIVATIONS)}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+    # 'auto' (the real-model gin files' ACTIVATION_DTYPE) becomes this host's dtype here, so
+    # every reader (run.json, the programs) sees the dtype that runs.
+    object.__setattr__(self, "dtype", activation_dtype.resolve_here(self.dtype))
     try:
       jnp.dtype(self.dtype)
     except TypeError as e:
-      raise ValueError(f"T5Config.dtype: unknown dtype {self.dtype!r}") from e
+      raise ValueError(f"T5Config.dtype: unknown dtype {self.dtype!r}; expected a jax dtype "
+                       f"name such as 'float32' or 'bfloat16', or 'auto'") from e
     if not isinstance(self.scan_layers, (bool, np.bool_)):
       raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}")
     if self.remat_policy not in REMAT_POLICIES:
