@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +35,24 @@ def shared_fixture(name: str) -> Path:
     pytest.skip(f"shared fixture {path} is absent (the ../shared folder ships beside the "
                 "repository on the project's machines; see ../shared/fixtures/README.md)")
   return path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Under pytest-xdist (`-n 2`): a doc's documented commands build on the ones before them (a
+  run directory an earlier command made), so each doc's commands run in order on one worker;
+  every other test is its own unit, spread over the workers as `--dist load` does. (xdist's own
+  `xdist_group` does not group with pytest 9, whose node ids it can no longer rename.)"""
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class DocumentedCommandsTogether(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      doc = re.search(r"::test_documented_command\[([^:\]]+):", nodeid)
+      return doc.group(1) if doc else nodeid
+
+  return DocumentedCommandsTogether(config, log)
 
 
 @pytest.fixture

@@ -475,6 +475,8 @@ def run_command(command: Command, state: DocState) -> None:
                   "\n".join(output))
 
 
+# A doc's commands build on each other (a run directory an earlier command made): under
+# pytest-xdist they run in order on one worker (tests/conftest.py's scheduler).
 @pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda c: c.id)
 def test_documented_command(command, doc_states):
   """Runs the command (comparing its sample output), or checks and skips it with the reason."""
